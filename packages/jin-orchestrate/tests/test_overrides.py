@@ -14,7 +14,7 @@ def test_parse_override_types_values_like_yaml():
 
 @pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1"])
 def test_malformed_override_is_rejected(bad):
-    with pytest.raises(ValueError, match="path.to.key=value"):
+    with pytest.raises(ValueError, match=r"path\.to\.key=value"):
         parse_override(bad)
 
 

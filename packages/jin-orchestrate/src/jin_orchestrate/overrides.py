@@ -39,7 +39,7 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``base`` with ``update`` merged in; nested mappings merge, anything else replaces."""
+    """A copy of ``base`` with ``update`` merged in: nested mappings merge, other values replace."""
     out = copy.deepcopy(dict(base))
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):

@@ -33,7 +33,9 @@ class TrackingTarget(dict):
         return MlflowClient(tracking_uri=self.tracking_uri)
 
 
-def resolve_tracking(experiment: str, workdir: str | os.PathLike[str] | None = None) -> TrackingTarget:
+def resolve_tracking(
+    experiment: str, workdir: str | os.PathLike[str] | None = None
+) -> TrackingTarget:
     """Pick the tracking URI (env or local sqlite store) and get or create ``experiment``."""
     base = Path(workdir or os.getcwd()).resolve()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}"
