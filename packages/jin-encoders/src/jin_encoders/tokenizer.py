@@ -81,8 +81,9 @@ class ByteTokenizer:
         bytes_BT = torch.zeros(len(encoded), width, dtype=torch.uint8)
         padding_mask = torch.ones(len(encoded), width, dtype=torch.bool)
         for row, raw in enumerate(encoded):
-            bytes_BT[row, : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-            padding_mask[row, : len(raw)] = False
+            if raw:
+                bytes_BT[row, : len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+                padding_mask[row, : len(raw)] = False
         return self.from_bytes(bytes_BT, padding_mask)
 
     def from_bytes(

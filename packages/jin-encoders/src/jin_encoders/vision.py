@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
@@ -113,8 +114,8 @@ class VisionEncoder(ModalityEncoder):
         batch, _, grid_h, grid_w = patches.shape
         grids = torch.div(sizes + self.patch_size - 1, self.patch_size, rounding_mode="floor")
         pos = self._interpolated_pos(grids, grid_h, grid_w)  # (B, D, h, w)
-        tokens = (patches + pos).flatten(2).transpose(1, 2)
-        pos = pos.flatten(2).transpose(1, 2)
+        tokens = rearrange(patches + pos, "b d h w -> b (h w) d")
+        pos = rearrange(pos, "b d h w -> b (h w) d")
         (tokens, pos), padding_mask = self._pack([tokens, pos], grids, grid_h, grid_w)
         uniform = bool((grids == grids[:1]).all()) if batch else True
         grid = (int(grids[0, 0]), int(grids[0, 1])) if uniform and batch else None
@@ -129,12 +130,8 @@ class VisionEncoder(ModalityEncoder):
         """
         pixels, sizes = self._prepare(x, sizes)
         p = self.patch_size
-        batch, channels, height, width = pixels.shape
-        grid_h, grid_w = height // p, width // p
-        patches = pixels.reshape(batch, channels, grid_h, p, grid_w, p)
-        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(
-            batch, grid_h * grid_w, p * p * channels
-        )
+        grid_h, grid_w = pixels.shape[2] // p, pixels.shape[3] // p
+        patches = rearrange(pixels, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
         grids = torch.div(sizes + p - 1, p, rounding_mode="floor")
         (patches,), padding_mask = self._pack([patches], grids, grid_h, grid_w)
         return patches, (padding_mask if bool(padding_mask.any()) else None)
