@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from _encoder_helpers import DIM, assert_row_matches
 
 from jin_encoders import AudioEncoder, AudioEncoderConfig, EncoderInputError, resample
-
-from conftest import DIM, assert_row_matches
 
 
 @pytest.fixture
@@ -83,13 +82,19 @@ def test_absent_samples_may_be_empty(encoder):
 
 
 def test_bad_input_names_modality_expected_and_received(encoder):
-    with pytest.raises(EncoderInputError, match=r"audio: mel frames: expected \(B,T,80\), received \(1, 10, 64\)"):
+    with pytest.raises(
+        EncoderInputError, match=r"audio: mel frames: expected \(B,T,80\), received \(1, 10, 64\)"
+    ):
         encoder(torch.zeros(1, 10, 64))
     with pytest.raises(EncoderInputError, match=r"audio: input: expected \(B,S\) float waveform"):
         encoder(torch.zeros(4000))
     with pytest.raises(EncoderInputError, match="audio: input: expected finite values"):
         encoder(torch.tensor([[0.0, float("inf")] * 200]))
-    with pytest.raises(EncoderInputError, match=r"audio: batch rows \[1\]: expected at least one mel frame"):
+    with pytest.raises(
+        EncoderInputError, match=r"audio: batch rows \[1\]: expected at least one mel frame"
+    ):
         encoder(torch.zeros(2, 1000), lengths=torch.tensor([1000, 100]))
-    with pytest.raises(EncoderInputError, match=r"audio: lengths: expected shape \(2,\) with values in \[0, 1000\]"):
+    with pytest.raises(
+        EncoderInputError, match=r"audio: lengths: expected shape \(2,\) with values in \[0, 1000\]"
+    ):
         encoder(torch.zeros(2, 1000), lengths=torch.tensor([1000, 2000]))

@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from _encoder_helpers import DIM, assert_row_matches
 
 from jin_encoders import CustomEncoderConfig, CustomModalityEncoder, EncoderInputError
-
-from conftest import DIM, assert_row_matches
 
 
 @pytest.fixture
@@ -31,7 +30,11 @@ def test_sequences_are_padding_invariant(encoder):
 
 def test_bad_input_names_modality_expected_and_received(encoder):
     encoder.modality = "proprioception"
-    with pytest.raises(EncoderInputError, match=r"proprioception: features: expected \(B,128\) or \(B,T,128\) float tensor, received \(3, 64\)"):
+    with pytest.raises(
+        EncoderInputError,
+        match=r"proprioception: features: expected \(B,128\) or \(B,T,128\) float tensor, "
+        r"received \(3, 64\)",
+    ):
         encoder(torch.zeros(3, 64))
     with pytest.raises(EncoderInputError, match="proprioception: features: expected finite values"):
         encoder(torch.tensor([[float("nan")] * 128]))

@@ -47,11 +47,15 @@ def _speechlike(length: int, seed: int) -> np.ndarray:
     t = np.arange(length) / SR
     f0 = 120 + 40 * np.sin(2 * np.pi * 3 * t)
     voiced = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / SR) / k for k in range(1, 12))
-    return (0.3 * voiced * (0.5 + 0.5 * np.sin(2 * np.pi * 2 * t)) + 0.01 * rng.standard_normal(length))
+    return 0.3 * voiced * (0.5 + 0.5 * np.sin(2 * np.pi * 2 * t)) + 0.01 * rng.standard_normal(
+        length
+    )
 
 
 def test_filterbank_matches_reference():
-    np.testing.assert_allclose(mel_filterbank(SR, N_FFT, N_MELS).numpy(), _reference_filters(), atol=1e-12)
+    np.testing.assert_allclose(
+        mel_filterbank(SR, N_FFT, N_MELS).numpy(), _reference_filters(), atol=1e-12
+    )
 
 
 def test_log_mel_matches_float64_reference_to_1e_4_per_sample_in_a_padded_batch():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _encoder_helpers import DIM, assert_row_matches
 
 from jin_encoders import (
     EncoderInputError,
@@ -9,8 +10,6 @@ from jin_encoders import (
     PointCloudEncoderConfig,
     farthest_point_sample,
 )
-
-from conftest import DIM, assert_row_matches
 
 
 @pytest.fixture
@@ -48,7 +47,9 @@ def test_groups_are_the_nearest_neighbours_relative_to_the_centre(encoder):
     dist = (points[0, :, None, :3] - centres[0, None]).norm(dim=-1)  # (N, M)
     for group in range(8):
         nearest = dist[:, group].topk(6, largest=False).indices
-        torch.testing.assert_close(neighbours[0, group, :, :3], points[0, nearest, :3] - centres[0, group])
+        torch.testing.assert_close(
+            neighbours[0, group, :, :3], points[0, nearest, :3] - centres[0, group]
+        )
         torch.testing.assert_close(neighbours[0, group, :, 3:], points[0, nearest, 3:])
     assert not bool(group_mask.any())
     targets, mask = encoder.regression_targets(points)
@@ -65,11 +66,19 @@ def test_positions_depend_on_centres_only(encoder):
 
 
 def test_bad_input_names_modality_expected_and_received(encoder):
-    with pytest.raises(EncoderInputError, match=r"points: points: expected \(B,N,5\) float tensor \(xyz \+ 2\), received \(2, 10, 3\)"):
+    with pytest.raises(
+        EncoderInputError,
+        match=r"points: points: expected \(B,N,5\) float tensor \(xyz \+ 2\), "
+        r"received \(2, 10, 3\)",
+    ):
         encoder(torch.zeros(2, 10, 3))
     with pytest.raises(EncoderInputError, match="points: points: expected finite values"):
         encoder(torch.full((1, 4, 5), float("nan")))
-    with pytest.raises(EncoderInputError, match=r"points: batch rows \[0\]: expected at least one point"):
+    with pytest.raises(
+        EncoderInputError, match=r"points: batch rows \[0\]: expected at least one point"
+    ):
         encoder(torch.zeros(1, 4, 5), torch.ones(1, 4, dtype=torch.bool))
-    with pytest.raises(EncoderInputError, match=r"points: padding_mask: expected bool tensor of shape \(1, 4\)"):
+    with pytest.raises(
+        EncoderInputError, match=r"points: padding_mask: expected bool tensor of shape \(1, 4\)"
+    ):
         encoder(torch.zeros(1, 4, 5), torch.ones(1, 5, dtype=torch.bool))

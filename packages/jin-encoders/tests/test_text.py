@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from _encoder_helpers import DIM, assert_row_matches
 
 from jin_encoders import EncoderInputError, TextEncoder, TextEncoderConfig
-
-from conftest import DIM, assert_row_matches
 
 
 @pytest.fixture
@@ -33,7 +32,9 @@ def test_bytes_ids_and_strings_give_the_same_tokens(encoder):
     raw_mask[1, 0] = False
     a, b, c = encoder(texts), encoder(ids, mask), encoder(raw, raw_mask)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens, c.tokens)
-    assert torch.equal(a.pos, encoder.pos_embed[:, : ids.shape[1]].expand(2, -1, -1) * (~mask)[..., None])
+    assert torch.equal(
+        a.pos, encoder.pos_embed[:, : ids.shape[1]].expand(2, -1, -1) * (~mask)[..., None]
+    )
 
 
 def test_batch_inputs_reads_collate_keys(encoder):
@@ -56,7 +57,11 @@ def test_bad_input_names_modality_expected_and_received(encoder):
         encoder(torch.tensor([[1, 999]]))
     with pytest.raises(EncoderInputError, match=r"text: input: expected \(B,T\) int64 ids"):
         encoder(torch.zeros(2, 3, 4, dtype=torch.long))
-    with pytest.raises(EncoderInputError, match="text: sequence length: expected at most max_len=32"):
+    with pytest.raises(
+        EncoderInputError, match="text: sequence length: expected at most max_len=32"
+    ):
         encoder(torch.ones(1, 40, dtype=torch.long))
-    with pytest.raises(EncoderInputError, match=r"text: batch rows \[1\]: expected at least one token"):
+    with pytest.raises(
+        EncoderInputError, match=r"text: batch rows \[1\]: expected at least one token"
+    ):
         encoder(torch.ones(2, 3, dtype=torch.long), torch.tensor([[False] * 3, [True] * 3]))

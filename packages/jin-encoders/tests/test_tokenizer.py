@@ -18,7 +18,9 @@ def test_any_unicode_round_trips(texts):
     expected = torch.tensor([len(t.encode("utf-8")) + 2 for t in texts])
     assert torch.equal(lengths, expected)
     assert bool((ids[:, 0] == tok.BOS).all())
-    assert torch.equal(ids.gather(1, (lengths - 1)[:, None])[:, 0], torch.full_like(lengths, tok.EOS))
+    assert torch.equal(
+        ids.gather(1, (lengths - 1)[:, None])[:, 0], torch.full_like(lengths, tok.EOS)
+    )
     assert bool((ids[mask] == tok.PAD).all())
 
 

@@ -3,10 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _encoder_helpers import DIM, assert_row_matches
 
 from jin_encoders import EncoderInputError, VisionEncoder, VisionEncoderConfig, image_to_tensor
-
-from conftest import DIM, assert_row_matches
 
 
 def _encoder(**fields) -> VisionEncoder:
@@ -62,7 +61,14 @@ def test_regression_targets_are_the_patches_of_each_token():
     images = torch.arange(2 * 8 * 12, dtype=torch.float32).reshape(2, 1, 8, 12)
     sizes = torch.tensor([[8, 12], [4, 8]])
     targets, mask = enc.regression_targets(images, sizes)
-    assert targets.shape == (2, 6, 16) and mask[1].tolist() == [False, False, True, True, True, True]
+    assert targets.shape == (2, 6, 16) and mask[1].tolist() == [
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+    ]
     # Token 4 of sample 0 is grid cell (1, 1): rows 4..7, columns 4..7.
     torch.testing.assert_close(targets[0, 4], images[0, 0, 4:8, 4:8].reshape(-1))
     torch.testing.assert_close(targets[1, 1], images[1, 0, 0:4, 4:8].reshape(-1))
@@ -70,7 +76,10 @@ def test_regression_targets_are_the_patches_of_each_token():
 
 def test_bad_input_names_modality_expected_and_received():
     enc = _encoder(patch_size=8, in_channels=3, pos_grid=4)
-    with pytest.raises(EncoderInputError, match=r"image: images: expected \(B,3,H,W\) tensor, received \(2, 1, 16, 16\)"):
+    with pytest.raises(
+        EncoderInputError,
+        match=r"image: images: expected \(B,3,H,W\) tensor, received \(2, 1, 16, 16\)",
+    ):
         enc(torch.zeros(2, 1, 16, 16))
     with pytest.raises(EncoderInputError, match=r"image: images: expected \(B,3,H,W\)"):
         enc(torch.zeros(3, 16, 16))
