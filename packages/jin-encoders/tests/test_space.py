@@ -270,3 +270,28 @@ def test_config_inherits_dim_and_checks_widths():
         tiny_space_config(fusion_heads=5)
     with pytest.raises(ValueError, match="did you mean 'fusion_layers'"):
         tiny_space_config(fusion_layer=2)
+
+
+def test_the_space_runs_in_bfloat16(space):
+    space.to(torch.bfloat16)
+    fused = space(tiny_inputs())
+    assert fused.tokens.dtype == torch.bfloat16 and bool(torch.isfinite(fused.tokens).all())
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(space):
+    inputs = tiny_inputs()
+    expected = space(inputs)
+    space.to("cuda")
+    got = space(_to(inputs, "cuda"))
+    torch.testing.assert_close(got.tokens.cpu(), expected.tokens, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.padding_mask.cpu(), expected.padding_mask)

@@ -91,3 +91,12 @@ def test_bad_input_names_modality_expected_and_received():
         enc(torch.zeros(1, 3, 0, 8))
     with pytest.raises(ValueError, match="in_channels: expected 1 or 3, got 2"):
         VisionEncoderConfig(dim=8, in_channels=2)
+
+
+def test_absent_images_may_have_zero_size():
+    enc = _encoder(patch_size=8, in_channels=1, pos_grid=4)
+    images = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8)
+    sizes = torch.tensor([[16, 16], [0, 0]])
+    out = enc(images, sizes=sizes, present=torch.tensor([True, False]))
+    assert bool(out.padding_mask[1].all()) and not bool(out.padding_mask[0].any())
+    assert_row_matches(out, 0, enc(images[:1]))

@@ -118,6 +118,7 @@ class AudioEncoder(ModalityEncoder):
         mel, frame_mask = self.mel_frames(x, padding_mask, lengths, sample_rate)
         frames = (~frame_mask).sum(dim=1)
         self._check_not_empty(frames, present, f"mel frame ({self.config.hop_length} samples)")
+        mel = mel.to(self.conv1.weight.dtype)
         keep = (~frame_mask)[:, None, :].to(mel.dtype)  # (B, 1, T)
         hidden = F.gelu(self.conv1(mel.transpose(1, 2) * keep)) * keep
         hidden = F.gelu(self.conv2(hidden)).transpose(1, 2)  # (B, ceil(T/2), D)

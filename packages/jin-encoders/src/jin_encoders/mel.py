@@ -73,10 +73,16 @@ class LogMelSpectrogram(nn.Module):
         self.n_fft = n_fft
         self.hop_length = hop_length
         self.n_mels = n_mels
-        # Constants, not learned: kept out of the state_dict so checkpoints stay weights only.
-        self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
-        filters = mel_filterbank(sample_rate, n_fft, n_mels).to(torch.float32)
-        self.register_buffer("filters", filters, persistent=False)
+        # Constants, not buffers: out of the state_dict, and never cast by ``module.to(bfloat16)``
+        # (the spectrogram is always float32; the stem after it runs in the model's dtype).
+        self._constants: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _window_and_filters(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._constants:
+            window = torch.hann_window(self.n_fft, periodic=True, device=device)
+            filters = mel_filterbank(self.sample_rate, self.n_fft, self.n_mels)
+            self._constants[device] = (window, filters.to(device=device, dtype=torch.float32))
+        return self._constants[device]
 
     def num_frames(self, lengths: Tensor) -> Tensor:
         """Frames produced for waveforms of ``lengths`` samples."""
@@ -95,9 +101,10 @@ class LogMelSpectrogram(nn.Module):
         index = starts[:, None] + torch.arange(self.n_fft, device=device)[None, :]  # (T, n_fft)
         index = self._reflect(index[None], lengths.clamp(min=1)[:, None, None])
         frames = waveform.float().gather(1, index.reshape(batch, -1))
-        frames = frames.reshape(batch, num_frames, self.n_fft) * self.window
+        window, filters = self._window_and_filters(device)
+        frames = frames.reshape(batch, num_frames, self.n_fft) * window
         power = torch.fft.rfft(frames, dim=-1).abs().square()
-        mel = power @ self.filters.T
+        mel = power @ filters.T
         log_mel = torch.clamp(mel, min=1e-10).log10()
         padding_mask = (
             torch.arange(num_frames, device=device)[None, :] >= frames_per_sample[:, None]

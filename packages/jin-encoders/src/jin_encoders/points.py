@@ -126,6 +126,8 @@ class PointCloudEncoder(ModalityEncoder):
             padding_mask = padding_mask.clone()
             padding_mask[:, 0] &= ~(empty & ~present.to(torch.bool))
         centres, neighbours, neighbour_valid, group_mask = self.group(x, padding_mask)
+        dtype = self.pos_mlp[0].weight.dtype
+        centres, neighbours = centres.to(dtype), neighbours.to(dtype)
         features = self.point_mlp(neighbours)  # (B, M, K, hidden)
         pooled = self._masked_max(features, neighbour_valid)
         features = torch.cat([features, pooled[:, :, None].expand_as(features)], dim=-1)

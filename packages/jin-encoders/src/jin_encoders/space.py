@@ -164,7 +164,7 @@ class JointEmbeddingSpace(nn.Module):
             )
         device = self.modality_registry.device
         encoder.modality = name
-        self.encoders[name] = encoder
+        self.encoders[name] = encoder.to(device)
         row = nn.Parameter(torch.empty(self.dim, device=device))
         nn.init.normal_(row, std=0.02)
         self.modality_embed.append(row)

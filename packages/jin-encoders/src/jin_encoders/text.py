@@ -63,7 +63,9 @@ class TextEncoder(ModalityEncoder):
         """Strings or raw uint8 bytes to ``(ids (B,T), padding_mask)``; int64 ids pass through."""
         self.tokenizer.modality = self.modality
         if not isinstance(x, Tensor):
-            return self.tokenizer.encode(list(x))
+            ids, mask = self.tokenizer.encode(list(x))
+            device = self.token_embed.weight.device
+            return ids.to(device), mask.to(device)
         if x.dtype == torch.uint8:
             return self.tokenizer.from_bytes(x, padding_mask)
         if x.dtype != torch.long or x.ndim != 2:

@@ -109,6 +109,10 @@ class VisionEncoder(ModalityEncoder):
         """
         if padding_mask is not None:
             raise self._error("padding_mask", "None (pass sizes (B,2) instead)", "a tensor")
+        if present is not None and sizes is not None:
+            # Absent images may come with size (0, 0); give them one pixel, _finish masks them.
+            absent = ~present.to(device=sizes.device, dtype=torch.bool)[:, None]
+            sizes = torch.where(absent, torch.ones_like(sizes), sizes)
         pixels, sizes = self._prepare(x, sizes)
         patches = self.x_embedder(pixels)  # (B, D, h, w)
         batch, _, grid_h, grid_w = patches.shape
@@ -165,14 +169,15 @@ class VisionEncoder(ModalityEncoder):
             pixels = (x.float() / 255.0 - self.pixel_mean) / self.pixel_std
         elif x.is_floating_point():
             self._check_finite(x, "images")
-            pixels = x.to(self.x_embedder.weight.dtype)
+            pixels = x
         else:
             raise self._error("images", "uint8 or float tensor", x.dtype)
         rows = torch.arange(height, device=x.device)[None, :, None] < sizes[:, 0, None, None]
         cols = torch.arange(width, device=x.device)[None, None, :] < sizes[:, 1, None, None]
         pixels = pixels * (rows & cols)[:, None].to(pixels.dtype)
         p = self.patch_size
-        return F.pad(pixels, (0, (-width) % p, 0, (-height) % p)), sizes
+        pixels = F.pad(pixels, (0, (-width) % p, 0, (-height) % p))
+        return pixels.to(self.x_embedder.weight.dtype), sizes
 
     def _interpolated_pos(self, grids: Tensor, grid_h: int, grid_w: int) -> Tensor:
         """The learned grid resampled to each sample's ``(h_i, w_i)``, laid on a (h, w) canvas."""
