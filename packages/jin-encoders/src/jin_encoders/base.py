@@ -10,6 +10,7 @@ Shape legend: B batch, T tokens, D width.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,14 +56,7 @@ class EncoderOutput:
 
     def replace(self, **changes: Any) -> EncoderOutput:
         """A copy with some fields replaced."""
-        fields = {
-            "tokens": self.tokens,
-            "padding_mask": self.padding_mask,
-            "pos": self.pos,
-            "grid": self.grid,
-        }
-        fields.update(changes)
-        return EncoderOutput(**fields)
+        return dataclasses.replace(self, **changes)
 
 
 class ModalityEncoder(nn.Module):
