@@ -52,7 +52,7 @@ def effective_rank(z: Tensor, eps: float = 1e-12) -> Tensor:
 
 @torch.no_grad()
 def content_std(tokens: Tensor) -> Tensor:
-    """Mean over positions and dims of the across-sample std of layer-normed ``(B, T, D)`` tokens."""
+    """Across-sample std of layer-normed ``(B, T, D)`` tokens, averaged over positions and dims."""
     if tokens.dim() != 3 or tokens.shape[0] < 2:
         raise ValueError(f"content_std needs tokens (B >= 2, T, D); got {tuple(tokens.shape)}")
     normed = F.layer_norm(tokens.detach().float(), (tokens.shape[-1],))
