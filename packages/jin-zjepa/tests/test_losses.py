@@ -65,11 +65,11 @@ def test_info_nce_present_mask_drops_rows_and_single_pair_gives_zero_with_graph(
 
 def test_logit_scale_starts_at_clip_value_and_clamps_without_freezing():
     scale = LogitScale()
-    assert float(scale()) == pytest.approx(1 / 0.07, rel=1e-6)
+    assert scale().item() == pytest.approx(1 / 0.07, rel=1e-6)
     with torch.no_grad():
         scale.log_scale.fill_(10.0)  # as if an optimiser pushed it past log(100)
     value = scale()
-    assert float(value) == pytest.approx(100.0, rel=1e-6)
+    assert value.item() == pytest.approx(100.0, rel=1e-6)
     assert float(scale.log_scale) == pytest.approx(math.log(100.0))
     value.backward()
     assert float(scale.log_scale.grad) != 0.0  # can still move back down
