@@ -29,14 +29,16 @@ def _uneven_routing(num_tokens: int, num_experts: int, top_k: int, gen: torch.Ge
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim", [64, 33, 7])  # 16-byte, 4-byte and 2-byte copy units
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
-def test_permute_and_unpermute_match_torch(dtype, dim, capacity_factor):
+@pytest.mark.parametrize("max_padding", [1.0, 100.0], ids=["ragged", "padded"])
+def test_permute_and_unpermute_match_torch(dtype, dim, capacity_factor, max_padding):
     gen = torch.Generator().manual_seed(0)
     num_tokens, num_experts, top_k = 300, 16, 2
     experts_NK, weights_NK = _uneven_routing(num_tokens, num_experts, top_k, gen)
-    plan = make_plan(experts_NK, num_experts, capacity_factor)
+    plan = make_plan(experts_NK, num_experts, capacity_factor, max_padding)
     assert 0 in plan.counts
+    assert (plan.padded_rows is None) == (max_padding == 1.0)
     x = torch.randn(num_tokens, dim, generator=gen).to("cuda", dtype)
-    y_upstream = torch.randn(sum(plan.counts), dim, generator=gen).to("cuda", dtype)
+    y_upstream = torch.randn(plan.num_rows, dim, generator=gen).to("cuda", dtype)
     grad_out = torch.randn(num_tokens, dim, generator=gen).to("cuda", dtype)
 
     results = {}
@@ -58,9 +60,12 @@ def test_permute_and_unpermute_match_torch(dtype, dim, capacity_factor):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("num_experts", "top_k"), [(1, 1), (8, 2), (64, 4)])
-def test_moe_layer_cupy_equals_torch(dtype, num_experts, top_k):
+@pytest.mark.parametrize("max_padding", [1.0, 100.0], ids=["ragged", "padded"])
+def test_moe_layer_cupy_equals_torch(dtype, num_experts, top_k, max_padding):
     torch.manual_seed(0)
-    cfg = MoEConfig(dim=64, hidden_dim=96, num_experts=num_experts, top_k=top_k)
+    cfg = MoEConfig(
+        dim=64, hidden_dim=96, num_experts=num_experts, top_k=top_k, max_padding=max_padding
+    )
     layers = {
         name: MoE(cfg.model_copy(update={"dispatch": name})).to("cuda", dtype)
         for name in ("torch", "cupy")

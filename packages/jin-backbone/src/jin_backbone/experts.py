@@ -23,6 +23,8 @@ Activation = Literal["gelu", "swiglu"]
 def feed_forward(x_ND: Tensor, w_in: Tensor, w_out: Tensor, activation: Activation) -> Tensor:
     """``act(x @ w_in) @ w_out``; for SwiGLU ``w_in`` is ``(D, 2H)``: gate and up fused.
 
+    With stacked ``(E, C, D)`` inputs and ``(E, D, *)`` weights the matmuls are batched per expert.
+
     SwiGLU is ``silu(x W_gate) * (x W_up)`` (Shazeer 2020); GELU uses the tanh approximation
     (DiT's MLP).
     """
@@ -78,19 +80,30 @@ class Experts(nn.Module):
     def reset_parameters(self) -> None:
         _init_ffn(self.w_in, self.w_out)
 
-    def expert(self, e: int, x_ND: Tensor) -> Tensor:
-        """Expert ``e`` on any ``(N, D)`` tokens (the naive reference calls this)."""
-        return feed_forward(x_ND, self.w_in[e], self.w_out[e], self.activation)
+    def per_expert(self) -> list[tuple[Tensor, Tensor]]:
+        """``[(w_in[e], w_out[e]) for e]`` as views from one ``unbind`` per weight.
 
-    def forward(self, x_MD: Tensor, counts: list[int]) -> Tensor:
-        """Run expert ``e`` on rows ``[sum(counts[:e]), sum(counts[:e+1]))`` of ``x_MD``.
-
-        ``counts`` is a host list (one device sync upstream, like MegaBlocks' grouped GEMM).
-        Experts with no rows are skipped and cost nothing.
+        Indexing ``w_in[e]`` once per expert would make autograd build one full ``(E, ...)``
+        gradient per expert (``select_backward``), ``O(E^2)`` work; ``unbind``'s backward stacks
+        the per-expert gradients once, zeros for experts that received no token.
         """
+        return list(zip(self.w_in.unbind(0), self.w_out.unbind(0), strict=True))
+
+    def forward(self, x_MD: Tensor, counts: list[int], padded_rows: int | None = None) -> Tensor:
+        """Run every expert on its rows of ``x_MD``.
+
+        Ragged layout (``padded_rows=None``): expert ``e`` owns rows
+        ``[sum(counts[:e]), sum(counts[:e+1]))``, one matmul per expert, experts with no rows
+        skipped. Padded layout: ``x_MD`` is ``(E * C, D)`` and all experts run as one ``bmm``.
+        ``counts`` is a host list (one device sync upstream, as in MegaBlocks).
+        """
+        if padded_rows is not None:
+            x_ECD = x_MD.view(self.num_experts, padded_rows, -1)
+            y_ECD = feed_forward(x_ECD, self.w_in, self.w_out, self.activation)  # batched matmul
+            return y_ECD.view(x_MD.shape[0], -1)
         outputs = [
-            self.expert(e, rows) if rows.shape[0] else rows
-            for e, rows in enumerate(x_MD.split(counts))
+            feed_forward(rows, w_in, w_out, self.activation) if rows.shape[0] else rows
+            for (w_in, w_out), rows in zip(self.per_expert(), x_MD.split(counts), strict=True)
         ]
         return torch.cat(outputs)
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from jin_backbone import dispatch
 from jin_backbone._config import StrictConfig
-from jin_backbone.experts import Activation, Experts
+from jin_backbone.experts import Activation, Experts, feed_forward
 from jin_backbone.router import (
     Router,
     RouterOutput,
@@ -40,6 +40,9 @@ class MoEConfig(StrictConfig):
 
     ``capacity_factor=None`` is dropless (the default); a number caps each expert at
     ``ceil(capacity_factor * K * N / E)`` rows and drops the overflow, second choices first.
+    ``max_padding``: run all experts as one batched matmul on rows padded to the busiest expert
+    when that computes at most this many times the real rows (1.0: only when perfectly balanced);
+    otherwise one matmul per expert on its exact rows. Both are dropless and give equal results.
     ``dispatch``: ``auto`` (CuPy kernels on CUDA when cupy is installed, PyTorch otherwise),
     ``torch``, ``cupy``, or ``naive`` (the seed's loop; a reference, slow).
     """
@@ -53,6 +56,7 @@ class MoEConfig(StrictConfig):
     router_jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
     router_noise_std: float = Field(default=0.0, ge=0.0)
     capacity_factor: float | None = Field(default=None, gt=0.0)
+    max_padding: float = Field(default=1.25, ge=1.0)
     load_balancing_weight: float = Field(default=0.01, ge=0.0)
     z_loss_weight: float = Field(default=1e-3, ge=0.0)
     dispatch: DispatchKind = "auto"
@@ -159,9 +163,11 @@ class MoE(nn.Module):
 
     def _dropless(self, x_ND: Tensor, routing: RouterOutput) -> tuple[Tensor, Tensor, Tensor]:
         backend = dispatch.resolve_backend(self.cfg.dispatch, x_ND)  # type: ignore[arg-type]
-        plan = dispatch.make_plan(routing.experts, self.cfg.num_experts, self.cfg.capacity_factor)
+        plan = dispatch.make_plan(
+            routing.experts, self.cfg.num_experts, self.cfg.capacity_factor, self.cfg.max_padding
+        )
         x_MD = dispatch.permute(x_ND, plan, backend)
-        y_MD = self.experts(x_MD, plan.counts)
+        y_MD = self.experts(x_MD, plan.counts, plan.padded_rows)
         weights_NK = routing.weights.to(x_ND.dtype)
         y_ND = dispatch.unpermute_combine(y_MD, weights_NK, plan, backend)
         return y_ND, plan.tokens_per_expert, plan.dropped
@@ -172,13 +178,15 @@ class MoE(nn.Module):
             raise ValueError("dispatch='naive' is the dropless reference; set capacity_factor=None")
         weights_NK = routing.weights.to(x_ND.dtype)
         y_ND = torch.zeros_like(x_ND)
+        experts = self.experts.per_expert()  # the seed's self.experts[e]
         for i in range(self.cfg.top_k):
             expert_idx = routing.experts[:, i]
             expert_weight = weights_NK[:, i].unsqueeze(-1)
             for e in range(self.cfg.num_experts):
                 mask = expert_idx == e
                 if mask.any():
-                    expert_out = self.experts.expert(e, x_ND[mask])
+                    w_in, w_out = experts[e]
+                    expert_out = feed_forward(x_ND[mask], w_in, w_out, self.cfg.activation)
                     y_ND[mask] += expert_weight[mask] * expert_out
         tokens_per_expert = torch.bincount(
             routing.experts.reshape(-1), minlength=self.cfg.num_experts

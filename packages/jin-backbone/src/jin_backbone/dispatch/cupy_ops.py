@@ -180,7 +180,8 @@ class _UnpermuteCombine(torch.autograd.Function):
         y_MD, weights_f32, row_KN = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
         top_k, num_tokens = row_KN.shape
-        grad_y = torch.empty_like(y_MD)
+        # Padding rows (padded layout) are not written by the kernel: their gradient is zero.
+        grad_y = torch.zeros_like(y_MD)
         grad_weights = torch.empty_like(weights_f32)
         _launch(
             f"unpermute_combine_backward<{_TYPES[y_MD.dtype]}>",
