@@ -65,16 +65,20 @@ def _now(device: str) -> float:
     return time.perf_counter()
 
 
-def build(impl: str, case: dict, device: str, dtype: torch.dtype) -> nn.Module:
+def build(impl: str, case: dict, device: str, dtype: torch.dtype, activation: str) -> nn.Module:
+    """The module ``impl`` for ``case``: an MoE layer or a dense FFN of matching hidden size."""
     torch.manual_seed(0)
     d, h, e, k = case["D"], case["H"], case["E"], case["k"]
     if impl == "dense_active":
-        module = FeedForward(d, k * h)
+        module = FeedForward(d, k * h, activation)
     elif impl == "dense_total":
-        module = FeedForward(d, e * h)
+        module = FeedForward(d, e * h, activation)
     else:
         dispatch = "naive" if impl == "naive" else "auto"
-        module = MoE(MoEConfig(dim=d, hidden_dim=h, num_experts=e, top_k=k, dispatch=dispatch))
+        cfg = MoEConfig(
+            dim=d, hidden_dim=h, num_experts=e, top_k=k, activation=activation, dispatch=dispatch
+        )
+        module = MoE(cfg)
     return module.to(device, dtype)
 
 
@@ -93,30 +97,43 @@ def step(module: nn.Module, x: Tensor, mode: str) -> None:
     module.zero_grad(set_to_none=True)
 
 
-def time_cases(cases, repeats: int, dense_total_tokens: int, device: str, dtype) -> list[dict]:
+def time_cases(cases, args, device: str, dtype: torch.dtype) -> list[dict]:
+    """Best-of-``args.repeats`` tokens/s for every case, mode and implementation.
+
+    Rounds interleave the implementations so that load from other processes hits all of them
+    alike. A warm-up on an eighth of the tokens estimates each step's time, from which enough
+    iterations are chosen for every timing to last about ``args.min_time`` seconds.
+    """
     rows = []
     for case in cases:
         gen = torch.Generator().manual_seed(1)
         x_full = torch.randn(case["N"], case["D"], generator=gen).to(device, dtype)
-        modules = {impl: build(impl, case, device, dtype) for impl in IMPLS}
-        inputs = {impl: x_full for impl in IMPLS}
-        inputs["dense_total"] = x_full[:dense_total_tokens]
+        modules = {impl: build(impl, case, device, dtype, args.activation) for impl in IMPLS}
+        inputs = dict.fromkeys(IMPLS, x_full)
+        inputs["dense_total"] = x_full[: args.dense_total_tokens]
         for mode in MODES:
+            iterations = {}
+            for impl in IMPLS:
+                x = inputs[impl]
+                warm = x[: max(x.shape[0] // 8, 1)].detach().requires_grad_(mode != "forward")
+                start = _now(device)
+                step(modules[impl], warm, mode)
+                estimate = 8 * (_now(device) - start)
+                iterations[impl] = max(1, round(args.min_time / max(estimate, 1e-6)))
             best = dict.fromkeys(IMPLS, float("inf"))
-            for r in range(repeats + 1):  # round 0 is the warm-up
+            for _ in range(args.repeats):
                 for impl in IMPLS:
-                    x = inputs[impl].detach().requires_grad_(mode == "forward_backward")
+                    x = inputs[impl].detach().requires_grad_(mode != "forward")
                     start = _now(device)
-                    step(modules[impl], x, mode)
-                    elapsed = _now(device) - start
-                    if r:
-                        best[impl] = min(best[impl], elapsed)
+                    for _ in range(iterations[impl]):
+                        step(modules[impl], x, mode)
+                    best[impl] = min(best[impl], (_now(device) - start) / iterations[impl])
             for impl in IMPLS:
                 tokens = inputs[impl].shape[0]
-                rows.append(
-                    {**case, "mode": mode, "impl": impl, "tokens_per_s": tokens / best[impl]}
-                    | ({"measured_tokens": tokens} if tokens != case["N"] else {})
-                )
+                row = {**case, "mode": mode, "impl": impl, "tokens_per_s": tokens / best[impl]}
+                if tokens != case["N"]:
+                    row["measured_tokens"] = tokens
+                rows.append(row)
             print(f"  timed {case} {mode}", flush=True)
     return rows
 
@@ -258,8 +275,15 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure (best of)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed rounds (best of)")
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds per timing")
     parser.add_argument("--dense-total-tokens", type=int, default=2048)
+    parser.add_argument(
+        "--activation",
+        choices=["gelu", "swiglu"],
+        default="gelu",
+        help="expert FFN (gelu: D->H->D, so H is the hidden width the cases name)",
+    )
     parser.add_argument("--cases", type=int, nargs="*", help="indices into CASES (default: all)")
     args = parser.parse_args()
 
@@ -267,14 +291,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 on CPU", flush=True)
     gflops = matmul_gflops()
     print(f"fp32 matmul: {gflops:.1f} GFLOP/s", flush=True)
-    rows = time_cases(cases, args.repeats, args.dense_total_tokens, "cpu", torch.float32)
+    rows = time_cases(cases, args, "cpu", torch.float32)
     memory = []
     for case in cases:
         x = torch.randn(case["N"], case["D"], generator=torch.Generator().manual_seed(2))
-        jin = peak_memory_mb(build("jin", case, "cpu", torch.float32), x)
-        dense = peak_memory_mb(build("dense_active", case, "cpu", torch.float32), x)
+        jin = peak_memory_mb(build("jin", case, "cpu", torch.float32, args.activation), x)
+        dense = peak_memory_mb(
+            build("dense_active", case, "cpu", torch.float32, args.activation), x
+        )
         memory.append({**case, "jin_mb": jin, "dense_active_mb": dense, "ratio": jin / dense})
-    results = {"matmul_gflops": gflops, "cases": rows, "peak_memory": memory}
+    results = {
+        "matmul_gflops": gflops,
+        "cases": rows,
+        "peak_memory": memory,
+        "settings": {"activation": args.activation, "threads": torch.get_num_threads()},
+    }
     if torch.cuda.is_available() and cupy_ops.cupy_available():
         results["gpu"] = gpu_section(args.repeats)
 

@@ -43,7 +43,7 @@ class BackboneConfig(StrictConfig):
     top_k: int = Field(default=2, gt=0)
     expert_hidden_dim: int | None = Field(default=None, gt=0)
     capacity_factor: float | None = Field(default=None, gt=0.0)
-    max_padding: float = Field(default=1.25, ge=1.0)
+    max_padding: float = Field(default=1.5, ge=1.0)
     renormalize: bool = True
     router_jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
     router_noise_std: float = Field(default=0.0, ge=0.0)

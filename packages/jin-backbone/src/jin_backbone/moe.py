@@ -56,7 +56,7 @@ class MoEConfig(StrictConfig):
     router_jitter: float = Field(default=0.0, ge=0.0, lt=1.0)
     router_noise_std: float = Field(default=0.0, ge=0.0)
     capacity_factor: float | None = Field(default=None, gt=0.0)
-    max_padding: float = Field(default=1.25, ge=1.0)
+    max_padding: float = Field(default=1.5, ge=1.0)
     load_balancing_weight: float = Field(default=0.01, ge=0.0)
     z_loss_weight: float = Field(default=1e-3, ge=0.0)
     dispatch: DispatchKind = "auto"
