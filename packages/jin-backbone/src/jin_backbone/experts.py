@@ -1,0 +1,114 @@
+"""Feed-forward networks: the dense FFN and E experts stored stacked for grouped compute.
+
+Shapes: N tokens, M expert-sorted (token, expert) rows, D width, H hidden, E experts.
+
+One function, :func:`feed_forward`, computes an FFN from its weights; the dense block and each
+expert call it, so the dense baseline and the experts are the same computation by construction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Activation", "Experts", "FeedForward", "feed_forward"]
+
+Activation = Literal["gelu", "swiglu"]
+
+
+def feed_forward(x_ND: Tensor, w_in: Tensor, w_out: Tensor, activation: Activation) -> Tensor:
+    """``act(x @ w_in) @ w_out``; for SwiGLU ``w_in`` is ``(D, 2H)``: gate and up fused.
+
+    With stacked ``(E, C, D)`` inputs and ``(E, D, *)`` weights the matmuls are batched per expert.
+
+    SwiGLU is ``silu(x W_gate) * (x W_up)`` (Shazeer 2020); GELU uses the tanh approximation
+    (DiT's MLP).
+    """
+    h = x_ND @ w_in
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    else:
+        h = F.gelu(h, approximate="tanh")
+    return h @ w_out
+
+
+def _in_width(hidden_dim: int, activation: Activation) -> int:
+    return 2 * hidden_dim if activation == "swiglu" else hidden_dim
+
+
+class FeedForward(nn.Module):
+    """Dense position-wise FFN ``D -> H -> D`` without biases, as one expert is."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: Activation = "swiglu") -> None:
+        super().__init__()
+        self.activation: Activation = activation
+        self.w_in = nn.Parameter(torch.empty(dim, _in_width(hidden_dim, activation)))
+        self.w_out = nn.Parameter(torch.empty(hidden_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_ffn(self.w_in, self.w_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply to ``(..., D)``."""
+        return feed_forward(x, self.w_in, self.w_out, self.activation)
+
+
+class Experts(nn.Module):
+    """``E`` FFN experts with weights stacked as ``w_in (E, D, H|2H)`` and ``w_out (E, H, D)``.
+
+    Stacked storage is what grouped-GEMM kernels and expert parallelism shard along ``E``; here
+    each expert runs on its contiguous slice of the expert-sorted rows.
+    """
+
+    def __init__(
+        self, num_experts: int, dim: int, hidden_dim: int, activation: Activation = "swiglu"
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.activation: Activation = activation
+        in_width = _in_width(hidden_dim, activation)
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, in_width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_ffn(self.w_in, self.w_out)
+
+    def per_expert(self) -> list[tuple[Tensor, Tensor]]:
+        """``[(w_in[e], w_out[e]) for e]`` as views from one ``unbind`` per weight.
+
+        Indexing ``w_in[e]`` once per expert would make autograd build one full ``(E, ...)``
+        gradient per expert (``select_backward``), ``O(E^2)`` work; ``unbind``'s backward stacks
+        the per-expert gradients once, zeros for experts that received no token.
+        """
+        return list(zip(self.w_in.unbind(0), self.w_out.unbind(0), strict=True))
+
+    def forward(self, x_MD: Tensor, counts: list[int], padded_rows: int | None = None) -> Tensor:
+        """Run every expert on its rows of ``x_MD``.
+
+        Ragged layout (``padded_rows=None``): expert ``e`` owns rows
+        ``[sum(counts[:e]), sum(counts[:e+1]))``, one matmul per expert, experts with no rows
+        skipped. Padded layout: ``x_MD`` is ``(E * C, D)`` and all experts run as one ``bmm``.
+        ``counts`` is a host list (one device sync upstream, as in MegaBlocks).
+        """
+        if padded_rows is not None:
+            x_ECD = x_MD.view(self.num_experts, padded_rows, -1)
+            y_ECD = feed_forward(x_ECD, self.w_in, self.w_out, self.activation)  # batched matmul
+            return y_ECD.view(x_MD.shape[0], -1)
+        outputs = [
+            feed_forward(rows, w_in, w_out, self.activation) if rows.shape[0] else rows
+            for (w_in, w_out), rows in zip(self.per_expert(), x_MD.split(counts), strict=True)
+        ]
+        return torch.cat(outputs)
+
+
+def _init_ffn(w_in: Tensor, w_out: Tensor) -> None:
+    # Fan-in scaled normal init (std 1/sqrt(fan_in)) on the last two dims, for stacked weights too.
+    nn.init.normal_(w_in, std=1.0 / math.sqrt(w_in.shape[-2]))
+    nn.init.normal_(w_out, std=1.0 / math.sqrt(w_out.shape[-2]))

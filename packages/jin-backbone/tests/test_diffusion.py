@@ -1,0 +1,195 @@
+"""Schedules, q_sample and targets, the DDPM/DDIM samplers, and classifier-free guidance."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from jin_backbone import (
+    DiffusionConfig,
+    GaussianDiffusion,
+    cosine_betas,
+    ddim_sample,
+    ddim_timesteps,
+    ddpm_sample,
+    guided_prediction,
+    linear_betas,
+)
+
+
+def _diffusion(prediction="eps", schedule="cosine", steps=100) -> GaussianDiffusion:
+    return GaussianDiffusion(
+        DiffusionConfig(schedule=schedule, num_timesteps=steps, prediction=prediction)
+    )
+
+
+@pytest.mark.parametrize("betas", [linear_betas(1000), cosine_betas(1000), linear_betas(50)])
+def test_schedules_are_valid_and_destroy_the_signal(betas):
+    assert betas.dtype == torch.float64
+    assert (betas > 0).all() and (betas <= 0.999).all()
+    alpha_bar = torch.cumprod(1 - betas, 0)
+    assert (alpha_bar[1:] < alpha_bar[:-1]).all()
+    assert alpha_bar[0] > 0.99 and alpha_bar[-1] < 0.01
+
+
+def test_linear_betas_are_ho_et_al_at_1000_steps():
+    betas = linear_betas(1000)
+    assert betas[0].item() == pytest.approx(1e-4) and betas[-1].item() == pytest.approx(0.02)
+
+
+def test_config_checks():
+    with pytest.raises(ValidationError, match=r"beta_start=0\.1 must be below beta_end=0\.02"):
+        DiffusionConfig(beta_start=0.1)
+    with pytest.raises(ValidationError, match="num_timesteps"):
+        DiffusionConfig(num_timesteps=1)
+
+
+def test_q_sample_has_the_forward_process_moments():
+    diffusion = _diffusion()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.full((4000, 8), 2.0)
+    t = torch.full((4000,), 60)
+    noise = torch.randn(4000, 8, generator=gen)
+    x_t = diffusion.q_sample(x0, t, noise)
+    abar = diffusion.alphas_cumprod[60]
+    assert x_t.mean().item() == pytest.approx(2.0 * abar.sqrt().item(), abs=0.02)
+    assert x_t.var().item() == pytest.approx((1 - abar).item(), rel=0.05)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_targets_invert_back_to_x0_and_eps(prediction):
+    diffusion = _diffusion(prediction)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(5, 3, 4, generator=gen)
+    noise = torch.randn(5, 3, 4, generator=gen)
+    t = torch.tensor([0, 10, 50, 90, 99])
+    x_t = diffusion.q_sample(x0, t, noise)
+    x0_hat, eps_hat = diffusion.predict_x0_and_eps(x_t, t, diffusion.target(x0, noise, t))
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps_hat, noise, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_ignores_padded_tokens():
+    target = torch.zeros(2, 3, 4)
+    prediction = torch.ones(2, 3, 4)
+    padding_mask = torch.tensor([[False, False, True], [False, True, True]])
+    prediction[padding_mask] = 1000.0
+    assert GaussianDiffusion.loss(prediction, target, padding_mask).item() == pytest.approx(1.0)
+    assert GaussianDiffusion.loss(prediction, target).item() > 1.0
+
+
+def test_training_loss_is_zero_for_an_oracle_and_deterministic_for_a_seed():
+    diffusion = _diffusion("x0")
+    x0 = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
+    assert diffusion.training_loss(lambda x_t, t, c: x0, x0).item() == 0.0
+    model = lambda x_t, t, c: 0.5 * x_t  # noqa: E731
+    a = diffusion.training_loss(model, x0, generator=torch.Generator().manual_seed(3))
+    b = diffusion.training_loss(model, x0, generator=torch.Generator().manual_seed(3))
+    assert a.item() == b.item()
+
+
+def _oracle(diffusion: GaussianDiffusion, x0: torch.Tensor):
+    """A denoiser that knows x0: it returns the exact eps for any x_t."""
+
+    def model(x_t, t, cond):
+        abar = diffusion.at(diffusion.alphas_cumprod, t, x_t)
+        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+    return model
+
+
+def test_ddim_one_step_with_zero_noise_returns_the_x0_prediction():
+    # float64: at t = T-1 the cosine schedule's abar is ~1e-9 and recovering x0 from x_T cancels
+    # catastrophically in float32.
+    diffusion = _diffusion(steps=1000)
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    sample = ddim_sample(
+        diffusion,
+        _oracle(diffusion, x0),
+        (2, 3, 4),
+        steps=1,
+        eta=0.0,
+        generator=torch.Generator().manual_seed(5),
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(sample, x0, rtol=1e-9, atol=1e-9)
+    # With a model that predicts eps = 0, one step is x_T / sqrt(abar_{T-1}): documented maths.
+    x_T = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(6))
+    zero = ddim_sample(diffusion, lambda x, t, c: torch.zeros_like(x), (2, 3, 4), steps=1, x_T=x_T)
+    torch.testing.assert_close(zero, x_T / diffusion.alphas_cumprod[-1].sqrt())
+
+
+def test_ddim_many_steps_with_an_oracle_lands_on_x0():
+    diffusion = _diffusion(steps=200)
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(7))
+    sample = ddim_sample(
+        diffusion,
+        _oracle(diffusion, x0),
+        (2, 3, 4),
+        steps=20,
+        generator=torch.Generator().manual_seed(8),
+    )
+    torch.testing.assert_close(sample, x0, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta1"])
+def test_samplers_are_deterministic_for_a_seed(sampler):
+    diffusion = _diffusion(steps=30)
+    model = lambda x, t, c: 0.1 * x  # noqa: E731
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        if sampler == "ddpm":
+            return ddpm_sample(diffusion, model, (2, 5, 3), generator=gen)
+        return ddim_sample(diffusion, model, (2, 5, 3), steps=10, eta=1.0, generator=gen)
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.allclose(run(0), run(1))
+
+
+def test_ddpm_with_an_oracle_recovers_x0():
+    diffusion = _diffusion(steps=50)
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(9))
+    sample = ddpm_sample(
+        diffusion, _oracle(diffusion, x0), (2, 3, 4), generator=torch.Generator().manual_seed(10)
+    )
+    torch.testing.assert_close(sample, x0, rtol=1e-3, atol=1e-3)
+
+
+def test_classifier_free_guidance_extrapolates_from_unconditional():
+    calls = []
+
+    def model(x, t, cond):
+        calls.append(cond)
+        return x + (0.0 if cond is None else cond)
+
+    x = torch.zeros(2, 3)
+    t = torch.zeros(2, dtype=torch.long)
+    guided = guided_prediction(model, x, t, torch.tensor(1.0), None, guidance_scale=3.0)
+    torch.testing.assert_close(guided, torch.full((2, 3), 3.0))
+    assert calls[-1] is None
+    calls.clear()
+    guided_prediction(model, x, t, torch.tensor(1.0), None, guidance_scale=1.0)
+    assert len(calls) == 1
+
+
+def test_guided_ddim_differs_from_unguided_and_stays_deterministic():
+    diffusion = _diffusion(steps=20)
+    model = lambda x, t, c: 0.1 * x + (0.0 if c is None else c)  # noqa: E731
+    cond = torch.full((2, 1, 1), 0.3)
+
+    def run(scale):
+        gen = torch.Generator().manual_seed(0)
+        return ddim_sample(
+            diffusion, model, (2, 4, 3), steps=5, cond=cond, guidance_scale=scale, generator=gen
+        )
+
+    assert torch.equal(run(4.0), run(4.0))
+    assert not torch.allclose(run(4.0), run(1.0))
+
+
+def test_ddim_timesteps_span_the_schedule():
+    assert ddim_timesteps(1000, 1) == [999]
+    assert ddim_timesteps(1000, 4) == [999, 666, 333, 0]
+    assert ddim_timesteps(10, 10) == list(range(9, -1, -1))
+    with pytest.raises(ValueError, match=r"steps: expected 1\.\.10, got 11"):
+        ddim_timesteps(10, 11)

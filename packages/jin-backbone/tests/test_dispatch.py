@@ -1,0 +1,61 @@
+"""The dispatch plan and the PyTorch permute / un-permute against direct definitions."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jin_backbone.dispatch import make_plan, torch_ops
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_tokens=st.integers(0, 30),
+    num_experts=st.integers(1, 9),
+    top_k=st.integers(1, 3),
+    capacity_factor=st.sampled_from([None, 0.3, 1.0, 2.0]),
+    max_padding=st.sampled_from([1.0, 1.5, 100.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_plan_sorts_by_expert_and_gives_each_kept_assignment_its_own_row(
+    num_tokens, num_experts, top_k, capacity_factor, max_padding, seed
+):
+    top_k = min(top_k, num_experts)
+    gen = torch.Generator().manual_seed(seed)
+    # Distinct experts per token, as top-k gives.
+    experts_NK = torch.rand(num_tokens, num_experts, generator=gen).argsort(dim=1)[:, :top_k]
+    plan = make_plan(experts_NK, num_experts, capacity_factor, max_padding)
+    rows = plan.row_of_assignment[plan.row_of_assignment >= 0]
+    # Distinct rows, one per kept assignment, all inside the row range.
+    assert rows.unique().numel() == rows.numel() == sum(plan.counts)
+    assert rows.numel() == 0 or rows.max().item() < plan.num_rows
+    assert plan.dropped.item() == num_tokens * top_k - sum(plan.counts)
+    if plan.padded_rows is None:
+        assert plan.num_rows == sum(plan.counts)
+        starts = torch.tensor([0, *plan.counts]).cumsum(0)[:-1].tolist()
+    else:
+        assert plan.num_rows == num_experts * plan.padded_rows
+        assert plan.num_rows <= max_padding * sum(plan.counts)
+        starts = [e * plan.padded_rows for e in range(num_experts)]
+    # The real rows of expert e are gathered from tokens that chose e, in token order per k.
+    for e in range(num_experts):
+        tokens = plan.source_token[starts[e] : starts[e] + plan.counts[e]]
+        assert (experts_NK[tokens] == e).any(dim=1).all()
+    if capacity_factor is None:
+        assert plan.counts == plan.tokens_per_expert.tolist()
+
+
+def test_unpermute_combine_is_the_weighted_sum_with_dropped_rows_adding_zero():
+    gen = torch.Generator().manual_seed(0)
+    experts_NK = torch.tensor([[1, 0], [1, 2], [1, 0], [2, 1]])
+    plan = make_plan(experts_NK, 3, capacity_factor=0.5)  # capacity 2: drops some assignments
+    assert plan.dropped.item() > 0
+    x_ND = torch.randn(4, 5, generator=gen)
+    weights_NK = torch.rand(4, 2, generator=gen)
+    y_MD = torch_ops.permute(x_ND, plan.source_token) * 3.0  # a toy "expert"
+    out = torch_ops.unpermute_combine(y_MD, weights_NK, plan.row_of_assignment)
+    expected = torch.zeros(4, 5)
+    for k in range(2):
+        for n in range(4):
+            if plan.row_of_assignment[k, n] >= 0:
+                expected[n] += weights_NK[n, k] * 3.0 * x_ND[n]
+    torch.testing.assert_close(out, expected)

@@ -1,0 +1,243 @@
+"""The MoE layer against the seed's naive loop, and its routing losses and statistics."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from jin_backbone import MoE, MoEConfig, load_balancing_loss, router_z_loss
+from jin_backbone.dispatch import expert_capacity, make_plan
+
+CASES = [(e, k) for e in (1, 4, 64) for k in (1, 2, 4) if k <= e]
+
+
+def _pair(num_experts: int, top_k: int, **overrides) -> tuple[MoE, MoE]:
+    """Two layers with identical weights: ``torch`` dispatch and the ``naive`` reference."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=24, hidden_dim=40, num_experts=num_experts, top_k=top_k, **overrides)
+    fast = MoE(cfg.model_copy(update={"dispatch": "torch"}))
+    naive = MoE(cfg.model_copy(update={"dispatch": "naive"}))
+    naive.load_state_dict(fast.state_dict())
+    return fast, naive
+
+
+def _run(moe: MoE, x: torch.Tensor, padding_mask=None):
+    x = x.clone().requires_grad_(True)
+    y, aux = moe(x, padding_mask)
+    # A loss that mixes output, both auxiliary losses and every parameter path.
+    loss = (y * torch.linspace(-1, 1, y.shape[-1])).sum() + aux.load_balancing_loss + aux.z_loss
+    loss.backward()
+    # Parameters no token reached have no gradient at all; compare them as zeros.
+    grads = {
+        name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        for name, p in moe.named_parameters()
+    }
+    return y.detach(), x.grad, grads, aux
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), CASES)
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("max_padding", [1.0, 100.0], ids=["ragged", "padded"])
+def test_dropless_matches_naive_outputs_and_gradients(num_experts, top_k, activation, max_padding):
+    fast, naive = _pair(num_experts, top_k, activation=activation, max_padding=max_padding)
+    x = torch.randn(3, 11, 24, generator=torch.Generator().manual_seed(1))
+    y_fast, gx_fast, g_fast, aux_fast = _run(fast, x)
+    y_naive, gx_naive, g_naive, aux_naive = _run(naive, x)
+    torch.testing.assert_close(y_fast, y_naive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_fast, gx_naive, rtol=1e-5, atol=1e-5)
+    for name in g_fast:
+        torch.testing.assert_close(g_fast[name], g_naive[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert torch.equal(aux_fast.stats.tokens_per_expert, aux_naive.stats.tokens_per_expert)
+    assert aux_fast.stats.tokens_per_expert.sum().item() == 33 * top_k
+
+
+@pytest.mark.parametrize("max_padding", [1.0, 100.0], ids=["ragged", "padded"])
+def test_experts_that_receive_no_token_get_zero_gradient_and_match_naive(max_padding):
+    fast, naive = _pair(64, 2, max_padding=max_padding)
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(2))  # 10 assignments, 64 experts
+    y_fast, gx_fast, g_fast, aux = _run(fast, x)
+    y_naive, gx_naive, g_naive, _ = _run(naive, x)
+    idle = aux.stats.tokens_per_expert == 0
+    assert idle.sum() >= 54
+    torch.testing.assert_close(y_fast, y_naive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_fast, gx_naive, rtol=1e-5, atol=1e-5)
+    assert g_fast["experts.w_in"][idle].abs().max() == 0
+    assert g_fast["experts.w_in"][~idle].abs().amin(dim=(1, 2)).max() > 0
+    torch.testing.assert_close(g_fast["experts.w_out"], g_naive["experts.w_out"])
+
+
+@pytest.mark.parametrize("dispatch", ["torch", "naive"])
+def test_zero_tokens(dispatch):
+    fast, naive = _pair(4, 2)
+    moe = fast if dispatch == "torch" else naive
+    y, grad_x, grads, aux = _run(moe, torch.randn(0, 24))
+    assert y.shape == (0, 24) and grad_x.shape == (0, 24)
+    assert aux.load_balancing_loss.item() == 0 and aux.z_loss.item() == 0
+    assert aux.stats.tokens_per_expert.tolist() == [0, 0, 0, 0]
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    y3, _ = moe(torch.randn(2, 0, 24))
+    assert y3.shape == (2, 0, 24)
+
+
+@pytest.mark.parametrize(("num_experts", "top_k"), [(4, 2), (64, 4)])
+@pytest.mark.parametrize("max_padding", [1.0, 100.0], ids=["ragged", "padded"])
+def test_padded_tokens_are_not_routed(num_experts, top_k, max_padding):
+    fast, naive = _pair(num_experts, top_k, max_padding=max_padding)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 7, 24, generator=gen)
+    padding_mask = torch.zeros(2, 7, dtype=torch.bool)
+    padding_mask[0, 4:] = True
+    padding_mask[1, 6:] = True
+    y, grad_x, grads, aux = _run(fast, x, padding_mask)
+    y_naive, grad_naive, grads_naive, _ = _run(naive, x, padding_mask)
+    torch.testing.assert_close(y, y_naive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_x, grad_naive, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_naive[name], rtol=1e-5, atol=1e-5)
+    assert y[padding_mask].abs().max() == 0
+    assert grad_x[padding_mask].abs().max() == 0
+    assert aux.stats.tokens_per_expert.sum().item() == 10 * top_k
+    # Routing only the valid tokens gives the same outputs, losses and statistics.
+    y_valid, aux_valid = fast(x[~padding_mask])
+    torch.testing.assert_close(y[~padding_mask], y_valid)
+    torch.testing.assert_close(aux.load_balancing_loss, aux_valid.load_balancing_loss)
+    torch.testing.assert_close(aux.z_loss, aux_valid.z_loss)
+    assert torch.equal(aux.stats.tokens_per_expert, aux_valid.stats.tokens_per_expert)
+
+
+def test_padding_mask_shape_and_dtype_are_checked():
+    moe = MoE(MoEConfig(dim=8, hidden_dim=8, num_experts=2, top_k=1))
+    with pytest.raises(ValueError, match=r"padding_mask: expected bool of shape \(2, 3\)"):
+        moe(torch.randn(2, 3, 8), torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="padding_mask"):
+        moe(torch.randn(2, 3, 8), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"expected \(N, 8\) or \(B, T, 8\), got \(2, 3, 5\)"):
+        moe(torch.randn(2, 3, 5))
+
+
+def test_never_materialises_an_n_by_e_by_d_tensor():
+    num_tokens, num_experts, dim = 256, 64, 24
+    moe, _ = _pair(num_experts, 2, max_padding=1.25)
+    largest = 0
+
+    class _Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal largest
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor):
+                    largest = max(largest, t.numel())
+            return out
+
+    x = torch.randn(num_tokens, dim, requires_grad=True)
+    with _Largest():
+        y, aux = moe(x)
+        (y.sum() + aux.load_balancing_loss).backward()
+    # The biggest tensors are the stacked weights' gradients and the (K*N, 2H) hidden rows; an
+    # (N, E, D) tensor would be three times bigger than either.
+    largest_weight = max(p.numel() for p in moe.parameters())
+    assert largest <= max(largest_weight, 1.25 * 2 * num_tokens * 2 * 40)
+    assert 3 * largest < num_tokens * num_experts * dim
+
+
+def test_capacity_factor_drops_overflow_second_choices_first():
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=16, hidden_dim=16, num_experts=4, top_k=2, capacity_factor=0.5)
+    experts_NK = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0], [0, 1], [2, 0]])
+    plan = make_plan(experts_NK, 4, cfg.capacity_factor)
+    capacity = expert_capacity(6, 2, 4, 0.5)  # ceil(0.5 * 12 / 4) = 2
+    assert capacity == 2
+    assert plan.tokens_per_expert.tolist() == [6, 3, 2, 1]
+    assert plan.counts == [2, 2, 2, 1]
+    assert plan.dropped.item() == 12 - 7
+    # Expert 0 keeps the first choices of tokens 0 and 1; later first choices and all second
+    # choices to expert 0 are dropped.
+    assert plan.row_of_assignment[0, :2].ge(0).all()
+    assert plan.row_of_assignment[0, 2].item() == -1
+    assert plan.row_of_assignment[1, 3].item() == -1
+
+
+def test_capacity_layer_reports_drops_and_large_capacity_is_dropless():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 24, generator=gen)
+    dropless, _ = _pair(4, 2)
+    roomy, _ = _pair(4, 2, capacity_factor=4.0)
+    tight, _ = _pair(4, 2, capacity_factor=0.25)
+    tight_padded, _ = _pair(4, 2, capacity_factor=0.25, max_padding=100.0)
+    y_dropless, _ = dropless(x)
+    y_roomy, aux_roomy = roomy(x)
+    y_tight, aux_tight = tight(x)
+    torch.testing.assert_close(y_roomy, y_dropless)
+    assert aux_roomy.stats.dropped_tokens.item() == 0
+    capacity = expert_capacity(40, 2, 4, 0.25)
+    expected = (aux_tight.stats.tokens_per_expert - capacity).clamp(min=0).sum()
+    assert aux_tight.stats.dropped_tokens.item() == expected.item() > 0
+    assert not torch.allclose(y_tight, y_dropless)
+    torch.testing.assert_close(tight_padded(x).output, y_tight)
+
+
+def test_load_balancing_loss_is_one_when_uniform_and_larger_when_collapsed():
+    probs = torch.full((8, 4), 0.25)
+    balanced = torch.tensor([[0, 1], [2, 3]] * 4)
+    assert load_balancing_loss(probs, balanced).item() == pytest.approx(1.0)
+    collapsed_probs = torch.tensor([[0.97, 0.01, 0.01, 0.01]] * 8)
+    collapsed = torch.tensor([[0, 1]] * 8)
+    assert load_balancing_loss(collapsed_probs, collapsed).item() == pytest.approx(4 * 0.49)
+
+
+def test_z_loss_is_squared_logsumexp():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 3.0]])
+    expected = (torch.logsumexp(logits, -1) ** 2).mean()
+    torch.testing.assert_close(router_z_loss(logits), expected)
+
+
+def test_router_entropy_bounds_and_renormalisation():
+    moe, _ = _pair(8, 2)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    _, aux = moe(torch.randn(10, 24))
+    torch.testing.assert_close(aux.stats.router_entropy, torch.log(torch.tensor(8.0)))
+    routing = moe.router(torch.randn(10, 24))
+    torch.testing.assert_close(routing.weights.sum(-1), torch.ones(10))
+
+
+def test_router_noise_only_in_training():
+    moe, _ = _pair(8, 2, router_jitter=0.5, router_noise_std=1.0)
+    x = torch.randn(20, 24)
+    moe.eval()
+    torch.testing.assert_close(moe(x).output, moe(x).output)
+    moe.train()
+    torch.manual_seed(0)
+    first = moe.router(x).logits
+    torch.manual_seed(1)
+    assert not torch.allclose(first, moe.router(x).logits)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"num_experts": 2, "top_k": 3}, "top_k=3 exceeds num_experts=2"),
+        ({"num_experts": 0}, "num_experts"),
+        ({"capacity_factor": 0.0}, "capacity_factor"),
+        ({"max_padding": 0.5}, "max_padding"),
+        ({"dispatch": "triton"}, "dispatch"),
+        ({"topk": 2}, "did you mean 'top_k'"),
+    ],
+)
+def test_config_rejects_impossible_settings(overrides, key):
+    with pytest.raises(ValidationError, match=key):
+        MoEConfig.model_validate({"dim": 8, "hidden_dim": 8, **overrides})
+
+
+def test_naive_refuses_capacity():
+    _, naive = _pair(4, 2, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="capacity_factor=None"):
+        naive(torch.randn(4, 24))
+
+
+def test_cupy_dispatch_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the cupy path is exercised by test_cupy_dispatch.py")
+    moe = MoE(MoEConfig(dim=24, hidden_dim=40, num_experts=4, top_k=2, dispatch="cupy"))
+    with pytest.raises(ValueError, match="dispatch='cupy' needs cupy"):
+        moe(torch.randn(4, 24))
