@@ -2,16 +2,15 @@
 
 One row is one sample. Every modality column is nullable: a sample may lack any of them.
 
-| column  | Arrow type                                                      | notes |
-| ------- | --------------------------------------------------------------- | ----- |
-| id      | string, not null                                                | unique within a data set |
-| split   | string, not null                                                | "train", "val", "test", ... |
-| label   | int64                                                           | class index; null = none |
-| text    | string                                                          | UTF-8 |
-| image   | binary                                                          | encoded PNG/JPEG (anything Pillow opens) |
-| audio   | struct<bytes: binary, samples: list<float32>, sample_rate: int32> | WAV/FLAC bytes *or* mono float32 samples; sample_rate required with samples |
-| points  | list<fixed_size_list<float32>[3 + C]>                           | N points, xyz then C features |
-| custom  | fixed_size_list<float32>[F]                                     | one feature vector |
+- ``id``: string, not null, unique within a data set;
+- ``split``: string, not null ("train", "val", "test", ...);
+- ``label``: int64 class index, null for none;
+- ``text``: string (UTF-8);
+- ``image``: binary, encoded PNG/JPEG (anything Pillow opens);
+- ``audio``: struct<bytes: binary, samples: list<float32>, sample_rate: int32>, either WAV/FLAC
+  bytes or mono float32 samples (then ``sample_rate`` is required);
+- ``points``: list<fixed_size_list<float32>[3 + C]>, N points, xyz then C features;
+- ``custom``: fixed_size_list<float32>[F], one feature vector.
 
 ``C`` and ``F`` are fixed per data set and also recorded in the file metadata. The schema version
 lives in the Parquet key-value metadata under ``jin_data.schema_version``; a reader refuses a file

@@ -78,7 +78,8 @@ class _Row:
         where = f"sample {index} (id={sample_id!r})"
         if unknown:
             raise SampleError(
-                f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(Sample.__annotations__)}"
+                f"{where}: unknown keys {sorted(unknown)}; "
+                f"allowed: {sorted(Sample.__annotations__)}"
             )
         if not isinstance(sample_id, str) or not sample_id:
             raise SampleError(f"{where} key 'id': expected a non-empty str, received {sample_id!r}")
@@ -179,7 +180,7 @@ class ShardWriter:
         row_group_size: samples per row group, the reader's unit of streaming and of sharding
             across ranks and workers (small enough to hold a few in memory, large enough for I/O).
         point_features, custom_dim: ``C`` and ``F`` of the schema; inferred from the first
-            sample carrying points / a custom vector when ``None`` (0 when the first shard has none).
+            sample carrying points / a custom vector when ``None`` (0 if the first shard has none).
         overwrite: replace an existing data set (its manifest and shards); otherwise refuse.
         compression: Parquet codec.
     """
