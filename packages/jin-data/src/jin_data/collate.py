@@ -56,7 +56,10 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.Array):
+        return column
+    # combine_chunks copies even a single chunk; keep that one as is (zero-copy).
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _valid(array: pa.Array) -> np.ndarray:
@@ -135,7 +138,8 @@ def _image(pixels: pa.Array, shapes: pa.Array, batch: dict[str, Any]) -> None:
 def _custom(array: pa.Array, batch: dict[str, Any]) -> None:
     width = array.type.list_size
     flat = _numeric(array.values)
-    custom = flat[array.offset * width : (array.offset + len(array)) * width].reshape(-1, width)
+    custom = flat[array.offset * width : (array.offset + len(array)) * width]
+    custom = custom.reshape(len(array), width)
     present = _valid(array)
     if not present.all():
         custom = np.where(present[:, None], custom, np.float32(0))

@@ -184,11 +184,12 @@ class Decoder:
 
     @staticmethod
     def _error(table: pa.Table, row: int, column: str, problem: str) -> DecodeError:
-        where: dict[str, Any] = {"row": row}
-        if all(name in table.column_names for name in PROVENANCE):
-            where = {
-                "url": table["__url"][row].as_py(),
-                "row_group": table["__row_group"][row].as_py(),
-                "row": table["__row"][row].as_py(),
-            }
+        # Quote where the row came from: the reader adds all three provenance columns; Ray Data's
+        # path gives only the file, and then the sample id locates the row.
+        names = table.column_names
+        where = {
+            key: table[name][row].as_py()
+            for key, name in zip(("url", "row_group", "row"), PROVENANCE, strict=True)
+            if name in names
+        }
         return DecodeError(problem, column=column, id=table["id"][row].as_py(), **where)

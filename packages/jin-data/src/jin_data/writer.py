@@ -132,6 +132,8 @@ def _fixed_list(rows: list[np.ndarray | None], width: int, key: str, ids: list[s
                 f"sample id={sample_id!r} key {key!r}: expected last dim {width}, "
                 f"received {row.shape} (fixed per data set by the first sample or the argument)"
             )
+    if width == 0:  # a data set without this column: Arrow has no 0-wide list to build from
+        return pa.nulls(len(rows), pa.list_(pa.float32(), 0))
     mask = np.array([row is None for row in rows])
     flat = np.concatenate(
         [
