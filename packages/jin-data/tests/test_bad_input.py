@@ -1,6 +1,7 @@
 """Corrupt, truncated and foreign files and undecodable rows: named errors, or counted skips."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,16 +18,16 @@ def _read_all(url, **kwargs):
 
 def test_truncated_shard_names_url(dataset):
     path = f"{dataset}/shard-00002.parquet"
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) // 2])
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
     with pytest.raises(ShardError, match=r"url='[^']*shard-00002.parquet'.*cannot open shard"):
         _read_all(dataset)
 
 
 def test_truncated_shard_is_skipped_and_counted(dataset, caplog):
     path = f"{dataset}/shard-00002.parquet"
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[:-100])
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:-100])
     with caplog.at_level(logging.WARNING, logger="jin_data"):
         reader, ids = _read_all(dataset, on_error="skip")
     assert len(ids) == 44 and reader.last_report.skipped_rows == 16
@@ -37,10 +38,10 @@ def _corrupt_row_group(url, shard, row_group):
     path = f"{url}/shard-{shard:05d}.parquet"
     meta = pq.ParquetFile(path).metadata.row_group(row_group)
     column = meta.column(meta.num_columns - 1)  # the custom column's data page
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     middle = column.data_page_offset + column.total_compressed_size // 2
     data[middle] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
 
 
 def test_corrupt_page_names_url_and_row_group(dataset):
@@ -66,7 +67,7 @@ def test_file_of_another_schema(tmp_path, dataset):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     pq.write_table(pa.table({"id": ["x"]}), foreign / "part.parquet")
-    with pytest.raises(SchemaError, match="part.parquet"):
+    with pytest.raises(SchemaError, match=r"part\.parquet"):
         _read_all(str(foreign))
 
 

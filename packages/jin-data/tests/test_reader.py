@@ -1,6 +1,7 @@
 """The streaming reader: exactly-once across ranks and workers, seeded order, filters, workers."""
 
 import collections
+import itertools
 import shutil
 
 import pytest
@@ -38,7 +39,7 @@ def test_shuffle_mixes_rows_across_row_groups(dataset):
     order = _ids(dataset, batch_size=60, seed=0, shuffle_buffer=30)
     positions = [int(i[1:]) for i in order]
     # Row groups hold 5 consecutive ids; a window shuffle must break most adjacencies.
-    adjacent = sum(abs(a - b) == 1 for a, b in zip(positions, positions[1:], strict=False))
+    adjacent = sum(abs(a - b) == 1 for a, b in itertools.pairwise(positions))
     assert adjacent < 15
 
 

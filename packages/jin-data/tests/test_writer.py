@@ -1,12 +1,20 @@
 """Writer: shards, row groups, manifest and checksums; write-then-rename; bad samples."""
 
+from pathlib import Path
+
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from jin_data import SampleError, ShardError, ShardWriter, load_manifest, verify_dataset
-from jin_data import write_dataset
+from jin_data import (
+    SampleError,
+    ShardError,
+    ShardWriter,
+    load_manifest,
+    verify_dataset,
+    write_dataset,
+)
 
 
 @pytest.mark.parametrize("scheme", ["local", "memory"])
@@ -65,9 +73,9 @@ def test_existing_dataset_is_not_overwritten_unless_asked(dataset, samples):
 
 def test_verify_detects_a_changed_shard(dataset):
     path = f"{dataset}/shard-00001.parquet"
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[100] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"shard-00001.parquet.*sha256: expected"):
         verify_dataset(dataset)
 
@@ -84,8 +92,9 @@ def test_verify_detects_a_changed_shard(dataset):
     ],
 )
 def test_bad_sample_names_index_id_and_key(tmp_path, bad, message):
-    with pytest.raises(SampleError, match=message), ShardWriter(str(tmp_path / "x")) as writer:
-        writer.write({"id": "ok"})
+    writer = ShardWriter(str(tmp_path / "x"))
+    writer.write({"id": "ok"})
+    with pytest.raises(SampleError, match=message):
         writer.write(bad)
 
 

@@ -35,7 +35,7 @@ from jin_data.schema import MODALITIES, check_schema
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["SplitFilter", "RayCollateFn", "ray_collate_fn", "read_ray_dataset"]
+__all__ = ["RayCollateFn", "SplitFilter", "ray_collate_fn", "read_ray_dataset"]
 
 
 class SplitFilter:
