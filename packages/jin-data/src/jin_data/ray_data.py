@@ -90,10 +90,9 @@ def read_ray_dataset(
     dataset = ray.data.read_parquet(
         [shard.path for shard in shards],
         filesystem=pafs.LocalFileSystem() if local else pafs.PyFileSystem(pafs.FSSpecHandler(fs)),
-        columns=columns,
         include_paths=True,
         **read_parquet_args,
-    )
+    ).select_columns([*columns, "path"])
     splits = [split] if isinstance(split, str) else split
     dataset = dataset.map_batches(SplitFilter(splits), batch_format="pyarrow")
     decoder = Decoder(audio_sample_rate=audio_sample_rate, image_mode=image_mode, on_error=on_error)
