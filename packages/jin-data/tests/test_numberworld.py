@@ -81,9 +81,9 @@ def test_missing_espeak_names_the_install_line(tmp_path):
 
 
 def test_config_checks_name_the_key():
-    with pytest.raises(ValueError, match="held_out: expected distinct numbers in 0..99"):
+    with pytest.raises(ValueError, match=r"held_out: expected distinct numbers in 0\.\.99"):
         NumberWorldConfig(samples=1, held_out=[100])
-    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction"):
+    with pytest.raises(ValueError, match=r"val_fraction \+ test_fraction"):
         NumberWorldConfig(samples=1, val_fraction=0.5, test_fraction=0.5)
     with pytest.raises(ValueError, match="glyph_height"):
         NumberWorldConfig(samples=1, canvas=32, glyph_height=(16, 28))
@@ -93,7 +93,7 @@ def test_number_words():
     assert [number_words(n) for n in (0, 13, 40, 42, 99)] == [
         "zero", "thirteen", "forty", "forty-two", "ninety-nine",
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="expected 0..99, received 100"):
+    with pytest.raises(ValueError, match=r"expected 0\.\.99, received 100"):
         number_words(100)
 
 
