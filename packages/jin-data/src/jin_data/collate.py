@@ -103,7 +103,12 @@ def _pad(starts: np.ndarray, lengths: np.ndarray, values: np.ndarray):
     steps = np.arange(longest)
     real = steps[None, :] < lengths[:, None]
     out = np.zeros((len(lengths), longest, *values.shape[1:]), values.dtype)
-    out[real] = values[(starts[:, None] + steps[None, :])[real]]
+    total = int(lengths.sum())
+    if total and (starts[1:] == starts[:-1] + lengths[:-1]).all():
+        # Rows lie back to back in the buffer (the usual case): one masked copy, no index array.
+        out[real] = values[starts[0] : starts[0] + total]
+    elif total:
+        out[real] = values[(starts[:, None] + steps[None, :])[real]]
     return _tensor(out), _tensor(~real)
 
 

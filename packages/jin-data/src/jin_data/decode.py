@@ -55,11 +55,31 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     return resample_poly(wave, target // g, rate // g).astype(np.float32)
 
 
+def _pcm16_wav(data: bytes) -> tuple[np.ndarray, int] | None:
+    """Mono 16-bit PCM WAV with the canonical 44-byte header, read with numpy; else ``None``.
+
+    The common case (espeak-ng, NumberWorld, most corpora) at a third of libsndfile's per-call
+    cost, which dominates for short clips; everything else goes through soundfile.
+    """
+    if len(data) < 44 or data[:4] != b"RIFF" or data[8:16] != b"WAVEfmt " or data[36:40] != b"data":
+        return None
+    fmt, channels, rate = int.from_bytes(data[20:22], "little"), data[22], data[24:28]
+    if fmt != 1 or channels != 1 or data[34:36] != b"\x10\x00":
+        return None
+    size = min(int.from_bytes(data[40:44], "little"), len(data) - 44) // 2
+    wave = np.frombuffer(data, np.int16, size, 44).astype(np.float32) * np.float32(1 / 32768)
+    return wave, int.from_bytes(rate, "little")
+
+
 def decode_audio(data: bytes | None, samples: np.ndarray | None, rate: int | None, target: int):
     """Encoded bytes or raw samples -> mono float32 waveform at ``target`` Hz."""
     if data is not None:
-        wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
+        fast = _pcm16_wav(data)
+        if fast is not None:
+            wave, rate = fast
+        else:
+            wave, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+            wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
     elif samples is not None:
         if rate is None or rate <= 0:
             raise ValueError(f"raw audio samples need sample_rate > 0, received {rate!r}")

@@ -129,6 +129,16 @@ def list_shards(url: str) -> tuple[fsspec.AbstractFileSystem, list[_Shard]]:
     return fs, shards
 
 
+def _gather(pool: list[pa.Table | None], rows: np.ndarray) -> pa.Table:
+    """The ``(slot, row)`` rows of the pooled row groups, as one table (grouped by slot)."""
+    parts = []
+    for slot in np.unique(rows[:, 0]):
+        table = pool[slot]
+        assert table is not None
+        parts.append(table.take(rows[rows[:, 0] == slot, 1]))
+    return pa.concat_tables(parts)
+
+
 class ShardDataset(IterableDataset):
     """Batches of collated tensors streamed from the jin-data set at ``url``.
 
@@ -260,29 +270,46 @@ class ShardDataset(IterableDataset):
         return None
 
     def _batches(self, tables: Iterator[pa.Table], rng: np.random.Generator) -> Iterator[pa.Table]:
-        """Cut row groups into batches, mixing rows through the shuffle buffer."""
-        size, reserve = self.config.batch_size, self.config.shuffle_buffer
-        pending: pa.Table | None = None
-        for table in tables:
-            pending = table if pending is None else pa.concat_tables([pending, table])
-            if self.config.shuffle and pending.num_rows < reserve + size:
-                continue
-            if self.config.shuffle:
-                pending = pending.take(rng.permutation(pending.num_rows))
-                ready = (pending.num_rows - reserve) // size * size
-            else:
+        """Cut row groups into batches; with shuffle, mix rows through the shuffle buffer."""
+        size = self.config.batch_size
+        if not self.config.shuffle:
+            pending: pa.Table | None = None
+            for table in tables:
+                pending = table if pending is None else pa.concat_tables([pending, table])
                 ready = pending.num_rows // size * size
-            for start in range(0, ready, size):
-                yield pending.slice(start, size)
-            pending = pending.slice(ready)
-        if pending is None or pending.num_rows == 0:
+                for start in range(0, ready, size):
+                    yield pending.slice(start, size)
+                pending = pending.slice(ready)
+            yield from self._tail(pending, size)
             return
-        if self.config.shuffle:
-            pending = pending.take(rng.permutation(pending.num_rows))
-        for start in range(0, pending.num_rows, size):
-            batch = pending.slice(start, size)
-            if batch.num_rows == size or not self.config.drop_last:
-                yield batch
+        # The buffer is a pool of row groups plus the (slot, row) pairs not yet emitted; rows are
+        # copied only when they leave in a batch (Arrow's take on a many-chunk table would first
+        # concatenate every chunk, so each batch takes from each row group separately).
+        reserve = self.config.shuffle_buffer
+        pool: list[pa.Table | None] = []
+        pending_rows = np.zeros((0, 2), np.int64)
+        for table in tables:
+            slot = np.full(table.num_rows, len(pool))
+            pool.append(table)
+            rows = np.stack([slot, np.arange(table.num_rows)], axis=1)
+            pending_rows = np.concatenate([pending_rows, rows])
+            if len(pending_rows) < reserve + size:
+                continue
+            pending_rows = pending_rows[rng.permutation(len(pending_rows))]
+            ready = (len(pending_rows) - reserve) // size * size
+            for start in range(0, ready, size):
+                yield _gather(pool, pending_rows[start : start + size])
+            pending_rows = pending_rows[ready:]
+            alive = set(np.unique(pending_rows[:, 0]).tolist())
+            pool = [t if i in alive else None for i, t in enumerate(pool)]
+        pending_rows = pending_rows[rng.permutation(len(pending_rows))]
+        for start in range(0, len(pending_rows), size):
+            if len(pending_rows) - start >= size or not self.config.drop_last:
+                yield _gather(pool, pending_rows[start : start + size])
+
+    def _tail(self, pending: pa.Table | None, size: int) -> Iterator[pa.Table]:
+        if pending is not None and pending.num_rows and not self.config.drop_last:
+            yield pending
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         consumer, consumers, worker = self._consumer()
