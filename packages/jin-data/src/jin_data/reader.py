@@ -130,13 +130,21 @@ def list_shards(url: str) -> tuple[fsspec.AbstractFileSystem, list[_Shard]]:
 
 
 def _gather(pool: list[pa.Table | None], rows: np.ndarray) -> pa.Table:
-    """The ``(slot, row)`` rows of the pooled row groups, as one table (grouped by slot)."""
-    parts = []
-    for slot in np.unique(rows[:, 0]):
+    """The ``(slot, row)`` rows of the pooled row groups, as one table in the order given."""
+    slots = np.unique(rows[:, 0])
+    if len(slots) == 1:
+        table = pool[slots[0]]
+        assert table is not None
+        return table.take(rows[:, 1])
+    parts, placed = [], []
+    for slot in slots:
         table = pool[slot]
         assert table is not None
-        parts.append(table.take(rows[rows[:, 0] == slot, 1]))
-    return pa.concat_tables(parts)
+        mine = np.flatnonzero(rows[:, 0] == slot)
+        parts.append(table.take(rows[mine, 1]))
+        placed.append(mine)
+    # Grouped by row group above; one take of this small batch restores the shuffled order.
+    return pa.concat_tables(parts).combine_chunks().take(np.argsort(np.concatenate(placed)))
 
 
 class ShardDataset(IterableDataset):
