@@ -84,8 +84,7 @@ def read_ray_dataset(
             except (OSError, pa.ArrowException) as err:
                 raise SchemaError(f"cannot read the Parquet schema: {err}", url=shard.url) from None
     columns = ["id", "split", "label", *(modalities or MODALITIES)]
-    # Local files through Arrow's own filesystem; anything else through fsspec. (Ray's path
-    # resolution trips over fsspec's HTTP module when aiohttp is absent, so do not wrap local.)
+    # Local files through Arrow's own filesystem, anything else through fsspec.
     local = isinstance(fs, LocalFileSystem)
     dataset = ray.data.read_parquet(
         [shard.path for shard in shards],
