@@ -310,6 +310,15 @@ class ShardDataset(IterableDataset):
             pending_rows = pending_rows[ready:]
             alive = set(np.unique(pending_rows[:, 0]).tolist())
             pool = [t if i in alive else None for i, t in enumerate(pool)]
+            # A row group stays alive while any of its rows waits, so stragglers would pin many
+            # row groups; once the pool is mostly emitted rows, copy the waiting ones out (each
+            # row is copied at most once more, and memory stays ~2x the buffer, whatever the data).
+            pooled = sum(t.num_rows for t in pool if t is not None)
+            if pooled > 2 * len(pending_rows) + size:
+                pool = [_gather(pool, pending_rows)]
+                pending_rows = np.stack(
+                    [np.zeros(len(pending_rows), np.int64), np.arange(len(pending_rows))], axis=1
+                )
         pending_rows = pending_rows[rng.permutation(len(pending_rows))]
         for start in range(0, len(pending_rows), size):
             if len(pending_rows) - start >= size or not self.config.drop_last:
