@@ -1,0 +1,280 @@
+"""jin-data throughput and memory: NumberWorld shards -> collated torch batches.
+
+    python benchmarks/data.py --json benchmarks/results/data.json [--samples 3000]
+
+Measured side by side in one run, each case in a fresh subprocess (so peak RSS is its own):
+- ``jin`` — `jin_data.ShardDataset` with a DataLoader, 0 and 2 workers;
+- ``jin-10x`` — the same reader (2 workers) over a data set 10x larger (the shards repeated under
+  new names), to show that peak RSS does not grow with the data set (streaming);
+- ``ray`` — `jin_data.ray_data.read_ray_dataset` + ``iter_torch_batches`` on a private local Ray
+  (2 CPUs; Ray start-up excluded; RSS is the driver's only, Ray's worker processes are not counted);
+- ``per-file`` — the baseline a user writes by hand: one PNG, one WAV and one JSON file per sample,
+  a map-style Dataset, a padding collate_fn and a DataLoader with 2 workers.
+Also the NumberWorld generation speed, with a cold and with a warm speech cache.
+
+Peak RSS is the process's own high-water mark plus that of its largest child (a DataLoader worker).
+Targets (issue 6): jin >= 5x per-file; peak RSS of jin-10x within 10% of jin (2 workers); jin >= 10x
+the demo model's CPU training step (pass its samples/s as --train-samples-per-s to get the ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH = 64
+
+
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + child) / 1024.0
+
+
+def _drain(batches) -> int:
+    rows = 0
+    for batch in batches:
+        rows += len(batch["id"])
+    return rows
+
+
+def case_jin(url: str, workers: int) -> tuple[int, float]:
+    from jin_data import ShardDataset
+
+    start = time.perf_counter()
+    data = ShardDataset(url, batch_size=BATCH, shuffle=True, seed=0)
+    rows = _drain(data.dataloader(num_workers=workers))
+    return rows, time.perf_counter() - start
+
+
+def case_ray(url: str, workers: int) -> tuple[int, float]:
+    import ray
+
+    from jin_data.ray_data import ray_collate_fn, read_ray_dataset
+
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    start = time.perf_counter()
+    dataset = read_ray_dataset(url)
+    batches = dataset.iter_torch_batches(batch_size=BATCH, collate_fn=ray_collate_fn())
+    rows = _drain(batches)
+    seconds = time.perf_counter() - start
+    ray.shutdown()
+    return rows, seconds
+
+
+class PerFileDataset:
+    """What a user writes by hand: three files per sample, decoded one sample at a time."""
+
+    def __init__(self, root: str) -> None:
+        self.stems = sorted(p.with_suffix("") for p in Path(root).glob("*.json"))
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def __getitem__(self, index: int) -> dict:
+        import numpy as np
+        import soundfile
+        import torch
+        from PIL import Image
+
+        stem = self.stems[index]
+        meta = json.loads(stem.with_suffix(".json").read_text())
+        wave, _ = soundfile.read(stem.with_suffix(".wav"), dtype="float32")
+        return {
+            "id": meta["id"],
+            "text": meta["text"],
+            "label": meta["label"],
+            "image": torch.from_numpy(np.asarray(Image.open(stem.with_suffix(".png"))))[None],
+            "audio": torch.from_numpy(wave),
+            "points": torch.tensor(meta["points"], dtype=torch.float32),
+            "custom": torch.tensor(meta["custom"], dtype=torch.float32),
+        }
+
+
+def per_file_collate(rows: list[dict]) -> dict:
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    text = [r["text"] for r in rows]
+    encoded = [torch.tensor(list(t.encode()), dtype=torch.uint8) for t in text]
+    return {
+        "id": [r["id"] for r in rows],
+        "text": text,
+        "text_bytes": pad_sequence(encoded, batch_first=True),
+        "label": torch.tensor([r["label"] for r in rows]),
+        "image": torch.stack([r["image"] for r in rows]),
+        "audio": pad_sequence([r["audio"] for r in rows], batch_first=True),
+        "audio_lengths": torch.tensor([len(r["audio"]) for r in rows]),
+        "points": pad_sequence([r["points"] for r in rows], batch_first=True),
+        "custom": torch.stack([r["custom"] for r in rows]),
+    }
+
+
+def case_per_file(root: str, workers: int) -> tuple[int, float]:
+    from torch.utils.data import DataLoader
+
+    start = time.perf_counter()
+    loader = DataLoader(
+        PerFileDataset(root),
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=per_file_collate,
+    )
+    rows = _drain(loader)
+    return rows, time.perf_counter() - start
+
+
+CASES = {"jin": case_jin, "jin-10x": case_jin, "ray": case_ray, "per-file": case_per_file}
+
+
+def export_per_file(url: str, root: Path) -> None:
+    """Write the NumberWorld samples as one PNG, one WAV and one JSON per sample."""
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True)
+    for shard in sorted(Path(url).glob("shard-*.parquet")):
+        for row in pq.read_table(shard).to_pylist():
+            stem = root / row["id"]
+            stem.with_suffix(".png").write_bytes(row["image"])
+            stem.with_suffix(".wav").write_bytes(row["audio"]["bytes"])
+            meta = {k: row[k] for k in ("id", "text", "label", "points", "custom")}
+            stem.with_suffix(".json").write_text(json.dumps(meta))
+
+
+def repeat_dataset(url: str, out: Path, times: int) -> None:
+    """A data set ``times`` larger: the same shards under new names, listed in a new manifest."""
+    from jin_data.manifest import Manifest
+
+    manifest = Manifest.model_validate_json((Path(url) / "manifest.json").read_text())
+    out.mkdir(parents=True)
+    shards = []
+    for copy in range(times):
+        for shard in manifest.shards:
+            name = f"r{copy:02d}-{shard.path}"
+            (out / name).write_bytes((Path(url) / shard.path).read_bytes())
+            shards.append(shard.model_copy(update={"path": name}))
+    bigger = manifest.model_copy(
+        update={
+            "shards": shards,
+            "num_rows": manifest.num_rows * times,
+            "splits": {k: v * times for k, v in manifest.splits.items()},
+        }
+    )
+    (out / "manifest.json").write_text(bigger.to_json())
+
+
+def run_case(name: str, target: str, workers: int) -> dict:
+    """Run one case in a fresh interpreter and read its JSON line."""
+    command = [sys.executable, __file__, "--case", name, "--target", target]
+    command += ["--workers", str(workers)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return {"impl": name, "workers": workers, "error": result.stderr.strip()[-800:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def generate(url: str, samples: int, cache: str) -> float:
+    from jin_data.numberworld import generate_numberworld
+
+    start = time.perf_counter()
+    generate_numberworld(url, samples, seed=0, cache_dir=cache, progress=False, overwrite=True)
+    return samples / (time.perf_counter() - start)
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "| impl | workers | samples/s | peak RSS (MB) | vs per-file |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    base = next(c["samples_per_s"] for c in result["cases"] if c["impl"] == "per-file")
+    for c in result["cases"]:
+        if "error" in c:
+            lines.append(f"| {c['impl']} | {c['workers']} | error | | |")
+            continue
+        lines.append(
+            f"| {c['impl']} | {c['workers']} | {c['samples_per_s']:.0f} | "
+            f"{c['peak_rss_mb']:.0f} | {c['samples_per_s'] / base:.1f}x |"
+        )
+    g = result["generation"]
+    lines.append("")
+    lines.append(
+        f"Generation ({result['samples']} samples): {g['cold_cache_samples_per_s']:.0f} samples/s "
+        f"with a cold speech cache, {g['warm_cache_samples_per_s']:.0f} samples/s warm."
+    )
+    lines.append("Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--samples", type=int, default=3000)
+    parser.add_argument("--train-samples-per-s", type=float, default=None)
+    parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:  # child process: one case, one JSON line
+        rows, seconds = CASES[args.case](args.target, args.workers)
+        print(
+            json.dumps(
+                {
+                    "impl": args.case,
+                    "workers": args.workers,
+                    "samples_per_s": rows / seconds,
+                    "peak_rss_mb": _peak_rss_mb(),
+                    "samples": rows,
+                    "seconds": seconds,
+                }
+            )
+        )
+        return
+
+    with tempfile.TemporaryDirectory(prefix="jin-bench-data-") as tmp:
+        work = Path(tmp)
+        url = str(work / "numberworld")
+        cold = generate(url, args.samples, str(work / "cache"))
+        warm = generate(url, args.samples, str(work / "cache"))
+        repeat_dataset(url, work / "numberworld-10x", 10)
+        export_per_file(url, work / "per-file")
+        cases = [
+            run_case("per-file", str(work / "per-file"), 2),
+            run_case("jin", url, 0),
+            run_case("jin", url, 2),
+            run_case("jin-10x", str(work / "numberworld-10x"), 2),
+            run_case("ray", url, 2),
+        ]
+    by = {(c["impl"], c["workers"]): c for c in cases if "error" not in c}
+    ratios = {}
+    if ("per-file", 2) in by and ("jin", 2) in by:
+        base = by[("per-file", 2)]["samples_per_s"]
+        ratios["jin(0)/per-file"] = by[("jin", 0)]["samples_per_s"] / base
+        ratios["jin(2)/per-file"] = by[("jin", 2)]["samples_per_s"] / base
+    if ("jin-10x", 2) in by and ("jin", 2) in by:
+        big, small = by[("jin-10x", 2)], by[("jin", 2)]
+        ratios["rss jin-10x/jin"] = big["peak_rss_mb"] / small["peak_rss_mb"]
+    if args.train_samples_per_s and ("jin", 2) in by:
+        ratios["jin(2)/train step"] = by[("jin", 2)]["samples_per_s"] / args.train_samples_per_s
+    result = {
+        "samples": args.samples,
+        "batch_size": BATCH,
+        "cases": cases,
+        "generation": {"cold_cache_samples_per_s": cold, "warm_cache_samples_per_s": warm},
+        "ratios": ratios,
+    }
+    print(markdown(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

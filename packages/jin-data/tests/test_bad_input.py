@@ -1,0 +1,99 @@
+"""Corrupt, truncated and foreign files and undecodable rows: named errors, or counted skips."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jin_data import DecodeError, SchemaError, ShardDataset, ShardError, write_dataset
+
+
+def _read_all(url, **kwargs):
+    data = ShardDataset(url, batch_size=8, shuffle=False, **kwargs)
+    return data, [i for batch in data for i in batch["id"]]
+
+
+def test_truncated_shard_names_url(dataset):
+    path = f"{dataset}/shard-00002.parquet"
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match=r"url='[^']*shard-00002.parquet'.*cannot open shard"):
+        _read_all(dataset)
+
+
+def test_truncated_shard_is_skipped_and_counted(dataset, caplog):
+    path = f"{dataset}/shard-00002.parquet"
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:-100])
+    with caplog.at_level(logging.WARNING, logger="jin_data"):
+        reader, ids = _read_all(dataset, on_error="skip")
+    assert len(ids) == 44 and reader.last_report.skipped_rows == 16
+    assert "skipped 16 rows" in caplog.text and "shard-00002.parquet" in caplog.text
+
+
+def _corrupt_row_group(url, shard, row_group):
+    path = f"{url}/shard-{shard:05d}.parquet"
+    meta = pq.ParquetFile(path).metadata.row_group(row_group)
+    column = meta.column(meta.num_columns - 1)  # the custom column's data page
+    data = bytearray(Path(path).read_bytes())
+    middle = column.data_page_offset + column.total_compressed_size // 2
+    data[middle] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+
+
+def test_corrupt_page_names_url_and_row_group(dataset):
+    _corrupt_row_group(dataset, 1, 2)
+    with pytest.raises(ShardError) as err:
+        _read_all(dataset)
+    assert err.value.url.endswith("shard-00001.parquet") and err.value.row_group == 2
+    assert "row_group=2" in str(err.value)
+
+
+def test_corrupt_row_group_skipped_and_counted(dataset, samples):
+    _corrupt_row_group(dataset, 1, 2)
+    reader, ids = _read_all(dataset, on_error="skip")
+    lost = {s["id"] for s in samples[26:31]}  # shard 1 starts at row 16; row group 2 = rows 10..14
+    assert set(ids) == {s["id"] for s in samples} - lost
+    assert reader.last_report.skipped_rows == 5
+
+
+def test_file_of_another_schema(tmp_path, dataset):
+    pq.write_table(pa.table({"id": ["x"], "value": [1.0]}), f"{dataset}/shard-00001.parquet")
+    with pytest.raises(SchemaError, match=r"shard-00001.parquet.*not a jin-data shard"):
+        _read_all(dataset)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    pq.write_table(pa.table({"id": ["x"]}), foreign / "part.parquet")
+    with pytest.raises(SchemaError, match=r"part\.parquet"):
+        _read_all(str(foreign))
+
+
+@pytest.fixture
+def broken_rows(tmp_path):
+    rows = [{"id": f"r{i}", "image": np.full((3, 3), i, np.uint8)} for i in range(12)]
+    rows[7]["image"] = b"\x89PNG\r\n\x1a\nnot really a png"
+    rows[9]["audio"] = b"RIFF....WAVEjunk"
+    url = str(tmp_path / "broken")
+    write_dataset(rows, url, row_group_size=5)
+    return url
+
+
+def test_undecodable_row_names_url_row_group_row_and_column(broken_rows):
+    with pytest.raises(DecodeError) as err:
+        _read_all(broken_rows)
+    e = err.value
+    assert (e.row_group, e.row, e.column, e.id) == (1, 2, "image", "r7")
+    assert e.url.endswith("shard-00000.parquet") and "does not decode" in str(e)
+
+
+def test_undecodable_rows_skipped_and_reported(broken_rows, caplog):
+    with caplog.at_level(logging.WARNING, logger="jin_data"):
+        reader, ids = _read_all(broken_rows, on_error="skip")
+    assert ids == [f"r{i}" for i in range(12) if i not in (7, 9)]
+    report = reader.last_report
+    assert report.skipped_rows == 2 and report.rows == 10
+    assert "column='image'" in report.errors[0] and "column='audio'" in report.errors[1]
+    assert "skipped 2 rows, read 10" in caplog.text

@@ -1,0 +1,97 @@
+"""Collation against a row-by-row reference: padding, masks, presence, zero-copy, slicing."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from jin_data import Decoder, collate, write_dataset
+from jin_data.reader import list_shards
+
+
+@pytest.fixture
+def decoded(dataset) -> pa.Table:
+    fs, shards = list_shards(dataset)
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables(pq.read_table(fs.open(s.path, "rb")) for s in shards)
+    return Decoder().decode(table.slice(3, 25))[0]  # a slice: offsets must be honoured
+
+
+def test_layout_matches_conventions(decoded, samples):
+    batch = collate(decoded)
+    rows = samples[3:28]
+    b = len(rows)
+    assert batch["id"] == [s["id"] for s in rows]
+    assert batch["label"].dtype == torch.int64
+    assert batch["label"].tolist() == [-1 if s["label"] is None else s["label"] for s in rows]
+    for modality in ("text", "image", "audio", "points", "custom"):
+        present = batch[f"{modality}_present"]
+        assert present.dtype == torch.bool and present.shape == (b,)
+        assert present.tolist() == [s[modality] is not None for s in rows]
+    assert batch["text_bytes"].dtype == torch.uint8 and batch["image"].dtype == torch.uint8
+    assert batch["audio"].dtype == torch.float32 and batch["points"].dtype == torch.float32
+    assert batch["image"].shape[:2] == (b, 1) and batch["image_sizes"].dtype == torch.int64
+
+
+def test_ragged_columns_padded_with_masks_true_at_padding(decoded, samples):
+    batch = collate(decoded)
+    for i, s in enumerate(samples[3:28]):
+        text = (s["text"] or "").encode()
+        assert batch["text"][i] == (s["text"] or "")
+        assert bytes(batch["text_bytes"][i][~batch["text_padding_mask"][i]].tolist()) == text
+        assert batch["text_bytes"][i][batch["text_padding_mask"][i]].eq(0).all()
+        points = batch["points"][i][~batch["points_padding_mask"][i]]
+        expected = s["points"] if s["points"] is not None else np.zeros((0, 4), np.float32)
+        np.testing.assert_array_equal(points.numpy(), expected)
+        length = int(batch["audio_lengths"][i])
+        wave = s["audio"] if s["audio"] is not None else None
+        if wave is None:
+            assert length == 0
+        elif isinstance(wave, np.ndarray):
+            np.testing.assert_array_equal(batch["audio"][i, :length].numpy(), wave)
+        assert batch["audio"][i, length:].eq(0).all()
+        if s["image"] is not None:
+            h, w = s["image"].shape
+            assert batch["image_sizes"][i].tolist() == [h, w]
+            np.testing.assert_array_equal(batch["image"][i, 0, :h, :w].numpy(), s["image"])
+            assert (
+                batch["image"][i, :, h:, :].eq(0).all() and batch["image"][i, :, :, w:].eq(0).all()
+            )
+        custom = s["custom"] if s["custom"] is not None else np.zeros(5, np.float32)
+        np.testing.assert_array_equal(batch["custom"][i].numpy(), custom)
+
+
+def test_fixed_size_numeric_columns_are_zero_copy(tmp_path):
+    rows = [
+        {"id": f"{i}", "custom": np.full(3, i, np.float32), "image": np.full((4, 4), i, np.uint8)}
+        for i in range(6)
+    ]
+    write_dataset(rows, str(tmp_path / "z"))
+    import pyarrow.parquet as pq
+
+    table, _ = Decoder().decode(pq.read_table(tmp_path / "z" / "shard-00000.parquet"))
+    batch = collate(table, ["custom", "image"])
+    custom_buffer = table["custom"].chunk(0).values.buffers()[1]
+    assert batch["custom"].data_ptr() == custom_buffer.address
+    pixel_buffer = table["image_pixels"].chunk(0).values.buffers()[1]
+    assert batch["image"].data_ptr() == pixel_buffer.address
+    assert batch["image"].shape == (6, 1, 4, 4) and batch["image"][5].eq(5).all()
+
+
+def test_grayscale_and_colour_in_one_batch_share_channels(tmp_path):
+    colour = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    rows = [{"id": "g", "image": np.full((3, 2), 7, np.uint8)}, {"id": "c", "image": colour}]
+    write_dataset(rows, str(tmp_path / "z"))
+    import pyarrow.parquet as pq
+
+    table, _ = Decoder().decode(pq.read_table(tmp_path / "z" / "shard-00000.parquet"))
+    batch = collate(table, ["image"])
+    assert batch["image"].shape == (2, 3, 3, 3)
+    assert batch["image"][0, :, :3, :2].eq(7).all()
+    np.testing.assert_array_equal(batch["image"][1, :, :2, :].numpy(), colour.transpose(2, 0, 1))
+
+
+def test_asking_for_a_missing_modality_names_the_columns(decoded):
+    with pytest.raises(ValueError, match=r"modality 'video': expected column 'video'"):
+        collate(decoded, ["video"])

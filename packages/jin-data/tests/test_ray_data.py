@@ -1,0 +1,61 @@
+"""The Ray Data path gives the same batches (layout and values) as the streaming reader."""
+
+import re
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip(
+    "ray", reason="Ray Data path needs the extra: pip install 'jin-data[ray]'"
+)
+
+from jin_data import DecodeError, ShardDataset, write_dataset  # noqa: E402
+from jin_data.ray_data import ray_collate_fn, read_ray_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # address="local": always a private instance, never a cluster another process started.
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_same_rows_and_values_as_the_streaming_reader(local_ray, dataset):
+    ours = next(iter(ShardDataset(dataset, batch_size=100, shuffle=False, split="train")))
+    theirs = {}
+    batches = read_ray_dataset(dataset, split="train").iter_torch_batches(
+        batch_size=7, collate_fn=ray_collate_fn()
+    )
+    for batch in batches:
+        assert set(batch) == set(ours)
+        for i, sample_id in enumerate(batch["id"]):
+            theirs[sample_id] = {k: v[i] for k, v in batch.items()}
+    assert sorted(theirs) == sorted(ours["id"])
+    for i, sample_id in enumerate(ours["id"]):
+        row = theirs[sample_id]
+        assert row["text"] == ours["text"][i] and row["label"] == ours["label"][i]
+        np.testing.assert_array_equal(row["custom"], ours["custom"][i])
+        n = int(ours["audio_lengths"][i])
+        np.testing.assert_array_equal(row["audio"][:n], ours["audio"][i, :n])
+        h, w = ours["image_sizes"][i].tolist()
+        np.testing.assert_array_equal(row["image"][:, :h, :w], ours["image"][i, :, :h, :w])
+        real = ~ours["points_padding_mask"][i]
+        np.testing.assert_array_equal(
+            row["points"][~row["points_padding_mask"]], ours["points"][i][real]
+        )
+
+
+def test_decode_error_names_file_and_id(local_ray, tmp_path):
+    url = str(tmp_path / "bad")
+    write_dataset([{"id": "ok", "image": b"\x89PNGjunk"}], url)
+    # Ray wraps the task's exception (UserCodeException); its text carries ours, type and message.
+    with pytest.raises(Exception) as err:  # noqa: PT011 - the wrapper type is Ray's to choose
+        read_ray_dataset(url).take_all()
+    assert DecodeError.__name__ in str(err.value)
+    assert re.search(r"url='[^']*shard-00000.parquet'.*column='image' id='ok'", str(err.value))
+
+
+def test_modalities_are_checked(local_ray, dataset):
+    with pytest.raises(ValueError, match=r"unknown \['smell'\]"):
+        read_ray_dataset(dataset, modalities=["smell"])

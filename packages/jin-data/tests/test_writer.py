@@ -1,0 +1,104 @@
+"""Writer: shards, row groups, manifest and checksums; write-then-rename; bad samples."""
+
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from jin_data import (
+    SampleError,
+    ShardError,
+    ShardWriter,
+    load_manifest,
+    verify_dataset,
+    write_dataset,
+)
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_manifest_describes_the_shards(tmp_path, samples, scheme):
+    url = str(tmp_path / "ds") if scheme == "local" else f"memory://writer-{id(samples)}"
+    manifest = write_dataset(samples, url, rows_per_shard=16, row_group_size=5)
+    fs, root = fsspec.core.url_to_fs(url)
+    assert manifest == load_manifest(fs, root)
+    assert manifest.num_rows == 60 and [s.num_rows for s in manifest.shards] == [16, 16, 16, 12]
+    assert manifest.shards[0].row_groups == [5, 5, 5, 1]
+    assert manifest.splits == {"test": 15, "train": 30, "val": 15}
+    assert (manifest.point_features, manifest.custom_dim) == (1, 5)
+    for shard in manifest.shards:
+        with fs.open(f"{root}/{shard.path}", "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == shard.row_groups
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == [
+        "manifest.json",
+        *(s.path for s in manifest.shards),
+    ]
+    verify_dataset(url)
+
+
+def test_values_round_trip(tmp_path, samples):
+    url = str(tmp_path / "ds")
+    write_dataset(samples, url, rows_per_shard=100, row_group_size=7)
+    table = pq.read_table(f"{url}/shard-00000.parquet")
+    row = table.slice(1, 1).to_pylist()[0]
+    assert row["text"] == samples[1]["text"] and row["label"] == samples[1]["label"]
+    np.testing.assert_array_equal(np.array(row["points"], np.float32), samples[1]["points"])
+    np.testing.assert_array_equal(np.array(row["custom"], np.float32), samples[1]["custom"])
+    assert table["image"][1].as_py()[:8] == b"\x89PNG\r\n\x1a\n"  # arrays stored as PNG
+    assert table["custom"].null_count == 20 and table["points"].null_count == 15
+
+
+def test_failure_midway_leaves_no_manifest_and_no_temporary(tmp_path, samples):
+    url = str(tmp_path / "ds")
+
+    def stream():
+        yield from samples[:20]
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        write_dataset(stream(), url, rows_per_shard=16)
+    names = sorted(p.name for p in (tmp_path / "ds").iterdir())
+    assert names == ["shard-00000.parquet"]  # complete shard only; no manifest, no .inprogress
+
+
+def test_existing_dataset_is_not_overwritten_unless_asked(dataset, samples):
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_dataset(samples, dataset)
+    manifest = write_dataset(samples[:10], dataset, overwrite=True, rows_per_shard=100)
+    assert manifest.num_rows == 10 and len(manifest.shards) == 1
+    assert len(list(fsspec.filesystem("file").glob(f"{dataset}/shard-*.parquet"))) == 1
+
+
+def test_verify_detects_a_changed_shard(dataset):
+    path = f"{dataset}/shard-00001.parquet"
+    data = bytearray(Path(path).read_bytes())
+    data[100] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=r"shard-00001.parquet.*sha256: expected"):
+        verify_dataset(dataset)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"id": ""}, "key 'id': expected a non-empty str"),
+        ({"id": "a", "colour": 1}, r"unknown keys \['colour'\]"),
+        ({"id": "a", "image": np.zeros((4, 4), np.float32)}, r"key 'image': expected uint8"),
+        ({"id": "a", "audio": np.zeros(8, np.float32)}, "'audio_sample_rate': required"),
+        ({"id": "a", "points": np.zeros((4, 2))}, r"key 'points': expected \(N, 3 \+ C\)"),
+        ({"id": "a", "custom": np.zeros((2, 2))}, "key 'custom': expected 1-D"),
+    ],
+)
+def test_bad_sample_names_index_id_and_key(tmp_path, bad, message):
+    writer = ShardWriter(str(tmp_path / "x"))
+    writer.write({"id": "ok"})
+    with pytest.raises(SampleError, match=message):
+        writer.write(bad)
+
+
+def test_inconsistent_custom_width_is_refused(tmp_path):
+    rows = [{"id": "a", "custom": np.zeros(3)}, {"id": "b", "custom": np.zeros(4)}]
+    with pytest.raises(SampleError, match=r"id='b' key 'custom': expected last dim 3"):
+        write_dataset(rows, str(tmp_path / "x"))
