@@ -45,8 +45,13 @@ def tests(session: nox.Session, package: str) -> None:
 
 @nox.session
 def integration(session: nox.Session) -> None:
-    """Cross-package tests in the root tests/ folder (slow ones included)."""
+    """Cross-package tests in tests/ (slow ones included), and jin-data's Ray Data tests.
+
+    jin-data's own session installs it without Ray (a leaf must work alone), so its Ray Data
+    tests run here, where Ray is installed through jin-orchestrate.
+    """
     _install_all(session, "build>=1.2")
+    session.run("pytest", str(ROOT / "packages" / "jin-data" / "tests" / "test_ray_data.py"))
     session.run("pytest", str(ROOT / "tests"), *session.posargs)
 
 

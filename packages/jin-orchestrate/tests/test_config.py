@@ -1,37 +1,69 @@
-"""The configuration convention: unknown keys fail with their name and the allowed keys."""
+"""JinConfig: presets, layering, validation that names the key, and parameter counts."""
 
 import pytest
 from pydantic import ValidationError
 
-from jin_orchestrate import StrictConfig
+from jin_orchestrate.config import PRESETS, PUBLISHED_PARAMETERS, load_config, main
+from jin_orchestrate.model import count_parameters
 
 
-class _Inner(StrictConfig):
-    num_experts: int = 8
-    top_k: int = 2
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates(name):
+    cfg = load_config(name)
+    assert cfg.preset == name
+    assert [s.name for s in cfg.stages] == ["within_modality", "cross_modal", "multimodal"]
+    assert cfg.model.space.dim == cfg.model.backbone.dim == cfg.model.predictor.embed_dim
 
 
-class _Outer(StrictConfig):
-    width: int = 64
-    inner: _Inner = _Inner()
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_published_presets_within_ten_percent_of_their_tables(name):
+    counts = count_parameters(load_config(name).model)
+    assert abs(counts.total / PUBLISHED_PARAMETERS[name] - 1) <= 0.10, counts
+    assert counts.active < counts.total
 
 
-def test_known_keys_validate():
-    cfg = _Outer.model_validate({"width": 32, "inner": {"num_experts": 4}})
-    assert cfg.width == 32 and cfg.inner.num_experts == 4 and cfg.inner.top_k == 2
+def test_overrides_reach_nested_keys_and_stage_items():
+    cfg = load_config(
+        "jin-test", overrides=["train.lr=3e-4", "stages.2.steps=7", "model.backbone.num_experts=8"]
+    )
+    assert cfg.train.lr == 3e-4
+    assert cfg.stages[2].steps == 7
+    assert cfg.model.backbone.num_experts == 8
 
 
-def test_unknown_nested_key_names_key_path_and_allowed_keys():
-    with pytest.raises(ValidationError) as err:
-        _Outer.model_validate({"inner": {"num_expert": 4}})
-    text = str(err.value)
-    assert "inner" in text
-    assert "'num_expert'" in text
-    assert "['num_experts', 'top_k']" in text
-    assert "did you mean 'num_experts'" in text
+def test_yaml_file_layer(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  batch_size: 4\ndata:\n  samples: 50\n")
+    cfg = load_config("jin-test", path)
+    assert cfg.train.batch_size == 4
+    assert cfg.data.samples == 50
 
 
-def test_wrong_type_is_rejected_on_assignment():
-    cfg = _Outer()
-    with pytest.raises(ValidationError, match="width"):
-        cfg.width = "wide"
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("train.lrr=1", "'lrr'"),
+        ("model.backbone.top_k=9", "top_k=9 exceeds num_experts=4"),
+        ("model.backbone.num_heads=5", "num_heads=5 does not divide dim=32"),
+        ("stages.0.steps=0", "steps"),
+        ("stages.5.steps=1", "no stage with index"),
+        ("data.modalities=[smell]", "data.modalities"),
+    ],
+)
+def test_bad_settings_fail_naming_the_key(override, fragment):
+    with pytest.raises((ValidationError, ValueError)) as err:
+        load_config("jin-test", overrides=[override])
+    assert fragment in str(err.value)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ValueError, match="jin-tiny"):
+        load_config("jin-huge")
+
+
+def test_show_prints_resolved_config_and_counts(capsys):
+    assert main(["show", "jin-nano"]) == 0
+    out = capsys.readouterr().out
+    assert '"num_experts": 8' in out
+    assert "total parameters:" in out
+    assert "active parameters per token:" in out

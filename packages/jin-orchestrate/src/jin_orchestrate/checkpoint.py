@@ -99,11 +99,13 @@ def save_checkpoint(
     config: dict[str, Any],
     state: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint to ``directory`` atomically and return its path.
 
     ``directory`` must not exist yet; its parent is created. Tied parameters are stored once
-    (``safetensors.torch.save_model`` deduplicates shared storage).
+    (``safetensors.torch.save_model`` deduplicates shared storage). ``rng`` adds further RNG
+    states (e.g. a ``torch.Generator``'s) to the global ones.
     """
     final = Path(directory)
     if final.exists():
@@ -113,14 +115,17 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_model(model, str(tmp / WEIGHTS))
-        save_file({k: v.contiguous() for k, v in _rng_state().items()}, str(tmp / RNG))
+        states = {**_rng_state(), **(rng or {})}
+        save_file({k: v.contiguous() for k, v in states.items()}, str(tmp / RNG))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         files = sorted(p.name for p in tmp.iterdir())
-        manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-                    for name in files}
+        manifest = {
+            name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+            for name in files
+        }
         (tmp / MANIFEST).write_text(json.dumps({"version": 1, "files": manifest}, indent=2))
         for name in [*files, MANIFEST]:
             _fsync_file(tmp / name)

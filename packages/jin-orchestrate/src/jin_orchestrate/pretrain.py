@@ -1,26 +1,324 @@
-"""``python -m jin_orchestrate.pretrain``: Jin's main job.
+"""``python -m jin_orchestrate.pretrain``: curriculum pretraining on Ray Train, tracked in MLflow.
 
-Pretraining composes the four leaf packages and lands with the pretraining issue. Until then this
-entry point says so plainly and exits with status 2 rather than pretending to train.
+The same command runs on a laptop (it starts a local Ray and a local MLflow store) and on a cluster
+(``ray job submit -- python -m jin_orchestrate.pretrain ...`` connects to the cluster's Ray; set
+``MLFLOW_TRACKING_URI`` to a tracking server there). With no ``--data`` it generates a small
+NumberWorld corpus once, into a cache, and trains on it.
+
+Stages (paper §4.2) run one after another as separate ``TorchTrainer.fit`` calls, each starting from
+the previous stage's final checkpoint; MLflow gets one parent run for the job and a nested run per
+stage. ``--resume`` continues an interrupted job in the same ``--output`` directory: finished stages
+are skipped and the unfinished one restarts from its latest complete checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-NOT_YET = (
-    "jin_orchestrate.pretrain: curriculum pretraining on Ray Train with MLflow tracking is not "
-    "implemented yet (see the README's 'Status' section). Nothing was trained."
-)
+__all__ = ["PretrainResult", "main", "run_pretraining"]
+
+RUNS_ROOT = Path("jin_runs")
+JOB_FILE = "job.json"
+
+
+@dataclass
+class PretrainResult:
+    """What a finished job produced."""
+
+    output: Path
+    checkpoint: Path
+    parent_run_id: str
+    stage_run_ids: list[str]
+    evaluation: dict[str, float]
+    wall_s: float
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jin_orchestrate.pretrain",
+        description="Curriculum pretraining of Jin on Ray Train with MLflow tracking.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--preset",
+        default="jin-tiny",
+        help="size preset (see `python -m jin_orchestrate.config list`)",
+    )
+    p.add_argument("--config", type=Path, help="YAML or JSON file merged over the preset")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.lr=3e-4 (repeatable; applied last)",
+    )
+    p.add_argument(
+        "--data",
+        help="fsspec URL of jin-data shards; default: generate NumberWorld once into the cache",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        help="Ray Train workers (default: train.num_workers of the config)",
+    )
+    p.add_argument(
+        "--output", type=Path, help="job directory (default: a new jin_runs/<timestamp>)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the job in --output (default: the newest job under jin_runs/) from its "
+        "latest checkpoint",
+    )
+    p.add_argument("--experiment", default="jin-pretrain", help="MLflow experiment name")
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster to join, e.g. 'auto' on a head node (default: $RAY_ADDRESS, which "
+        "`ray job submit` sets; else a new local Ray)",
+    )
+    return p
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    if args.output is not None:
+        out = args.output
+    elif args.resume:
+        jobs = sorted(p for p in RUNS_ROOT.glob("*") if (p / JOB_FILE).is_file())
+        if not jobs:
+            raise SystemExit(f"--resume: no job found under {RUNS_ROOT}/; pass --output DIR")
+        out = jobs[-1]
+    else:
+        out = RUNS_ROOT / time.strftime("%Y%m%d-%H%M%S")
+    if args.resume and not (out / JOB_FILE).is_file():
+        raise SystemExit(f"--resume: {out} holds no job ({out / JOB_FILE} is missing)")
+    if not args.resume and (out / JOB_FILE).exists():
+        raise SystemExit(
+            f"{out} already holds a job; pass --resume to continue it or another --output"
+        )
+    return out.resolve()
+
+
+def run_pretraining(
+    cfg: Any,
+    *,
+    output: Path,
+    data_url: str | None = None,
+    resume: bool = False,
+    experiment: str = "jin-pretrain",
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> PretrainResult:
+    """Run every curriculum stage on Ray Train and evaluate the result; returns what it made."""
+    import mlflow
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jin_orchestrate.checkpoint import latest_checkpoint
+    from jin_orchestrate.data import default_corpus, ray_train_dataset
+    from jin_orchestrate.evaluate import evaluate_checkpoint, format_summary
+    from jin_orchestrate.tracking import flatten_params, resolve_tracking
+    from jin_orchestrate.train import train_stage_worker
+
+    started = time.perf_counter()
+    output.mkdir(parents=True, exist_ok=True)
+    job_file = output / JOB_FILE
+    job: dict[str, Any] = json.loads(job_file.read_text()) if resume else {}
+    url = data_url or job.get("data_url") or default_corpus(cfg.data, progress=progress)
+    tracking = resolve_tracking(experiment)
+    client = tracking.client()
+
+    if not ray.is_initialized():
+        _init_ray(ray_address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = ray_train_dataset(url, cfg.data, split="train")
+
+    if "parent_run_id" in job:
+        parent_id = job["parent_run_id"]
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        parent = client.create_run(
+            tracking.experiment_id,
+            run_name=f"{cfg.preset}-{output.name}",
+            tags={"jin.output": str(output)},
+        )
+        parent_id = parent.info.run_id
+        for key, value in flatten_params(cfg.model_dump(mode="json")).items():
+            client.log_param(parent_id, key, value)
+        client.log_param(parent_id, "data.resolved_url", url)
+        client.log_dict(parent_id, cfg.model_dump(mode="json"), "config.json")
+    job.update(parent_run_id=parent_id, data_url=url, config=cfg.model_dump(mode="json"))
+    job.setdefault("stages", {})
+    _write_json(job_file, job)
+
+    previous: str | None = None
+    stage_run_ids = []
+    for index, stage in enumerate(cfg.stages):
+        record = job["stages"].setdefault(stage.name, {})
+        if "run_id" not in record:
+            run = client.create_run(
+                tracking.experiment_id,
+                run_name=f"stage{index + 1}-{stage.name}",
+                tags={"mlflow.parentRunId": parent_id, "jin.stage": stage.name},
+            )
+            record["run_id"] = run.info.run_id
+            client.log_param(record["run_id"], "stage.index", index + 1)
+            for key, value in stage.model_dump(mode="json").items():
+                client.log_param(record["run_id"], f"stage.{key}", value)
+            _write_json(job_file, job)
+        stage_run_ids.append(record["run_id"])
+        if record.get("final_checkpoint"):
+            previous = record["final_checkpoint"]
+            print(f"[jin] stage {index + 1} {stage.name}: done earlier, skipping", flush=True)
+            continue
+        storage = output / "ray"
+        resume_ckpt = (
+            latest_checkpoint(storage / f"stage{index + 1}-{stage.name}") if resume else None
+        )
+        print(
+            f"[jin] stage {index + 1}/{len(cfg.stages)} {stage.name}: {stage.steps} steps "
+            f"(alpha={stage.alpha} beta={stage.beta} gamma={stage.gamma} zjepa={stage.zjepa})"
+            + (f", resuming from {resume_ckpt}" if resume_ckpt else ""),
+            flush=True,
+        )
+        trainer = TorchTrainer(
+            train_stage_worker,
+            train_loop_config={
+                "config": cfg.model_dump(mode="json"),
+                "stage_index": index,
+                "init_checkpoint": previous,
+                "resume_checkpoint": str(resume_ckpt) if resume_ckpt else None,
+                "mlflow": {"tracking_uri": tracking.tracking_uri, "run_id": record["run_id"]},
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.train.num_workers,
+                use_gpu=_use_gpu(cfg.train.use_gpu),
+                resources_per_worker={"CPU": 1},
+            ),
+            run_config=RunConfig(
+                name=f"stage{index + 1}-{stage.name}",
+                storage_path=str(storage),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            ),
+            datasets={"train": dataset},
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
+        previous = record["final_checkpoint"] = result.checkpoint.path
+        client.set_terminated(record["run_id"])
+        _write_json(job_file, job)
+
+    assert previous is not None
+    evaluation = evaluate_checkpoint(previous, url, cfg.data)
+    with mlflow.start_run(run_id=parent_id):
+        mlflow.log_metrics({k: v for k, v in evaluation.items() if isinstance(v, float)})
+        mlflow.log_text(format_summary(evaluation), "evaluation.md")
+        mlflow.log_artifacts(previous, "final_checkpoint")
+        _log_loss_curves(client, stage_run_ids, output)
+    job["final_checkpoint"] = previous
+    _write_json(job_file, job)
+    return PretrainResult(
+        output, Path(previous), parent_id, stage_run_ids, evaluation, time.perf_counter() - started
+    )
+
+
+def _init_ray(address: str | None) -> None:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``, set by ``ray job submit``), else start Ray here.
+
+    A Ray started here serves this machine alone, so it is kept on loopback; and ``"local"`` is
+    passed explicitly so a stale or unrelated cluster on the machine is never joined by accident.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is not None:
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Two logical CPUs beyond the cores: training workers take one CPU each, and on a laptop
+    # they would otherwise leave none for Ray Data's read/decode tasks, which then never run.
+    ray.init(
+        address="local",
+        num_cpus=(os.cpu_count() or 1) + 2,
+        include_dashboard=False,
+        configure_logging=False,
+    )
+
+
+def _use_gpu(requested: bool | None) -> bool:
+    import ray
+
+    if requested is not None:
+        return requested
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _log_loss_curves(client: Any, run_ids: list[str], output: Path) -> None:
+    """One PNG with the loss of every stage against the global step, as an MLflow artifact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run_id in run_ids:
+        history = client.get_metric_history(run_id, "loss")
+        if history:
+            name = client.get_run(run_id).info.run_name
+            ax.plot([m.step for m in history], [m.value for m in history], label=name)
+    ax.set(xlabel="global step", ylabel="total loss (Eq. 7)", title="Jin pretraining")
+    ax.legend()
+    path = output / "loss_curves.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    mlflow.log_artifact(str(path))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and report that pretraining is not available yet."""
-    parser = argparse.ArgumentParser(prog="python -m jin_orchestrate.pretrain", description=__doc__)
-    parser.parse_args(argv)
-    print(NOT_YET, file=sys.stderr)
-    return 2
+    """Parse flags, build the config, run the job and print the closing summary."""
+    from jin_orchestrate.config import load_config
+    from jin_orchestrate.evaluate import format_summary
+
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.preset, args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.num_workers is not None:
+        cfg.train.num_workers = args.num_workers
+    output = _output_dir(args)
+    result = run_pretraining(
+        cfg,
+        output=output,
+        data_url=args.data,
+        resume=args.resume,
+        experiment=args.experiment,
+        ray_address=args.ray_address,
+    )
+    print(format_summary(result.evaluation))
+    print(f"checkpoint     {result.checkpoint}")
+    print(f"mlflow run id  {result.parent_run_id} (stages: {', '.join(result.stage_run_ids)})")
+    print(f"wall time      {result.wall_s:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,319 @@
+"""``JinConfig``: the whole job's configuration, its size presets, and ``python -m ...config``.
+
+A config is layered: a preset (below), then a YAML/JSON file, then ``--set path.to.key=value``
+overrides; the result is validated by pydantic and every error names the key. A preset fixes few
+dials — width, depth, experts, context — and derives the rest (heads of 128 (64 below width 1024)
+channels, SwiGLU experts of hidden ``4·dim``, predictor at a third of the width), as nanochat does.
+
+Preset sizes and the tables they reproduce (total parameters, counted on the meta device by
+``python -m jin_orchestrate.config show PRESET``; the backbone holds almost all of them):
+
+=========  ======================  ====  ======  =======  =====  ========
+preset     table                   dim   layers  experts  top-k  context
+=========  ======================  ====  ======  =======  =====  ========
+jin-nano   paper Table 1: 1B       1152  6       8        2      32K
+jin-base   paper Table 1: 7B       1664  12      16       2      128K
+jin-large  paper Table 1: 70B      1920  24      64       2      128K
+jin-pro    ZIP-0408: 72B, 256K     2432  32      32       2      256K
+jin-max    ZIP-0408: 480B, 1M      2560  48      128      2      1M
+jin-tiny   the CPU demo            128   4       4        2      64
+jin-test   the smallest the tests  32    2       4        2      48
+=========  ======================  ====  ======  =======  =====  ========
+
+Every layer of the published presets is MoE (``moe_every=1``): the tables give one expert count
+for the whole model, and parameters at these sizes sit in the experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from jin_orchestrate._config import StrictConfig
+from jin_orchestrate.model import JinModelConfig
+from jin_orchestrate.overrides import apply_overrides, deep_merge, load_mapping
+
+__all__ = [
+    "PRESETS",
+    "DataConfig",
+    "JinConfig",
+    "StageConfig",
+    "TrainConfig",
+    "load_config",
+    "preset",
+]
+
+
+class StageConfig(StrictConfig):
+    """One curriculum stage (paper §4.2) and its loss weights (Eq. 7)."""
+
+    name: str
+    steps: int = Field(gt=0)
+    alpha: float = Field(1.0, ge=0.0, description="within-modality JEPA, Eq. 1")
+    beta: float = Field(0.0, ge=0.0, description="cross-modal JEPA, Eq. 5")
+    gamma: float = Field(0.0, ge=0.0, description="contrastive alignment, Eq. 6")
+    zjepa: float = Field(0.0, ge=0.0, description="z-JEPA cross-scale terms on images, Eq. 4")
+    lr: float | None = Field(None, gt=0.0, description="peak learning rate (train.lr if None)")
+
+    @model_validator(mode="after")
+    def _some_objective(self) -> StageConfig:
+        if self.alpha + self.beta + self.gamma + self.zjepa == 0:
+            raise ValueError(f"stage {self.name!r}: alpha, beta, gamma and zjepa are all 0")
+        return self
+
+
+class TrainConfig(StrictConfig):
+    """Optimisation and the Ray Train job around it."""
+
+    batch_size: int = Field(32, gt=0, description="global batch, split over workers")
+    lr: float = Field(1e-3, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    seed: int = 0
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    torch_threads: int | None = Field(1, gt=0, description="intra-op threads per worker")
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(5, gt=0)
+    max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
+    max_nonfinite_steps: int = Field(5, gt=0, description="non-finite losses in a row that stop")
+
+
+class DataConfig(StrictConfig):
+    """Where the shards come from; with no ``url``, NumberWorld is generated into the cache."""
+
+    url: str | None = None
+    samples: int = Field(2400, gt=0, description="NumberWorld samples generated when url is None")
+    seed: int = 0
+    cache_dir: str = "~/.cache/jin"
+    on_error: Literal["raise", "skip"] = "raise"
+    modalities: tuple[str, ...] = ("text", "image", "audio", "points")
+    shuffle_buffer: int = Field(256, ge=0)
+
+
+class JinConfig(StrictConfig):
+    """Everything a pretraining job needs; written next to every checkpoint as JSON."""
+
+    preset: str = "custom"
+    model: JinModelConfig
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    stages: list[StageConfig]
+
+    @model_validator(mode="after")
+    def _check(self) -> JinConfig:
+        names = [s.name for s in self.stages]
+        if not names:
+            raise ValueError("stages: at least one stage is needed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must be unique, got {names}")
+        unknown = [m for m in self.data.modalities if m not in self.model.modalities]
+        if unknown:
+            raise ValueError(
+                f"data.modalities: {unknown} have no encoder in model (has {self.model.modalities})"
+            )
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+def _curriculum(steps: tuple[int, int, int]) -> list[dict[str, Any]]:
+    """Paper §4.2: within-modality JEPA, + cross-modal prediction, + z-JEPA and alignment."""
+    s1, s2, s3 = steps
+    return [
+        {"name": "within_modality", "steps": s1, "alpha": 1.0},
+        {"name": "cross_modal", "steps": s2, "alpha": 1.0, "beta": 1.0},
+        {"name": "multimodal", "steps": s3, "alpha": 1.0, "beta": 1.0, "gamma": 1.0, "zjepa": 0.5},
+    ]
+
+
+def _model(
+    dim: int,
+    depth: int,
+    experts: int,
+    context: int,
+    *,
+    top_k: int = 2,
+    moe_every: int = 1,
+    image: tuple[int, int, int] = (14, 3, 16),
+    point_groups: int = 64,
+) -> dict[str, Any]:
+    """Model dials -> a full model config; everything not named here is derived."""
+    head_dim = 128 if dim >= 1024 else max(8, dim // 4)
+    # I-JEPA's predictor is narrower than the encoder (384 for ViT-H's 1280): about half here.
+    predictor_dim = max(head_dim, dim // 2 // head_dim * head_dim)
+    patch, channels, grid = image
+    return {
+        "dim": dim,
+        "space": {
+            "dim": dim,
+            "text": {"max_len": context},
+            "image": {"patch_size": patch, "in_channels": channels, "pos_grid": grid},
+            "audio": {},
+            "points": {"num_groups": point_groups, "group_size": 16, "hidden": max(64, dim // 2)},
+        },
+        "backbone": {
+            "dim": dim,
+            "depth": depth,
+            "num_heads": dim // head_dim,
+            "num_experts": experts,
+            "top_k": top_k,
+            "moe_every": moe_every,
+        },
+        "predictor": {
+            "predictor_dim": predictor_dim,
+            "depth": max(2, depth // 2),
+            "num_heads": predictor_dim // head_dim,
+        },
+    }
+
+
+def _published(dim: int, depth: int, experts: int, context: int) -> dict[str, Any]:
+    return {
+        "model": _model(dim, depth, experts, context),
+        "stages": _curriculum((1000, 1000, 1000)),
+    }
+
+
+def jin_nano() -> dict[str, Any]:
+    return _published(1152, 6, 8, 32_768)
+
+
+def jin_base() -> dict[str, Any]:
+    return _published(1664, 12, 16, 131_072)
+
+
+def jin_large() -> dict[str, Any]:
+    return _published(1920, 24, 64, 131_072)
+
+
+def jin_pro() -> dict[str, Any]:
+    return _published(2432, 32, 32, 262_144)
+
+
+def jin_max() -> dict[str, Any]:
+    return _published(2560, 48, 128, 1_048_576)
+
+
+def jin_tiny() -> dict[str, Any]:
+    """The CPU demo: NumberWorld's 64x64 grayscale images in 8x8 patches, 4 experts."""
+    model = _model(128, 4, 4, 64, moe_every=2, image=(8, 1, 8), point_groups=32)
+    # Two zoom levels (whole image, half-side crop): the levels are encoded on every step, and a
+    # 64-pixel canvas has little detail left to find below a half-side crop.
+    model["zjepa"] = {"num_z_levels": 2, "zoom_factors": (1.0, 0.5)}
+    return {
+        "model": model,
+        "train": {"batch_size": 32, "lr": 2e-3, "num_workers": 2},
+        "stages": _curriculum((50, 50, 200)),
+    }
+
+
+def jin_test() -> dict[str, Any]:
+    """The smallest config the tests need: seconds per step on one core."""
+    return {
+        "model": _model(32, 2, 4, 48, moe_every=2, image=(16, 1, 4), point_groups=8),
+        "train": {
+            "batch_size": 8,
+            "num_workers": 1,
+            "warmup_steps": 1,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        },
+        "data": {"samples": 200},
+        "stages": _curriculum((2, 2, 2)),
+    }
+
+
+PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    "jin-nano": jin_nano,
+    "jin-base": jin_base,
+    "jin-large": jin_large,
+    "jin-pro": jin_pro,
+    "jin-max": jin_max,
+    "jin-tiny": jin_tiny,
+    "jin-test": jin_test,
+}
+
+# Parameter counts the presets reproduce (paper Table 1; ZIP-0408's model-scale table).
+PUBLISHED_PARAMETERS = {
+    "jin-nano": 1e9,
+    "jin-base": 7e9,
+    "jin-large": 70e9,
+    "jin-pro": 72e9,
+    "jin-max": 480e9,
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The raw mapping of a preset (before file and overrides)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return {"preset": name, **PRESETS[name]()}
+
+
+def load_config(
+    preset_name: str = "jin-tiny",
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> JinConfig:
+    """Preset -> file -> ``--set`` overrides -> validated :class:`JinConfig`."""
+    data = preset(preset_name)
+    if path is not None:
+        data = deep_merge(data, load_mapping(path))
+    stages = data.get("stages")
+    if isinstance(stages, list):  # let --set stages.0.steps=5 address list items by index
+        data["stages"] = {str(i): s for i, s in enumerate(stages)}
+    data = apply_overrides(data, overrides)
+    if isinstance(data.get("stages"), dict):
+        items = data["stages"]
+        bad = [k for k in items if not str(k).isdigit() or int(k) >= len(stages or [])]
+        if bad:
+            raise ValueError(f"stages: no stage with index {bad}; there are {len(stages or [])}")
+        data["stages"] = [items[str(i)] for i in range(len(items))]
+    return JinConfig.model_validate(data)
+
+
+def _show(name: str) -> str:
+    from jin_orchestrate.model import count_parameters
+
+    cfg = load_config(name)
+    counts = count_parameters(cfg.model)
+    lines = [json.dumps(cfg.model_dump(mode="json"), indent=2)]
+    lines.append(f"total parameters:            {counts.total:,}")
+    lines.append(f"active parameters per token: {counts.active:,}")
+    if name in PUBLISHED_PARAMETERS:
+        ratio = counts.total / PUBLISHED_PARAMETERS[name]
+        lines.append(
+            f"published size:              {PUBLISHED_PARAMETERS[name]:,.0f} (ours is {ratio:.3f}x)"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jin_orchestrate.config {list,show PRESET}``."""
+    parser = argparse.ArgumentParser(prog="python -m jin_orchestrate.config")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the presets")
+    show = sub.add_parser("show", help="print a preset's resolved config and parameter counts")
+    show.add_argument("preset", choices=sorted(PRESETS))
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        print("\n".join(sorted(PRESETS)))
+    else:
+        print(_show(args.preset))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The data side of a job: the default NumberWorld corpus, and jin-data's Ray Data path.
+
+With no ``--data`` URL a NumberWorld corpus is generated once into ``data.cache_dir`` (keyed by
+its size, seed and schema version), written under a temporary name and renamed when complete, so
+an interrupted generation never passes for a finished one.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jin_data import SCHEMA_VERSION, DataError, verify_dataset
+from jin_data.numberworld import generate_numberworld
+from jin_data.ray_data import ray_collate_fn, read_ray_dataset
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from jin_orchestrate.config import DataConfig
+
+__all__ = ["default_corpus", "ray_collate", "ray_train_dataset"]
+
+
+def default_corpus(cfg: DataConfig, *, progress: bool = True) -> str:
+    """Path of the cached NumberWorld corpus for ``cfg``, generating it first if needed."""
+    root = Path(cfg.cache_dir).expanduser()
+    final = root / f"numberworld-v{SCHEMA_VERSION}-n{cfg.samples}-seed{cfg.seed}"
+    if final.exists():
+        try:
+            verify_dataset(str(final))
+            return str(final)
+        except DataError as exc:
+            print(f"[jin] cached corpus {final} is damaged ({exc}); generating it again")
+            shutil.rmtree(final)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    print(f"[jin] generating NumberWorld ({cfg.samples} samples, seed {cfg.seed}) into {final}")
+    try:
+        generate_numberworld(
+            str(tmp), cfg.samples, cfg.seed, progress=progress, cache_dir=str(root / "speech")
+        )
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return str(final)
+
+
+def ray_train_dataset(url: str, cfg: DataConfig, split: str = "train") -> ray.data.Dataset:
+    """The shards at ``url`` as a decoded Ray Dataset of one split, randomly shuffled per epoch."""
+    dataset = read_ray_dataset(url, split=split, modalities=cfg.modalities, on_error=cfg.on_error)
+    return dataset.random_shuffle(seed=cfg.seed) if cfg.shuffle_buffer else dataset
+
+
+def ray_collate(cfg: DataConfig) -> Any:
+    """The ``collate_fn`` for ``iter_torch_batches`` giving docs/CONVENTIONS.md batches."""
+    return ray_collate_fn(cfg.modalities)

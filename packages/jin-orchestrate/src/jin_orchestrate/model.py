@@ -1,0 +1,429 @@
+"""JinModel: joint embedding space -> DiT-MoE backbone -> heads, trained with the z-JEPA objectives.
+
+# B batch, T tokens, D width, R retrieval width, L zoom levels, Nc/Nt context/target tokens
+
+The online *representation* of a modality is ``backbone(encoder(x) + modality_embedding)`` with no
+timestep (paper §3.1: encode, then process). One :class:`JinEncoder` holds both parts, so the EMA
+target network (I-JEPA's ``f_θ̄``) is a single frozen copy of exactly that path.
+
+Objectives per training step (paper §4.1, weighted by the stage as in Eq. 7):
+
+- ``alpha`` · within-modality JEPA (Eq. 1): for every modality, a context (I-JEPA multi-block mask
+  on the image grid, span masks on sequences) goes through the online path; the predictor places
+  mask tokens at the targets' positions (plus the modality's embedding) and regresses the EMA
+  target's layer-normed hidden states there.
+- ``beta`` · cross-modal JEPA (Eq. 5): the same targets of modality B predicted from modality A's
+  whole online sequence, for A, B in (text, x) and (x, text): captions are the hub that pairs
+  every modality, as images are in ImageBind.
+- ``gamma`` · alignment (Eq. 6): symmetric InfoNCE, with a learnable clamped temperature, between
+  the pooled, projected embeddings of every pair of modalities present.
+- ``zjepa`` · z-JEPA on images (§3.5, Eq. 4): a zoom pyramid (adaptive or random crops), Eq. 1 on
+  every level and the cross-scale predictions between neighbouring levels.
+- the MoE router's load-balancing and z-losses, as the backbone weights them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from jin_backbone import Backbone, BackboneConfig
+from jin_backbone import count_parameters as count_backbone
+from jin_encoders import (
+    CustomEncoderConfig,
+    CustomModalityEncoder,
+    EncoderOutput,
+    JointEmbeddingSpace,
+    JointEmbeddingSpaceConfig,
+)
+from jin_orchestrate._config import StrictConfig
+from jin_zjepa import (
+    AdaptiveZoom,
+    CrossScalePredictor,
+    EMAConfig,
+    EMATarget,
+    LogitScale,
+    MultiBlockMaskConfig,
+    MultiBlockMaskGenerator,
+    Predictor,
+    PredictorConfig,
+    SpanMaskConfig,
+    SpanMaskGenerator,
+    ZJEPAConfig,
+    cross_modal_jepa_loss,
+    gather_tokens,
+    info_nce,
+    random_roi_centers,
+    zjepa_loss,
+    zoom_boxes,
+    zoom_pyramid,
+)
+
+if TYPE_CHECKING:
+    from jin_orchestrate.config import StageConfig
+
+__all__ = ["JinEncoder", "JinModel", "JinModelConfig", "ParameterCounts", "count_parameters"]
+
+HUB = "text"
+
+
+class JinModelConfig(StrictConfig):
+    """The model: width ``dim`` is given once and inherited by every part that has one."""
+
+    dim: int = Field(gt=0)
+    space: JointEmbeddingSpaceConfig
+    backbone: BackboneConfig
+    predictor: PredictorConfig
+    zjepa: ZJEPAConfig = ZJEPAConfig(
+        num_z_levels=3, zoom_factors=(1.0, 0.5, 0.25), roi_max_scale_change=1.25
+    )
+    image_mask: MultiBlockMaskConfig = MultiBlockMaskConfig()
+    span_mask: SpanMaskConfig = SpanMaskConfig()
+    ema_momentum: tuple[float, float] = (0.996, 1.0)
+    extra_modalities: dict[str, CustomEncoderConfig] = Field(
+        default_factory=dict, description="modalities added at run time (add_modality), in order"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_dim(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "dim" in data:
+            data = dict(data)
+            for key, field in (("space", "dim"), ("backbone", "dim"), ("predictor", "embed_dim")):
+                sub = data.get(key)
+                if isinstance(sub, Mapping) and field not in sub:
+                    data[key] = {**sub, field: data["dim"]}
+            extra = data.get("extra_modalities")
+            if isinstance(extra, Mapping):
+                data["extra_modalities"] = {
+                    k: {**v, "dim": data["dim"]} if isinstance(v, Mapping) and "dim" not in v else v
+                    for k, v in extra.items()
+                }
+        return data
+
+    @model_validator(mode="after")
+    def _check_widths(self) -> JinModelConfig:
+        for key, width in (
+            ("space.dim", self.space.dim),
+            ("backbone.dim", self.backbone.dim),
+            ("predictor.embed_dim", self.predictor.embed_dim),
+            *((f"extra_modalities.{k}.dim", v.dim) for k, v in self.extra_modalities.items()),
+        ):
+            if width != self.dim:
+                raise ValueError(f"{key}: expected {self.dim} (model.dim), got {width}")
+        clash = [k for k in self.extra_modalities if k in self.builtin_modalities]
+        if clash:
+            raise ValueError(f"extra_modalities: {clash} are built-in modality names")
+        return self
+
+    @property
+    def builtin_modalities(self) -> list[str]:
+        names = ("text", "image", "audio", "points", "custom")
+        return [n for n in names if getattr(self.space, n) is not None]
+
+    @property
+    def modalities(self) -> list[str]:
+        return [*self.builtin_modalities, *self.extra_modalities]
+
+
+@dataclass(frozen=True)
+class Representation:
+    """One modality's online or target hidden states and its token bookkeeping."""
+
+    hidden: Tensor  # (B, T, D)
+    encoded: EncoderOutput
+    aux_loss: Tensor
+
+
+class JinEncoder(nn.Module):
+    """The representation path ``f_θ``: joint embedding space, then the backbone (no timestep)."""
+
+    def __init__(self, cfg: JinModelConfig) -> None:
+        super().__init__()
+        self.space = JointEmbeddingSpace(cfg.space)
+        for name, sub in cfg.extra_modalities.items():
+            self.space.add_modality(name, CustomModalityEncoder(sub))
+        self.backbone = Backbone(cfg.backbone)
+
+    def process(self, tokens_BTD: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        out = self.backbone(tokens_BTD, padding_mask=padding_mask)
+        return out.hidden, out.aux_loss
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Representation]:
+        """Every modality of a jin-data batch, encoded and processed alone."""
+        reps = {}
+        for name, enc in self.space.encode_batch(batch).items():
+            hidden, aux = self.process(enc.tokens, enc.padding_mask)
+            reps[name] = Representation(hidden, enc, aux)
+        return reps
+
+
+def _present(batch: Mapping[str, Any], name: str, like: Tensor) -> Tensor:
+    present = batch.get(f"{name}_present")
+    if present is None:
+        return torch.ones(like.shape[0], dtype=torch.bool, device=like.device)
+    return present.to(like.device)
+
+
+class JinModel(nn.Module):
+    """Jin for training (``forward`` returns loss terms) and for embedding (``embed``)."""
+
+    def __init__(self, cfg: JinModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = JinEncoder(cfg)
+        self.predictor = Predictor(cfg.predictor)
+        self.logit_scale = LogitScale()
+        z = cfg.zjepa
+        self.zoom = AdaptiveZoom(z, cfg.dim) if z.adaptive_zoom and z.num_z_levels > 1 else None
+        self.cross_scale = (
+            CrossScalePredictor(z, cfg.predictor) if z.num_z_levels > 1 and z.cross_scale else None
+        )
+        start, end = cfg.ema_momentum
+        ema = EMAConfig(momentum_start=start, momentum_end=end, total_steps=1)
+        self.target = EMATarget(self.encoder, ema)
+        self.image_masks = MultiBlockMaskGenerator(cfg.image_mask)
+        self.span_masks = SpanMaskGenerator(cfg.span_mask)
+
+    @property
+    def space(self) -> JointEmbeddingSpace:
+        return self.encoder.space
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.space.modalities
+
+    # -- embedding ---------------------------------------------------------------------------
+
+    def embed(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """L2-normalised retrieval embeddings ``(B, R)`` of every modality in a jin-data batch."""
+        return {
+            name: self.space.project(name, rep.hidden, rep.encoded.padding_mask)
+            for name, rep in self.encoder(batch).items()
+        }
+
+    # -- training ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def update_target(self, step: int, total_steps: int) -> float:
+        """EMA update after optimiser step ``step`` of ``total_steps`` (momentum schedule)."""
+        if self.target.config.total_steps != total_steps:
+            self.target.config = self.target.config.model_copy(update={"total_steps": total_steps})
+        return self.target.update(self.encoder, step)
+
+    def _masks(
+        self, name: str, enc: EncoderOutput, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """Context and target indices (and padding masks) for one modality's tokens."""
+        b, t = enc.tokens.shape[:2]
+        if enc.grid is not None and enc.padding_mask is None:
+            m = self.image_masks(b, enc.grid, generator=generator)
+        else:
+            lengths = enc.valid_mask.sum(dim=1).clamp(min=1)
+            m = self.span_masks(lengths.cpu(), t, generator=generator)
+        dev = enc.tokens.device
+        to = lambda x: None if x is None else x.to(dev)  # noqa: E731
+        return (
+            to(m.context_idx),
+            to(m.context_padding_mask),
+            to(m.target_idx),
+            to(m.target_padding_mask),
+        )
+
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        *,
+        stage: StageConfig,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Loss terms of one step; ``loss`` is their Eq. 7 sum with the stage's weights."""
+        encoded = self.space.encode_batch(batch)
+        if not encoded:
+            raise ValueError(
+                f"batch has none of the model's modalities {self.modalities}; keys: {sorted(batch)}"
+            )
+        with torch.no_grad():
+            targets = {n: r.hidden for n, r in self.target(batch).items()}
+        zero = next(iter(encoded.values())).tokens.new_zeros(())
+        out: dict[str, Tensor] = {}
+        aux_terms: list[Tensor] = []
+        present = {n: _present(batch, n, e.tokens) for n, e in encoded.items()}
+        masks = {n: self._masks(n, e, generator) for n, e in encoded.items()}
+
+        # Eq. 1, per modality, from its own context.
+        jepa_terms = []
+        if stage.alpha > 0:
+            for name, enc in encoded.items():
+                ctx_idx, ctx_pad, tgt_idx, tgt_pad = masks[name]
+                ctx = gather_tokens(enc.tokens, ctx_idx)
+                hidden, aux = self.encoder.process(ctx, ctx_pad)
+                aux_terms.append(aux)
+                pred = self.predictor(
+                    hidden,
+                    ctx_pad,
+                    gather_tokens(enc.pos, tgt_idx) + self._row(name),
+                    tgt_pad,
+                    context_pos=gather_tokens(enc.pos, ctx_idx),
+                )
+                loss, _ = cross_modal_jepa_loss(
+                    pred, gather_tokens(targets[name], tgt_idx), tgt_pad, present[name]
+                )
+                out[f"jepa/{name}"] = loss.detach()
+                jepa_terms.append(loss)
+        out["jepa"] = torch.stack(jepa_terms).mean() if jepa_terms else zero
+
+        full: dict[str, Tensor] = {}
+        if stage.beta > 0 or stage.gamma > 0 or stage.zjepa > 0:
+            for name, enc in encoded.items():
+                full[name], aux = self.encoder.process(enc.tokens, enc.padding_mask)
+                aux_terms.append(aux)
+
+        # Eq. 5: modality B's targets from modality A's whole sequence, through the text hub.
+        cross_terms = []
+        if stage.beta > 0 and HUB in encoded:
+            for a, b in self._hub_pairs(encoded):
+                _, _, tgt_idx, tgt_pad = masks[b]
+                pred = self.predictor(
+                    full[a],
+                    encoded[a].padding_mask,
+                    gather_tokens(encoded[b].pos, tgt_idx) + self._row(b),
+                    tgt_pad,
+                    context_pos=encoded[a].pos,
+                )
+                loss, _ = cross_modal_jepa_loss(
+                    pred, gather_tokens(targets[b], tgt_idx), tgt_pad, present[a] & present[b]
+                )
+                out[f"cross_modal/{a}_to_{b}"] = loss.detach()
+                cross_terms.append(loss)
+        out["cross_modal"] = torch.stack(cross_terms).mean() if cross_terms else zero
+
+        # Eq. 6: symmetric InfoNCE between every pair of modalities present.
+        align_terms = []
+        if stage.gamma > 0:
+            z = {n: self.space.project(n, full[n], encoded[n].padding_mask) for n in encoded}
+            scale = self.logit_scale()
+            for a, b in itertools.combinations(sorted(z), 2):
+                loss, _ = info_nce(z[a], z[b], scale, present[a] & present[b])
+                out[f"align/{a}-{b}"] = loss.detach()
+                align_terms.append(loss)
+            out["logit_scale"] = scale.detach()
+        out["align"] = torch.stack(align_terms).mean() if align_terms else zero
+
+        # Eq. 4 and Eq. 1 on the levels of the zoom pyramid (images only).
+        out["zjepa"] = zero
+        if stage.zjepa > 0 and "image" in encoded and self.cfg.zjepa.num_z_levels > 1:
+            out["zjepa"], z_aux = self._zjepa(batch, full["image"], generator, out)
+            aux_terms.append(z_aux)
+
+        out["router_aux"] = torch.stack(aux_terms).mean() if aux_terms else zero
+        out["loss"] = (
+            stage.alpha * out["jepa"]
+            + stage.beta * out["cross_modal"]
+            + stage.gamma * out["align"]
+            + stage.zjepa * out["zjepa"]
+            + out["router_aux"]
+        )
+        out["tokens"] = torch.tensor(sum(int(e.valid_mask.sum()) for e in encoded.values()))
+        return out
+
+    def _row(self, name: str) -> Tensor:
+        return self.space.modality_embed[self.space.modality_ids[name]]
+
+    @staticmethod
+    def _hub_pairs(encoded: Mapping[str, EncoderOutput]) -> list[tuple[str, str]]:
+        others = [n for n in encoded if n != HUB]
+        return [(HUB, n) for n in others] + [(n, HUB) for n in others]
+
+    def _images(self, batch: Mapping[str, Any]) -> Tensor:
+        """The batch's images as normalised float ``(B, C, H, W)``, as the encoder sees them."""
+        vision = self.space.encoders["image"]
+        mean, std = vision.config.channel_stats()
+        x = batch["image"].float() / 255.0
+        m = torch.tensor(mean, device=x.device)[:, None, None]
+        s = torch.tensor(std, device=x.device)[:, None, None]
+        return (x - m) / s
+
+    def _zjepa(
+        self,
+        batch: Mapping[str, Any],
+        image_hidden: Tensor,
+        generator: torch.Generator | None,
+        out: dict[str, Tensor],
+    ) -> tuple[Tensor, Tensor]:
+        z = self.cfg.zjepa
+        images = self._images(batch)
+        b = images.shape[0]
+        if self.zoom is not None:
+            zoomed = self.zoom(images, global_features=image_hidden)
+            crops, boxes = zoomed.crops, zoomed.boxes
+        else:
+            centers = random_roi_centers(b, generator).to(images.device)
+            boxes = zoom_boxes(centers, z.zoom_factors)
+            crops = zoom_pyramid(images, boxes)
+        levels = crops.shape[1]
+        flat = crops.flatten(0, 1)  # (B*L, C, H, W)
+        enc = self.space.encode({"image": flat})["image"]
+        with torch.no_grad():
+            t_enc = self.target.module.space.encode({"image": flat})["image"]
+            t_hidden, _ = self.target.module.process(t_enc.tokens, None)
+        online, aux = self.encoder.process(enc.tokens, None)
+        # Eq. 1 on every level (masked context -> targets), then Eq. 4 between levels.
+        ctx_idx, ctx_pad, tgt_idx, tgt_pad = self._masks("image", enc, generator)
+        ctx_hidden, aux_ctx = self.encoder.process(gather_tokens(enc.tokens, ctx_idx), ctx_pad)
+        pred = self.predictor(
+            ctx_hidden,
+            ctx_pad,
+            gather_tokens(enc.pos, tgt_idx) + self._row("image"),
+            tgt_pad,
+            context_pos=gather_tokens(enc.pos, ctx_idx),
+        )
+        err = _per_sample_mse(pred, gather_tokens(t_hidden, tgt_idx), tgt_pad).view(b, levels)
+        level_losses = list(err.mean(dim=0).unbind())
+        cross = None
+        if self.cross_scale is not None:
+            t = t_hidden.shape[1]
+            cross, metrics = self.cross_scale(
+                online.view(b, levels, t, -1), t_hidden.view(b, levels, t, -1), boxes, enc.grid
+            )
+            out["zjepa/cross_scale"] = metrics["cross_scale/loss"]
+        loss, _ = zjepa_loss(level_losses, cross)
+        for i, level in enumerate(level_losses):
+            out[f"zjepa/level{i}"] = level.detach()
+        return loss, (aux + aux_ctx) / 2
+
+
+def _per_sample_mse(pred: Tensor, target: Tensor, padding_mask: Tensor | None) -> Tensor:
+    """Eq. 1's error per sample ``(B,)``, with I-JEPA's layer-normed targets."""
+    target = F.layer_norm(target.detach(), (target.shape[-1],))
+    err = (pred - target).pow(2).mean(dim=-1)
+    keep = torch.ones_like(err) if padding_mask is None else (~padding_mask).to(err.dtype)
+    return (err * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameters of the model without its EMA copy: all of them, and those active per token."""
+
+    total: int
+    active: int
+
+
+def count_parameters(cfg: JinModelConfig) -> ParameterCounts:
+    """Count on the meta device (nothing is allocated, so the 480B preset counts in a second).
+
+    Active per token: everything but the experts a token is not routed to (``E - k`` of ``E`` in
+    every MoE layer), as the backbone counts them. The EMA target copy is excluded.
+    """
+    with torch.device("meta"):
+        model = JinModel(cfg)
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("target."))
+    backbone = count_backbone(model.encoder.backbone)
+    return ParameterCounts(total=total, active=total - backbone.total + backbone.active)

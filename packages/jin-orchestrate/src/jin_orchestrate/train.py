@@ -1,0 +1,270 @@
+"""The per-worker training loop of one curriculum stage, run by Ray Train's ``TorchTrainer``.
+
+Everything Ray-specific is confined to :func:`train_stage_worker`; the step itself
+(:class:`StageTrainer`) is plain PyTorch so tests can drive it without Ray.
+
+Resumption order at worker start (paper §4.2: "each stage starts from the previous stage's
+checkpoint"): Ray's own checkpoint after a worker failure, else the latest checkpoint of this stage
+on disk (``--resume``), else the previous stage's final weights, else a fresh model.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jin_orchestrate.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from jin_orchestrate.config import JinConfig, StageConfig
+from jin_orchestrate.model import JinModel
+
+__all__ = ["NonFiniteLossError", "StageTrainer", "lr_at", "train_stage_worker"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps produced a non-finite loss; the job stops."""
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio * base_lr``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class StepResult:
+    """What one optimiser step reports (``skipped`` when the loss was not finite)."""
+
+    metrics: dict[str, float]
+    skipped: bool
+    tokens: int
+
+
+@dataclass
+class StageTrainer:
+    """One stage's optimisation state: model (maybe DDP-wrapped), optimiser and counters."""
+
+    cfg: JinConfig
+    stage: StageConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    total_steps: int = 1
+    step: int = 0
+    global_step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+    data_errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def core(self) -> JinModel:
+        return getattr(self.model, "module", self.model)
+
+    @classmethod
+    def create(
+        cls, cfg: JinConfig, stage: StageConfig, model: torch.nn.Module, seed: int = 0
+    ) -> StageTrainer:
+        """AdamW, no weight decay on 1-D parameters (norms, biases, modality rows); seeded masks."""
+        core = getattr(model, "module", model)
+        decay, no_decay = [], []
+        for name, p in core.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or name.endswith("bias") else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=stage.lr or cfg.train.lr,
+            betas=(0.9, 0.95),
+        )
+        generator = torch.Generator().manual_seed(seed)
+        return cls(cfg, stage, model, optimizer, generator, total_steps=cfg.total_steps)
+
+    def train_step(self, batch: dict[str, Any]) -> StepResult:
+        """Forward, backward, clip, step, EMA update; a non-finite loss skips the update."""
+        t = self.cfg.train
+        lr = lr_at(
+            self.step, self.stage.steps, self.stage.lr or t.lr, t.warmup_steps, t.min_lr_ratio
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        losses = self.model(batch, stage=self.stage, generator=self.generator)
+        loss = losses["loss"]
+        tokens = int(losses.get("tokens", torch.tensor(0)).item())
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.nonfinite_total += 1
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= t.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"stage {self.stage.name!r}: loss was non-finite for {self.nonfinite_in_row} "
+                    f"steps in a row (at step {self.step}); stopping with the last good "
+                    "checkpoint intact. Lower train.lr or check the data."
+                )
+            return StepResult({"nonfinite_steps": float(self.nonfinite_total)}, True, tokens)
+        self.nonfinite_in_row = 0
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_total += 1
+            return StepResult({"nonfinite_steps": float(self.nonfinite_total)}, True, tokens)
+        self.optimizer.step()
+        self.step += 1
+        self.global_step += 1
+        self.core.update_target(self.global_step, self.total_steps)
+        metrics = {k: float(v.detach()) for k, v in losses.items() if k != "tokens"}
+        metrics.update(
+            lr=lr, grad_norm=float(grad_norm), nonfinite_steps=float(self.nonfinite_total)
+        )
+        return StepResult(metrics, False, tokens)
+
+    def state(self, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
+        return {
+            "stage": self.stage.name,
+            "stage_step": self.step,
+            "stage_steps": self.stage.steps,
+            "global_step": self.global_step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "nonfinite_total": self.nonfinite_total,
+            "data_errors": self.data_errors,
+        }
+
+    def save(self, directory: Path, epoch: int, batch_in_epoch: int) -> Path:
+        return save_checkpoint(
+            directory,
+            self.core,
+            config=self.cfg.model_dump(mode="json"),
+            state=self.state(epoch, batch_in_epoch),
+            optimizer=self.optimizer,
+            rng={"mask_generator": self.generator.get_state()},
+        )
+
+    def restore(self, path: str | os.PathLike[str], *, same_stage: bool) -> tuple[int, int]:
+        """Load weights (and, for the same stage, optimiser, counters and RNG)."""
+        loaded = load_checkpoint(path, self.core, load_optimizer=same_stage)
+        self.global_step = int(loaded.state.get("global_step", 0))
+        if not same_stage:
+            return 0, 0
+        if loaded.optimizer_state is not None:
+            self.optimizer.load_state_dict(loaded.optimizer_state)
+        restore_rng(loaded.rng)
+        if "mask_generator" in loaded.rng:
+            self.generator.set_state(loaded.rng["mask_generator"])
+        self.step = int(loaded.state["stage_step"])
+        self.nonfinite_total = int(loaded.state.get("nonfinite_total", 0))
+        return int(loaded.state.get("epoch", 0)), int(loaded.state.get("batch_in_epoch", 0))
+
+
+def _progress_line(stage: StageConfig, step: int, metrics: dict[str, float]) -> str:
+    shown = " ".join(
+        f"{k}={metrics[k]:.4g}"
+        for k in ("loss", "jepa", "cross_modal", "align", "zjepa")
+        if k in metrics
+    )
+    return (
+        f"[jin] {stage.name} step {step}/{stage.steps} {shown} "
+        f"lr={metrics['lr']:.2e} tok/s={metrics.get('tokens_per_s', 0):.0f}"
+    )
+
+
+def _batches(
+    epochs: Iterable[int], make_epoch: Any, skip_first: int
+) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    for epoch in epochs:
+        for i, batch in enumerate(make_epoch(epoch)):
+            if skip_first and i < skip_first:
+                continue
+            yield epoch, i + 1, batch
+        skip_first = 0
+
+
+def train_stage_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker entry point for one stage (see module docstring for resumption)."""
+    import mlflow
+    import ray.train
+    import ray.train.torch
+
+    from jin_orchestrate.data import ray_collate
+
+    cfg = JinConfig.model_validate(loop_config["config"])
+    stage = cfg.stages[loop_config["stage_index"]]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    stage_seed = cfg.train.seed + 1000 * loop_config["stage_index"]
+    torch.manual_seed(stage_seed)  # identical weights, and so identical EMA targets, on every rank
+    model = JinModel(cfg.model)
+    torch.manual_seed(stage_seed + rank)
+    trainer = StageTrainer.create(cfg, stage, model, seed=stage_seed + 7919 * (rank + 1))
+    start_epoch, skip = 0, 0
+    ray_ckpt = ray.train.get_checkpoint()
+    if ray_ckpt is not None:
+        with ray_ckpt.as_directory() as d:
+            start_epoch, skip = trainer.restore(d, same_stage=True)
+    elif loop_config.get("resume_checkpoint"):
+        start_epoch, skip = trainer.restore(loop_config["resume_checkpoint"], same_stage=True)
+    elif loop_config.get("init_checkpoint"):
+        trainer.restore(loop_config["init_checkpoint"], same_stage=False)
+    trainer.model = ray.train.torch.prepare_model(
+        trainer.model, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+
+    shard = ray.train.get_dataset_shard("train")
+    per_worker_batch = max(1, cfg.train.batch_size // ctx.get_world_size())
+
+    def make_epoch(epoch: int) -> Iterable[dict[str, Any]]:
+        return shard.iter_torch_batches(
+            batch_size=per_worker_batch, collate_fn=ray_collate(cfg.data), drop_last=True
+        )
+
+    run = None
+    if rank == 0 and loop_config.get("mlflow"):
+        mlflow.set_tracking_uri(loop_config["mlflow"]["tracking_uri"])
+        run = mlflow.start_run(run_id=loop_config["mlflow"]["run_id"])
+
+    window_tokens, window_start = 0, time.perf_counter()
+    last_metrics: dict[str, float] = {}
+    epoch = batch_in_epoch = 0
+    try:
+        for epoch, batch_in_epoch, batch in _batches(range(start_epoch, 10**9), make_epoch, skip):
+            if trainer.step >= stage.steps:
+                break
+            result = trainer.train_step(batch)
+            window_tokens += result.tokens
+            if result.skipped:
+                continue
+            last_metrics = result.metrics
+            step = trainer.step
+            if step % cfg.train.log_every == 0 or step == stage.steps:
+                elapsed = time.perf_counter() - window_start
+                last_metrics["tokens_per_s"] = window_tokens * ctx.get_world_size() / elapsed
+                window_tokens, window_start = 0, time.perf_counter()
+                if run is not None:
+                    mlflow.log_metrics(last_metrics, step=trainer.global_step)
+                if rank == 0:
+                    print(_progress_line(stage, step, last_metrics), flush=True)
+            if step % cfg.train.checkpoint_every == 0 or step == stage.steps:
+                report = {"stage_step": step, "global_step": trainer.global_step, **last_metrics}
+                with tempfile.TemporaryDirectory() as tmp:
+                    checkpoint = None
+                    if rank == 0:  # DDP keeps replicas identical: one writer is enough
+                        ckpt_dir = trainer.save(Path(tmp) / "ckpt", epoch, batch_in_epoch)
+                        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+                    ray.train.report(report, checkpoint=checkpoint)
+    finally:
+        if run is not None:
+            mlflow.end_run()

@@ -1,0 +1,40 @@
+"""Fixtures: a tiny NumberWorld corpus and batches from it, generated once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def corpus_url(tmp_path_factory) -> str:
+    """96 NumberWorld samples (seed 0) on local disk."""
+    from jin_data.numberworld import generate_numberworld
+
+    root = tmp_path_factory.mktemp("numberworld")
+    url = str(root / "nw")
+    generate_numberworld(url, 96, 0, progress=False, cache_dir=str(root / "speech"))
+    return url
+
+
+@pytest.fixture(scope="session")
+def batch(corpus_url) -> dict:
+    """One batch of 8 training samples with every built-in modality but custom."""
+    from jin_data import ShardDataset
+
+    data = ShardDataset(
+        corpus_url,
+        batch_size=8,
+        shuffle=False,
+        split="train",
+        modalities=["text", "image", "audio", "points"],
+    )
+    return next(iter(data))
+
+
+@pytest.fixture
+def test_config():
+    from jin_orchestrate.config import load_config
+
+    torch.manual_seed(0)
+    return load_config("jin-test")

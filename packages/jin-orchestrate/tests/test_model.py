@@ -1,0 +1,80 @@
+"""JinModel on real NumberWorld batches: every objective, embeddings, EMA, extension."""
+
+import pytest
+import torch
+
+from jin_orchestrate.model import JinModel
+
+
+@pytest.fixture
+def model(test_config):
+    torch.manual_seed(0)
+    return JinModel(test_config.model)
+
+
+def test_each_stage_gives_finite_weighted_losses(model, test_config, batch):
+    g = torch.Generator().manual_seed(0)
+    terms = {}
+    for stage in test_config.stages:
+        out = model(batch, stage=stage, generator=g)
+        assert torch.isfinite(out["loss"])
+        expected = (
+            stage.alpha * out["jepa"]
+            + stage.beta * out["cross_modal"]
+            + stage.gamma * out["align"]
+            + stage.zjepa * out["zjepa"]
+            + out["router_aux"]
+        )
+        torch.testing.assert_close(out["loss"], expected)
+        terms[stage.name] = out
+    assert terms["within_modality"]["cross_modal"] == 0
+    assert terms["cross_modal"]["cross_modal"] > 0
+    assert terms["multimodal"]["align"] > 0
+    assert terms["multimodal"]["zjepa"] > 0
+    assert {"jepa/text", "jepa/image", "jepa/audio", "jepa/points"} <= set(terms["multimodal"])
+    assert int(terms["multimodal"]["tokens"]) > 0
+
+
+def test_gradients_reach_online_parts_and_never_the_target(model, test_config, batch):
+    out = model(batch, stage=test_config.stages[2], generator=torch.Generator().manual_seed(1))
+    out["loss"].backward()
+    for name, p in model.named_parameters():
+        if name.startswith("target."):
+            assert not p.requires_grad and p.grad is None, name
+    for part in (
+        "encoder.space.encoders.image",
+        "encoder.space.encoders.audio",
+        "predictor",
+        "encoder.space.projections.text",
+        "logit_scale",
+        "zoom.roi_network",
+    ):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(part)]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), part
+
+
+def test_embed_is_normalised_and_independent_of_batch_companions(model, batch):
+    model.eval()
+    with torch.no_grad():
+        full = model.embed(batch)
+        half = model.embed({k: v[:4] for k, v in batch.items()})
+    for name, emb in full.items():
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(emb)))
+        torch.testing.assert_close(half[name], emb[:4], atol=1e-5, rtol=1e-5)
+
+
+def test_ema_update_moves_target_towards_online(model):
+    online = dict(model.encoder.named_parameters())
+    target = dict(model.target.module.named_parameters())
+    name = "backbone.blocks.0.attn.qkv.weight"
+    with torch.no_grad():
+        online[name].add_(1.0)
+    before = target[name].clone()
+    m = model.update_target(step=0, total_steps=10)
+    assert m == pytest.approx(0.996)
+    torch.testing.assert_close(target[name], m * before + (1 - m) * online[name])
+
+
+def test_batch_without_known_modality_is_rejected(model, test_config):
+    with pytest.raises(ValueError, match="none of the model's modalities"):
+        model({"label": torch.zeros(2)}, stage=test_config.stages[0])

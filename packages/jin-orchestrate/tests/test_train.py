@@ -1,0 +1,81 @@
+"""The stage trainer without Ray: learning, non-finite losses, exact resumption."""
+
+import math
+
+import pytest
+import torch
+
+from jin_orchestrate.model import JinModel
+from jin_orchestrate.train import NonFiniteLossError, StageTrainer, lr_at
+
+
+def _trainer(cfg, stage_index=2, seed=0):
+    torch.manual_seed(0)
+    return StageTrainer.create(cfg, cfg.stages[stage_index], JinModel(cfg.model), seed=seed)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    assert lr_at(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert lr_at(55, 100, 1.0, 10, 0.1) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))
+    )
+
+
+def test_steps_on_one_batch_lower_the_alignment_loss(test_config, batch):
+    cfg = test_config.model_copy(
+        update={
+            "stages": [
+                test_config.stages[2].model_copy(
+                    update={"steps": 30, "alpha": 0.0, "beta": 0.0, "zjepa": 0.0}
+                )
+            ]
+        }
+    )
+    trainer = _trainer(cfg, stage_index=0)
+    first = trainer.train_step(batch).metrics["align"]
+    for _ in range(29):
+        last = trainer.train_step(batch).metrics["align"]
+    assert last < 0.5 * first, (first, last)
+
+
+def test_non_finite_loss_is_skipped_counted_then_stops(test_config, batch, monkeypatch):
+    trainer = _trainer(test_config)
+    before = {n: p.clone() for n, p in trainer.core.named_parameters()}
+    forward = type(trainer.core).forward
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(type(trainer.core), "forward", poisoned)
+    for i in range(test_config.train.max_nonfinite_steps - 1):
+        result = trainer.train_step(batch)
+        assert result.skipped
+        assert trainer.nonfinite_total == i + 1
+    for name, p in trainer.core.named_parameters():
+        assert torch.equal(p, before[name]), f"{name} changed on a skipped step"
+    with pytest.raises(NonFiniteLossError, match="non-finite for 5 steps in a row"):
+        trainer.train_step(batch)
+
+
+def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(test_config, batch, tmp_path):
+    straight = _trainer(test_config)
+    for _ in range(4):
+        straight.train_step(batch)
+
+    first = _trainer(test_config)
+    for _ in range(2):
+        first.train_step(batch)
+    path = first.save(tmp_path / "ckpt", epoch=0, batch_in_epoch=2)
+    resumed = _trainer(test_config, seed=123)  # a different seed: the checkpoint must win
+    assert resumed.restore(path, same_stage=True) == (0, 2)
+    assert resumed.step == 2
+    for _ in range(2):
+        resumed.train_step(batch)
+    for (name, a), (_, b) in zip(
+        straight.core.state_dict().items(), resumed.core.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
