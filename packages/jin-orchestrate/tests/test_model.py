@@ -78,3 +78,23 @@ def test_ema_update_moves_target_towards_online(model):
 def test_batch_without_known_modality_is_rejected(model, test_config):
     with pytest.raises(ValueError, match="none of the model's modalities"):
         model({"label": torch.zeros(2)}, stage=test_config.stages[0])
+
+
+def test_add_modality_keeps_existing_embeddings_and_extends_the_target(model, batch):
+    from jin_encoders import CustomEncoderConfig, CustomModalityEncoder
+
+    model.eval()
+    with torch.no_grad():
+        before = model.embed(batch)
+    new_id = model.add_modality(
+        "sensor", CustomModalityEncoder(CustomEncoderConfig(dim=32, input_dim=14))
+    )
+    assert new_id == len(model.modalities) - 1
+    assert model.cfg.extra_modalities["sensor"].input_dim == 14
+    assert model.target.module.space.modalities == model.space.modalities
+    with torch.no_grad():
+        after = model.embed({**batch, "sensor": torch.randn(8, 14)})
+    for name, emb in before.items():
+        assert torch.equal(after[name], emb), name
+    assert after["sensor"].shape == (8, 32)
+    model.update_target(step=1, total_steps=10)  # parameter names of online and target match

@@ -215,7 +215,7 @@ def jin_tiny() -> dict[str, Any]:
     return {
         "model": model,
         "train": {"batch_size": 32, "lr": 2e-3, "num_workers": 2},
-        "stages": _curriculum((50, 50, 200)),
+        "stages": _curriculum((30, 30, 240)),
     }
 
 

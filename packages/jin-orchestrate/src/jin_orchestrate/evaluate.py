@@ -114,7 +114,13 @@ def prompt_embeddings(model: JinModel, numbers: list[int]) -> torch.Tensor:
 
 def evaluate_checkpoint(checkpoint: str | Path, url: str, data_cfg: Any = None) -> dict[str, float]:
     """Zero-shot and retrieval figures of ``checkpoint`` on the test split of ``url``."""
-    model = load_model(checkpoint)
+    return evaluate_model(load_model(checkpoint), url, data_cfg)
+
+
+@torch.no_grad()
+def evaluate_model(model: JinModel, url: str, data_cfg: Any = None) -> dict[str, float]:
+    """Zero-shot and retrieval figures of ``model`` on the test split of ``url``."""
+    model.eval()
     modalities = [
         m for m in model.cfg.builtin_modalities if m in ("text", "image", "audio", "points")
     ]

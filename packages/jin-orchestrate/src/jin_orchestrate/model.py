@@ -24,6 +24,7 @@ Objectives per training step (paper §4.1, weighted by the stage as in Eq. 7):
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from jin_backbone import Backbone, BackboneConfig
+from jin_backbone import Backbone, BackboneConfig, BackboneOutput
 from jin_backbone import count_parameters as count_backbone
 from jin_encoders import (
     CustomEncoderConfig,
@@ -57,7 +58,9 @@ from jin_zjepa import (
     SpanMaskConfig,
     SpanMaskGenerator,
     ZJEPAConfig,
+    content_std,
     cross_modal_jepa_loss,
+    embedding_std,
     gather_tokens,
     info_nce,
     random_roi_centers,
@@ -151,9 +154,13 @@ class JinEncoder(nn.Module):
         for name, sub in cfg.extra_modalities.items():
             self.space.add_modality(name, CustomModalityEncoder(sub))
         self.backbone = Backbone(cfg.backbone)
+        self.router_log: list[BackboneOutput] | None = None
 
     def process(self, tokens_BTD: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Backbone hidden states and its weighted router losses; routing is tallied for logging."""
         out = self.backbone(tokens_BTD, padding_mask=padding_mask)
+        if self.router_log is not None:
+            self.router_log.append(out)
         return out.hidden, out.aux_loss
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Representation]:
@@ -200,6 +207,31 @@ class JinModel(nn.Module):
     def modalities(self) -> list[str]:
         return self.space.modalities
 
+    def add_modality(self, name: str, encoder: CustomModalityEncoder) -> int:
+        """Register a runtime modality (paper §3.6) in the online and EMA target spaces.
+
+        The modality-embedding table grows by one row; every existing parameter and every output
+        for an existing modality stays bitwise the same. ``cfg.extra_modalities`` records it, so
+        a checkpoint written afterwards rebuilds the same model.
+        """
+        if not isinstance(encoder, CustomModalityEncoder):
+            raise ValueError(
+                f"add_modality({name!r}): checkpoints rebuild CustomModalityEncoder modalities; "
+                f"got {type(encoder).__name__}"
+            )
+        new_id = self.space.add_modality(name, encoder)
+        target = self.target.module.space
+        target.add_modality(name, copy.deepcopy(encoder))
+        with torch.no_grad():  # the target starts as a copy of the new online parameters
+            for t, o in zip(
+                target.modality_parameters(name), self.space.modality_parameters(name), strict=True
+            ):
+                t.copy_(o)
+                t.requires_grad_(False)
+        extra = {**self.cfg.extra_modalities, name: encoder.config}
+        self.cfg = self.cfg.model_copy(update={"extra_modalities": extra})
+        return new_id
+
     # -- embedding ---------------------------------------------------------------------------
 
     def embed(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -245,15 +277,30 @@ class JinModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Loss terms of one step; ``loss`` is their Eq. 7 sum with the stage's weights."""
+        self.encoder.router_log = []
+        try:
+            return self._losses(batch, stage, generator)
+        finally:
+            self.encoder.router_log = None
+
+    def _losses(
+        self, batch: Mapping[str, Any], stage: StageConfig, generator: torch.Generator | None
+    ) -> dict[str, Tensor]:
         encoded = self.space.encode_batch(batch)
         if not encoded:
             raise ValueError(
                 f"batch has none of the model's modalities {self.modalities}; keys: {sorted(batch)}"
             )
-        with torch.no_grad():
-            targets = {n: r.hidden for n, r in self.target(batch).items()}
         zero = next(iter(encoded.values())).tokens.new_zeros(())
         out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            targets = {n: r.hidden for n, r in self.target(batch).items()}
+        # Collapse watch (logged, not optimised): spread of the EMA targets' pooled embeddings
+        # across samples (0 when collapsed) and across samples at each token position.
+        for name, hidden in targets.items():
+            pad = encoded[name].padding_mask
+            out[f"collapse/{name}_std"] = embedding_std(_masked_mean(hidden, pad))
+            out[f"collapse/{name}_content_std"] = content_std(hidden)
         aux_terms: list[Tensor] = []
         present = {n: _present(batch, n, e.tokens) for n, e in encoded.items()}
         masks = {n: self._masks(n, e, generator) for n, e in encoded.items()}
@@ -324,6 +371,7 @@ class JinModel(nn.Module):
             aux_terms.append(z_aux)
 
         out["router_aux"] = torch.stack(aux_terms).mean() if aux_terms else zero
+        out.update(_router_metrics(self.encoder.router_log or []))
         out["loss"] = (
             stage.alpha * out["jepa"]
             + stage.beta * out["cross_modal"]
@@ -398,6 +446,34 @@ class JinModel(nn.Module):
         for i, level in enumerate(level_losses):
             out[f"zjepa/level{i}"] = level.detach()
         return loss, (aux + aux_ctx) / 2
+
+
+def _router_metrics(outputs: list[BackboneOutput]) -> dict[str, Tensor]:
+    """Routing of this step, over every backbone call and MoE layer (detached, for logging).
+
+    ``router/max_load`` is the busiest expert's share of assignments times E (1.0 is perfectly
+    balanced); the losses are the unweighted Switch load-balancing and ST-MoE z-losses.
+    """
+    stats = [s for o in outputs for s in o.router_stats]
+    if not stats:
+        return {}
+    load = torch.stack([s.tokens_per_expert for s in stats]).sum(dim=0).float()
+    return {
+        "router/load_balancing_loss": torch.stack([o.load_balancing_loss for o in outputs])
+        .mean()
+        .detach(),
+        "router/z_loss": torch.stack([o.z_loss for o in outputs]).mean().detach(),
+        "router/max_load": load.max() * load.numel() / load.sum().clamp(min=1.0),
+        "router/entropy": torch.stack([s.router_entropy for s in stats]).mean(),
+        "router/dropped_tokens": torch.stack([s.dropped_tokens for s in stats]).sum().float(),
+    }
+
+
+def _masked_mean(x_BTD: Tensor, padding_mask: Tensor | None) -> Tensor:
+    if padding_mask is None:
+        return x_BTD.mean(dim=1)
+    keep = (~padding_mask)[..., None].to(x_BTD.dtype)
+    return (x_BTD * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
 
 
 def _per_sample_mse(pred: Tensor, target: Tensor, padding_mask: Tensor | None) -> Tensor:
