@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed.nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
@@ -355,10 +356,13 @@ class JinModel(nn.Module):
         # Eq. 6: symmetric InfoNCE between every pair of modalities present.
         align_terms = []
         if stage.gamma > 0:
-            z = {n: self.space.project(n, full[n], encoded[n].padding_mask) for n in encoded}
+            z = {
+                n: _gather(self.space.project(n, full[n], encoded[n].padding_mask)) for n in encoded
+            }
+            both_present = {n: _gather(p) for n, p in present.items()}
             scale = self.logit_scale()
             for a, b in itertools.combinations(sorted(z), 2):
-                loss, _ = info_nce(z[a], z[b], scale, present[a] & present[b])
+                loss, _ = info_nce(z[a], z[b], scale, both_present[a] & both_present[b])
                 out[f"align/{a}-{b}"] = loss.detach()
                 align_terms.append(loss)
             out["logit_scale"] = scale.detach()
@@ -467,6 +471,23 @@ def _router_metrics(outputs: list[BackboneOutput]) -> dict[str, Tensor]:
         "router/entropy": torch.stack([s.router_entropy for s in stats]).mean(),
         "router/dropped_tokens": torch.stack([s.dropped_tokens for s in stats]).sum().float(),
     }
+
+
+def _gather(x: Tensor) -> Tensor:
+    """Concatenate ``x`` over data-parallel ranks, keeping this rank's gradient (CLIP-style).
+
+    InfoNCE's negatives then come from the global batch, not just this rank's share of it.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return x
+    if x.dtype == torch.bool:  # gloo has no bool collectives
+        parts = [
+            x.new_empty(x.shape, dtype=torch.uint8)
+            for _ in range(torch.distributed.get_world_size())
+        ]
+        torch.distributed.all_gather(parts, x.to(torch.uint8))
+        return torch.cat(parts).bool()
+    return torch.cat(torch.distributed.nn.functional.all_gather(x))
 
 
 def _masked_mean(x_BTD: Tensor, padding_mask: Tensor | None) -> Tensor:

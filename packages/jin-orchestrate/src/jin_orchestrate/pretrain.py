@@ -212,7 +212,12 @@ def run_pretraining(
             ),
             datasets={"train": dataset},
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except BaseException:
+            client.set_terminated(record["run_id"], status="FAILED")
+            client.set_terminated(parent_id, status="FAILED")
+            raise
         if result.checkpoint is None:
             raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
         previous = record["final_checkpoint"] = result.checkpoint.path

@@ -103,7 +103,7 @@ class StageTrainer:
         loss = losses["loss"]
         tokens = int(losses.get("tokens", torch.tensor(0)).item())
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not _finite_on_every_rank(loss):
             self.nonfinite_total += 1
             self.nonfinite_in_row += 1
             if self.nonfinite_in_row >= t.max_nonfinite_steps:
@@ -166,6 +166,18 @@ class StageTrainer:
         self.step = int(loaded.state["stage_step"])
         self.nonfinite_total = int(loaded.state.get("nonfinite_total", 0))
         return int(loaded.state.get("epoch", 0)), int(loaded.state.get("batch_in_epoch", 0))
+
+
+def _finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every data-parallel rank.
+
+    A rank that skipped ``backward`` while the others ran it would hang DDP's gradient all-reduce,
+    so the skip decision is agreed on by all ranks.
+    """
+    finite = torch.isfinite(loss.detach()).float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def _progress_line(stage: StageConfig, step: int, metrics: dict[str, float]) -> str:
@@ -265,6 +277,9 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
                         ckpt_dir = trainer.save(Path(tmp) / "ckpt", epoch, batch_in_epoch)
                         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
                     ray.train.report(report, checkpoint=checkpoint)
-    finally:
+    except BaseException:
         if run is not None:
-            mlflow.end_run()
+            mlflow.end_run(status="FAILED")
+        raise
+    if run is not None:
+        mlflow.end_run()
