@@ -147,8 +147,8 @@ def test_ray_job_submit_trains_all_stages_and_tracks_them_in_mlflow(
     parent = parents[0]
     stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["jin.stage"] for r in stages) == [
-        "alignment",
         "cross_modal",
+        "multimodal",
         "within_modality",
     ]
     for run in stages:
