@@ -95,3 +95,17 @@ def test_grayscale_and_colour_in_one_batch_share_channels(tmp_path):
 def test_asking_for_a_missing_modality_names_the_columns(decoded):
     with pytest.raises(ValueError, match=r"modality 'video': expected column 'video'"):
         collate(decoded, ["video"])
+
+
+def test_absent_custom_vectors_round_trip_as_zeros(tmp_path):
+    # Regression: pyarrow < 26 (MLflow's pin) cannot read a Parquet fixed_size_list with null rows.
+    from jin_data import ShardDataset
+
+    rows = [
+        {"id": f"{i}", "custom": None if i % 2 else np.full(4, i, np.float32)} for i in range(6)
+    ]
+    write_dataset(rows, str(tmp_path / "z"))
+    batch = next(iter(ShardDataset(str(tmp_path / "z"), batch_size=6, shuffle=False)))
+    assert batch["custom"].shape == (6, 4)
+    assert batch["custom_present"].tolist() == [True, False] * 3
+    assert batch["custom"][1].eq(0).all() and batch["custom"][2].eq(2).all()

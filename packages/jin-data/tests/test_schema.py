@@ -10,7 +10,7 @@ def test_schema_records_version_and_sizes_in_metadata():
     schema = sample_schema(point_features=2, custom_dim=14)
     assert schema.metadata[b"jin_data.schema_version"] == SCHEMA_VERSION.encode()
     assert schema.field("points").type == pa.list_(pa.list_(pa.float32(), 5))
-    assert schema.field("custom").type == pa.list_(pa.float32(), 14)
+    assert schema.field("custom").type == pa.list_(pa.float32())  # F=14 lives in the metadata
     info = check_schema(schema, "mem://x")
     assert (info.point_features, info.custom_dim) == (2, 14)
 
@@ -29,7 +29,7 @@ def test_file_without_version_is_refused_naming_url():
 
 def test_unknown_version_is_refused():
     schema = sample_schema().with_metadata({b"jin_data.schema_version": b"99"})
-    with pytest.raises(SchemaError, match="'99' is not supported; expected '1'"):
+    with pytest.raises(SchemaError, match="'99' is not supported; expected '2'"):
         check_schema(schema, "f")
 
 

@@ -2,8 +2,8 @@
 
 # B batch, T text bytes, C channels, H/W image height/width, S audio samples, N points, F features
 
-Numeric columns are read straight from the Arrow buffers: a fixed-size column (``custom``, images
-that all share one shape) becomes a tensor over the Arrow memory without a copy; ragged columns
+Numeric columns are read straight from the Arrow buffers: ``custom`` when every row has it and
+images that all share one shape become tensors over the Arrow memory without a copy; ragged columns
 (text bytes, audio, points) are padded by one vectorised gather from the flat value buffer, never a
 Python loop over rows. Only images of differing sizes are placed one by one.
 
@@ -141,14 +141,20 @@ def _image(pixels: pa.Array, shapes: pa.Array, batch: dict[str, Any]) -> None:
 
 
 def _custom(array: pa.Array, batch: dict[str, Any]) -> None:
-    width = array.type.list_size
-    flat = _numeric(array.values)
-    custom = flat[array.offset * width : (array.offset + len(array)) * width]
-    custom = custom.reshape(len(array), width)
-    present = _valid(array)
-    if not present.all():
-        custom = np.where(present[:, None], custom, np.float32(0))
-    batch["custom"] = _tensor(custom)
+    # Every present row holds exactly F values (the writer checks), absent rows none.
+    starts, lengths, values = _ragged(array)
+    if (
+        len(lengths)
+        and lengths.min() == lengths.max() > 0
+        and (np.diff(starts) == lengths[0]).all()
+    ):
+        # Every vector present and back to back: a zero-copy (B, F) view of the value buffer.
+        width = int(lengths[0])
+        batch["custom"] = _tensor(
+            values[starts[0] : starts[0] + width * len(lengths)].reshape(-1, width)
+        )
+    else:  # some absent: pad to (B, F), zeros where absent
+        batch["custom"], _ = _pad(starts, lengths, values)
 
 
 def collate(table: pa.Table, modalities: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The Arrow schema of one multimodal sample, version 1.
+"""The Arrow schema of one multimodal sample, version 2.
 
 One row is one sample. Every modality column is nullable: a sample may lack any of them.
 
@@ -10,7 +10,8 @@ One row is one sample. Every modality column is nullable: a sample may lack any 
 - ``audio``: struct<bytes: binary, samples: list<float32>, sample_rate: int32>, either WAV/FLAC
   bytes or mono float32 samples (then ``sample_rate`` is required);
 - ``points``: list<fixed_size_list<float32>[3 + C]>, N points, xyz then C features;
-- ``custom``: fixed_size_list<float32>[F], one feature vector.
+- ``custom``: list<float32> of exactly F values (null where absent), one feature vector; stored
+  as a plain list because pyarrow < 26 cannot read a Parquet ``fixed_size_list`` with null rows.
 
 ``C`` and ``F`` are fixed per data set and also recorded in the file metadata. The schema version
 lives in the Parquet key-value metadata under ``jin_data.schema_version``; a reader refuses a file
@@ -33,7 +34,7 @@ __all__ = [
     "sample_schema",
 ]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 MODALITIES = ("text", "image", "audio", "points", "custom")
 META_VERSION = b"jin_data.schema_version"
 META_POINT_FEATURES = b"jin_data.point_features"
@@ -53,7 +54,10 @@ def _points_type(point_features: int) -> pa.DataType:
 
 
 def _custom_type(custom_dim: int) -> pa.DataType:
-    return pa.list_(pa.float32(), custom_dim)
+    # A plain list on disk, F checked by the writer and kept in the file metadata: pyarrow < 26
+    # (which MLflow pins) cannot read back a Parquet fixed_size_list column holding null rows.
+    del custom_dim
+    return pa.list_(pa.float32())
 
 
 def sample_schema(point_features: int = 0, custom_dim: int = 0) -> pa.Schema:
@@ -90,7 +94,7 @@ class SchemaInfo:
 
 
 def check_schema(schema: pa.Schema, url: str) -> SchemaInfo:
-    """Validate ``schema`` against version 1; raise `SchemaError` naming ``url`` and the field.
+    """Validate ``schema`` against this version; raise `SchemaError` naming ``url`` and field.
 
     Field order and extra columns are allowed (a producer may add its own); the required columns
     must exist with exactly the documented types.

@@ -132,16 +132,12 @@ def _fixed_list(rows: list[np.ndarray | None], width: int, key: str, ids: list[s
                 f"sample id={sample_id!r} key {key!r}: expected last dim {width}, "
                 f"received {row.shape} (fixed per data set by the first sample or the argument)"
             )
-    if width == 0:  # a data set without this column: Arrow has no 0-wide list to build from
-        return pa.nulls(len(rows), pa.list_(pa.float32(), 0))
-    mask = np.array([row is None for row in rows])
-    flat = np.concatenate(
-        [
-            np.zeros((1, width), np.float32) if row is None else row.reshape(-1, width)
-            for row in rows
-        ]
-    )
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width, mask=pa.array(mask))
+    absent = np.array([row is None for row in rows])
+    lengths = np.where(absent, 0, width).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    present = [row.reshape(-1) for row in rows if row is not None]
+    flat = np.concatenate(present) if present else np.zeros(0, np.float32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array(absent))
 
 
 def _points_array(points: list[np.ndarray | None], channels: int, ids: list[str]) -> pa.Array:
