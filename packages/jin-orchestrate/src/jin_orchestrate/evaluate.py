@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +167,7 @@ def format_summary(result: dict[str, float]) -> str:
         lines.append(
             f"| zero-shot top-5, held-out numbers | {result['zero_shot_top5']:.1%} | 5.0% |"
         )
-    for query, target in itertools.islice(RETRIEVAL_PAIRS, None):
+    for query, target in RETRIEVAL_PAIRS:
         key = f"retrieval/{query}_to_{target}/R10"
         if key in result:
             lines.append(
