@@ -58,12 +58,16 @@ class StageTrainer:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
-    total_steps: int = 1
     step: int = 0
     global_step: int = 0
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
     data_errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole curriculum (the EMA momentum schedule spans them)."""
+        return self.cfg.total_steps
 
     @property
     def core(self) -> JinModel:
@@ -88,7 +92,7 @@ class StageTrainer:
             betas=(0.9, 0.95),
         )
         generator = torch.Generator().manual_seed(seed)
-        return cls(cfg, stage, model, optimizer, generator, total_steps=cfg.total_steps)
+        return cls(cfg, stage, model, optimizer, generator)
 
     def train_step(self, batch: dict[str, Any]) -> StepResult:
         """Forward, backward, clip, step, EMA update; a non-finite loss skips the update."""
