@@ -98,3 +98,27 @@ def test_add_modality_keeps_existing_embeddings_and_extends_the_target(model, ba
         assert torch.equal(after[name], emb), name
     assert after["sensor"].shape == (8, 32)
     model.update_target(step=1, total_steps=10)  # parameter names of online and target match
+
+
+def test_zoom_crop_size_sets_the_token_budget_of_every_zoom_level(test_config, batch):
+    """z-JEPA's levels are resampled to ``zoom_crop_size``: fewer tokens than the full image."""
+    seen: dict[int, list[int]] = {}
+    for side in (None, 48):
+        cfg = test_config.model.model_copy(update={"zoom_crop_size": side})
+        torch.manual_seed(0)
+        model = JinModel(cfg)
+        calls: list[tuple[int, int]] = []
+        process = model.encoder.process
+
+        def spy(tokens, padding_mask, process=process, calls=calls):
+            calls.append(tuple(tokens.shape[:2]))
+            return process(tokens, padding_mask)
+
+        model.encoder.process = spy
+        out = model(batch, stage=test_config.stages[2], generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(out["zjepa"])
+        levels = test_config.model.zjepa.num_z_levels
+        seen[side or 0] = [t for b, t in calls if b == len(batch["label"]) * levels]
+    patch = test_config.model.space.image.patch_size
+    assert max(seen[0]) == (64 // patch) ** 2  # NumberWorld's 64-pixel canvas, whole
+    assert max(seen[48]) == (48 // patch) ** 2

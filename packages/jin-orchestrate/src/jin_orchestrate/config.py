@@ -209,13 +209,24 @@ def jin_max() -> dict[str, Any]:
 def jin_tiny() -> dict[str, Any]:
     """The CPU demo: NumberWorld's 64x64 grayscale images in 8x8 patches, 4 experts."""
     model = _model(128, 4, 4, 64, moe_every=2, image=(8, 1, 8), point_groups=32)
-    # Two zoom levels (whole image, half-side crop): the levels are encoded on every step, and a
-    # 64-pixel canvas has little detail left to find below a half-side crop.
+    # Two zoom levels (whole image, half-side crop), both resampled to 32 pixels: z-JEPA's equal
+    # token budget per level (coarse whole, fine crop at its native resolution), and a quarter of
+    # the tokens of full-size levels. z-JEPA at 64 pixels was 60% of a multimodal step.
     model["zjepa"] = {"num_z_levels": 2, "zoom_factors": (1.0, 0.5)}
+    model["zoom_crop_size"] = 32
+    # I-JEPA's EMA schedule (0.996 -> 1) is made for hundreds of epochs. In a 540-step run the
+    # target then tracks the online network within a few hundred steps and both fall to
+    # position-only features (the image targets' content_std went 0.43 -> 0.04 in 120 steps and
+    # alignment never left ln(batch)); a slower target keeps content in what the JEPA terms predict.
+    model["ema_momentum"] = (0.9995, 1.0)
+    stages = _curriculum((30, 30, 480))
+    # Stage 3 keeps every objective; alignment leads. At this scale the JEPA terms reach a
+    # near-zero loss early (benchmarks/results/train.md) while InfoNCE is what retrieval needs.
+    stages[2].update(alpha=0.25, beta=0.25, gamma=1.0, zjepa=0.25)
     return {
         "model": model,
         "train": {"batch_size": 32, "lr": 2e-3, "num_workers": 2},
-        "stages": _curriculum((30, 30, 240)),
+        "stages": stages,
     }
 
 

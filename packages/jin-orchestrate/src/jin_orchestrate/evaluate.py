@@ -4,7 +4,8 @@
 
 - Zero-shot (the paper's Table 2 in miniature): images of numbers that never occur in the training
   split are classified among all numbers by their text prompts, averaged over NumberWorld's
-  caption templates (CLIP's prompt ensembling). Chance is 1/C.
+  caption templates (CLIP's prompt ensembling). Chance is 1/C. The same for the held-out numbers'
+  speech (CLAP's zero-shot audio classification), keys ``zero_shot_audio_*``.
 - Retrieval (Table 3 in miniature): queries of one modality against a pool with one item per
   number (the mean embedding of that number's items in the other modality), so a 100-way pool
   when every number occurs; R@1/5/10. Chance R@10 is 10/C.
@@ -129,21 +130,26 @@ def evaluate_model(model: JinModel, url: str, data_cfg: Any = None) -> dict[str,
     seen = _train_labels(url)
     numbers = list(range(100))
     result: dict[str, float] = {"test_samples": float(len(labels))}
-    if "image" in emb and "text" in modalities:
-        held_out = torch.tensor([int(x) not in seen for x in labels])
+    if "text" in emb:
         classes = prompt_embeddings(model, numbers)
-        if held_out.any():
-            acc = zero_shot_accuracy(
-                emb["image"][held_out], labels[held_out], classes, torch.tensor(numbers), ks=(1, 5)
-            )
-            result.update(
-                zero_shot_top1=acc[1],
-                zero_shot_top5=acc[5],
-                zero_shot_samples=float(held_out.sum()),
-                zero_shot_chance=1 / len(numbers),
-            )
-        acc_all = zero_shot_accuracy(emb["image"], labels, classes, torch.tensor(numbers), ks=(1,))
-        result["zero_shot_top1_all_test"] = acc_all[1]
+        held_out = torch.tensor([int(x) not in seen for x in labels])
+        for name, prefix in (("image", "zero_shot"), ("audio", "zero_shot_audio")):
+            if name not in emb:
+                continue
+            if held_out.any():
+                acc = zero_shot_accuracy(
+                    emb[name][held_out], labels[held_out], classes, torch.tensor(numbers)
+                )
+                result.update(
+                    {
+                        f"{prefix}_top1": acc[1],
+                        f"{prefix}_top5": acc[5],
+                        f"{prefix}_samples": float(held_out.sum()),
+                        f"{prefix}_chance": 1 / len(numbers),
+                    }
+                )
+            acc_all = zero_shot_accuracy(emb[name], labels, classes, torch.tensor(numbers), ks=(1,))
+            result[f"{prefix}_top1_all_test"] = acc_all[1]
     for query, pool in RETRIEVAL_PAIRS:
         if query in emb and pool in emb:
             protos, proto_labels = class_prototypes(emb[pool], labels)
@@ -158,14 +164,17 @@ def format_summary(result: dict[str, float]) -> str:
     """The closing table of a job, in Markdown."""
     lines = ["| measure | value | chance |", "| --- | --- | --- |"]
     pool = result.get("retrieval_pool", 100.0)
-    if "zero_shot_top1" in result:
-        n = int(result["zero_shot_samples"])
+    for prefix, what in (("zero_shot", "images"), ("zero_shot_audio", "speech")):
+        if f"{prefix}_top1" not in result:
+            continue
+        n = int(result[f"{prefix}_samples"])
         lines.append(
-            f"| zero-shot top-1, held-out numbers ({n} images, 100-way) | "
-            f"{result['zero_shot_top1']:.1%} | 1.0% |"
+            f"| zero-shot top-1, {what} of held-out numbers ({n}, 100-way) | "
+            f"{result[f'{prefix}_top1']:.1%} | 1.0% |"
         )
         lines.append(
-            f"| zero-shot top-5, held-out numbers | {result['zero_shot_top5']:.1%} | 5.0% |"
+            f"| zero-shot top-5, {what} of held-out numbers | {result[f'{prefix}_top5']:.1%} "
+            "| 5.0% |"
         )
     for query, target in RETRIEVAL_PAIRS:
         key = f"retrieval/{query}_to_{target}/R10"

@@ -88,6 +88,12 @@ class JinModelConfig(StrictConfig):
     zjepa: ZJEPAConfig = ZJEPAConfig(
         num_z_levels=3, zoom_factors=(1.0, 0.5, 0.25), roi_max_scale_change=1.25
     )
+    zoom_crop_size: int | None = Field(
+        None,
+        gt=0,
+        description="side in pixels every zoom level is resampled to (None: the image's size); "
+        "equal token budgets per level, coarse whole image to fine crop, as z-JEPA zooms",
+    )
     image_mask: MultiBlockMaskConfig = MultiBlockMaskConfig()
     span_mask: SpanMaskConfig = SpanMaskConfig()
     ema_momentum: tuple[float, float] = (0.996, 1.0)
@@ -413,13 +419,15 @@ class JinModel(nn.Module):
         z = self.cfg.zjepa
         images = self._images(batch)
         b = images.shape[0]
+        side = self.cfg.zoom_crop_size
+        size = None if side is None else (side, side)
         if self.zoom is not None:
-            zoomed = self.zoom(images, global_features=image_hidden)
+            zoomed = self.zoom(images, global_features=image_hidden, size=size)
             crops, boxes = zoomed.crops, zoomed.boxes
         else:
             centers = random_roi_centers(b, generator).to(images.device)
             boxes = zoom_boxes(centers, z.zoom_factors)
-            crops = zoom_pyramid(images, boxes)
+            crops = zoom_pyramid(images, boxes, size)
         levels = crops.shape[1]
         flat = crops.flatten(0, 1)  # (B*L, C, H, W)
         enc = self.space.encode({"image": flat})["image"]
