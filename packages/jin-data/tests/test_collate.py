@@ -134,3 +134,25 @@ def test_wav_rows_match_libsndfile_and_the_resampler(dataset, samples):
         assert batch["audio"][i, n:].eq(0).all()
         checked += 1
     assert checked >= 20
+
+
+def test_int16_audio_is_the_float_waveform_in_pcm_units(dataset, samples):
+    import io
+
+    import soundfile
+
+    from jin_data import ShardDataset
+
+    floats = next(iter(ShardDataset(dataset, batch_size=60, shuffle=False)))
+    pcm = next(iter(ShardDataset(dataset, batch_size=60, shuffle=False, audio_dtype="int16")))
+    assert pcm["audio"].dtype == torch.int16 and pcm["audio"].shape == floats["audio"].shape
+    expected = torch.clamp(torch.round(floats["audio"] * 32768), -32768, 32767)
+    assert torch.equal(pcm["audio"].to(torch.float32), expected)
+    # 16-bit WAV at the target rate arrives as its stored samples, untouched.
+    s = samples[3]  # i // 2 % 3 == 1: PCM_16 at 16 kHz
+    stored, _ = soundfile.read(io.BytesIO(s["audio"]), dtype="int16")
+    np.testing.assert_array_equal(pcm["audio"][3, : len(stored)].numpy(), stored)
+    with pytest.raises(ValueError, match="audio_dtype: expected 'float32' or 'int16'"):
+        collate(
+            Decoder().decode(pa.table({"id": ["a"], "split": ["t"], "label": [1]}))[0], [], "int8"
+        )

@@ -37,6 +37,7 @@ from scipy.signal import resample_poly
 from jin_data.errors import DecodeError
 
 __all__ = [
+    "AudioDtype",
     "AudioView",
     "Decoder",
     "Media",
@@ -138,12 +139,19 @@ def decode_audio(audio: AudioView, target: int) -> np.ndarray:
     return resample(np.asarray(wave, np.float32), int(rate), target)
 
 
+AudioDtype = Literal["float32", "int16"]
+
+
 def wave_into(out: np.ndarray, wave: np.ndarray) -> None:
-    """Write a waveform from `decode_audio` into the float32 ``out`` (same length), in one pass."""
-    if wave.dtype == np.int16:
+    """Copy ``wave`` into ``out`` (same length) in one pass, converting between float32 and
+    16-bit PCM (full scale 32768) when their dtypes differ; float samples are rounded and clipped.
+    """
+    if out.dtype == wave.dtype:
+        out[...] = wave
+    elif wave.dtype == np.int16:
         np.multiply(wave, PCM16_SCALE, out=out)
     else:
-        out[...] = wave
+        np.clip(np.rint(wave * np.float32(32768)), -32768, 32767, out=out, casting="unsafe")
 
 
 def _binary_views(array: pa.Array) -> list[np.ndarray | None]:

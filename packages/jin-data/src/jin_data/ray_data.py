@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jin_data.collate import collate
-from jin_data.decode import Decoder, OnError
+from jin_data.decode import AudioDtype, Decoder, OnError
 from jin_data.errors import SchemaError
 from jin_data.reader import list_shards
 from jin_data.schema import MODALITIES, check_schema
@@ -98,8 +98,13 @@ def read_ray_dataset(
     return dataset.map_batches(decoder, batch_format="pyarrow")
 
 
-def ray_collate_fn(modalities: Sequence[str] | None = None) -> Any:
-    """A collate function for ``iter_torch_batches(collate_fn=...)`` giving jin-data batches."""
+def ray_collate_fn(
+    modalities: Sequence[str] | None = None, audio_dtype: AudioDtype = "float32"
+) -> Any:
+    """A collate function for ``iter_torch_batches(collate_fn=...)`` giving jin-data batches.
+
+    ``audio_dtype="int16"`` gives audio as 16-bit PCM, as `jin_data.collate.build_batch` does.
+    """
     from ray.data.collate_fn import ArrowBatchCollateFn
 
     class _JinCollate(ArrowBatchCollateFn):
@@ -108,7 +113,7 @@ def ray_collate_fn(modalities: Sequence[str] | None = None) -> Any:
             self.modalities = None if chosen is None else list(chosen)
 
         def __call__(self, batch: pa.Table) -> dict[str, Any]:
-            return collate(batch, self.modalities)
+            return collate(batch, self.modalities, audio_dtype)
 
     return _JinCollate(modalities)
 

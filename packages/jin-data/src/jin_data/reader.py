@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from jin_data._config import StrictConfig
 from jin_data.collate import build_batch
-from jin_data.decode import Decoder, OnError, load_lazy_modules, media_views
+from jin_data.decode import AudioDtype, Decoder, OnError, load_lazy_modules, media_views
 from jin_data.errors import DataError, ShardError
 from jin_data.manifest import load_manifest
 from jin_data.schema import MODALITIES, check_schema
@@ -56,6 +56,7 @@ class LoaderConfig(StrictConfig):
     modalities: list[str] | None = None
     split: list[str] | None = None
     audio_sample_rate: int = Field(default=16000, ge=1)
+    audio_dtype: AudioDtype = "float32"
     image_mode: Literal["L", "RGB"] | None = None
 
     @field_validator("modalities")
@@ -371,7 +372,14 @@ class ShardDataset(IterableDataset):
                 waves = None if waves is None else [waves[i] for i in kept]
             if table.num_rows:
                 report.rows += table.num_rows
-                yield build_batch(table, modalities, images=pixels, waves=waves, shared=shared)
+                yield build_batch(
+                    table,
+                    modalities,
+                    images=pixels,
+                    waves=waves,
+                    audio_dtype=self.config.audio_dtype,
+                    shared=shared,
+                )
         self.last_report = report
         if report.skipped_rows:
             logger.warning(
