@@ -205,7 +205,7 @@ def _list_array(rows: list[np.ndarray | None], value_type: pa.DataType) -> pa.Ar
     for row, start, length in zip(rows, offsets[:-1].tolist(), lengths.tolist(), strict=True):
         if row is not None:
             wave_into(values[start : start + length], row.reshape(-1))
-    mask = pa.array([r is None for r in rows])
+    mask = pa.array([r is None for r in rows], pa.bool_())
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, value_type), mask=mask)
 
 

@@ -36,7 +36,14 @@ from jin_data.errors import DataError, ShardError
 from jin_data.manifest import load_manifest
 from jin_data.schema import MODALITIES, check_schema
 
-__all__ = ["EpochReport", "LoaderConfig", "ShardDataset", "list_shards"]
+__all__ = [
+    "EpochReport",
+    "LoaderConfig",
+    "ShardDataset",
+    "list_shards",
+    "open_shard",
+    "read_row_group",
+]
 
 logger = logging.getLogger("jin_data")
 _MAX_REPORTED_ERRORS = 20
@@ -150,6 +157,49 @@ class _Slot:
         return cls(table.drop_columns(media), *media_views(table))
 
 
+def open_shard(fs: fsspec.AbstractFileSystem, shard: _Shard) -> pq.ParquetFile:
+    """Open a shard checking its schema and row count; `ShardError`/`SchemaError` name it."""
+    try:
+        # Page checksums (written by `ShardWriter`) turn silent bit rot into a read error.
+        parquet = pq.ParquetFile(fs.open(shard.path, "rb"), page_checksum_verification=True)
+        check_schema(parquet.schema_arrow, shard.url)
+    except (OSError, pa.ArrowException) as err:
+        raise ShardError(f"cannot open shard: {err}", url=shard.url) from None
+    if parquet.metadata.num_rows != shard.num_rows:
+        raise ShardError(
+            f"rows: manifest says {shard.num_rows}, file has {parquet.metadata.num_rows}",
+            url=shard.url,
+        )
+    return parquet
+
+
+def read_row_group(
+    parquet: pq.ParquetFile,
+    shard: _Shard,
+    row_group: int,
+    columns: list[str],
+    split: Sequence[str] | None,
+) -> pa.Table:
+    """One row group's ``columns``, rows of ``split`` only (all if ``None``), with the provenance
+    columns that errors quote (``__url``, ``__row_group``, ``__row``); `ShardError` if unreadable.
+    """
+    try:
+        table = parquet.read_row_group(row_group, columns=columns)
+    except (OSError, pa.ArrowException) as err:
+        raise ShardError(
+            f"cannot read row group: {err}", url=shard.url, row_group=row_group
+        ) from None
+    n = table.num_rows
+    table = table.append_column(
+        "__url", pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [shard.url])
+    )
+    table = table.append_column("__row_group", pa.array(np.full(n, row_group, np.int32)))
+    table = table.append_column("__row", pa.array(np.arange(n, dtype=np.int32)))
+    if split is not None:
+        table = table.filter(pc.is_in(table["split"], pa.array(list(split))))
+    return table
+
+
 def _gather(tables: list[pa.Table], rows: np.ndarray) -> pa.Table:
     """The ``(slot, row)`` rows of ``tables``, as one table in the order given."""
     slots = np.unique(rows[:, 0])
@@ -255,45 +305,19 @@ class ShardDataset(IterableDataset):
             shard = self.shards[s]
             expected = shard.row_groups[g]
             if opened[0] != s:
-                opened = (s, self._open(shard, report))
+                try:
+                    opened = (s, open_shard(self.fs, shard))
+                except DataError as err:
+                    opened = (s, None)
+                    self._fail(err, report, 0)
             parquet = opened[1]
-            if parquet is None:  # unreadable shard, already reported once by _open
+            if parquet is None:  # unreadable shard, already reported once
                 report.skipped_rows += expected
                 continue
             try:
-                table = parquet.read_row_group(g, columns=self.columns)
-            except (OSError, pa.ArrowException) as err:
-                error = ShardError(f"cannot read row group: {err}", url=shard.url, row_group=g)
-                self._fail(error, report, expected)
-                continue
-            n = table.num_rows
-            table = table.append_column(
-                "__url", pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [shard.url])
-            )
-            table = table.append_column("__row_group", pa.array(np.full(n, g, np.int32)))
-            table = table.append_column("__row", pa.array(np.arange(n, dtype=np.int32)))
-            if self.config.split is not None:
-                table = table.filter(pc.is_in(table["split"], pa.array(self.config.split)))
-            yield table
-
-    def _open(self, shard: _Shard, report: EpochReport) -> pq.ParquetFile | None:
-        try:
-            # Page checksums (written by `ShardWriter`) turn silent bit rot into a read error.
-            parquet = pq.ParquetFile(
-                self.fs.open(shard.path, "rb"), page_checksum_verification=True
-            )
-            check_schema(parquet.schema_arrow, shard.url)
-            if parquet.metadata.num_rows != shard.num_rows:
-                raise ShardError(
-                    f"rows: manifest says {shard.num_rows}, file has {parquet.metadata.num_rows}",
-                    url=shard.url,
-                )
-            return parquet
-        except DataError as err:
-            self._fail(err, report, 0)
-        except (OSError, pa.ArrowException) as err:
-            self._fail(ShardError(f"cannot open shard: {err}", url=shard.url), report, 0)
-        return None
+                yield read_row_group(parquet, shard, g, self.columns, self.config.split)
+            except ShardError as err:
+                self._fail(err, report, expected)
 
     def _batches(
         self, tables: Iterator[pa.Table], rng: np.random.Generator
