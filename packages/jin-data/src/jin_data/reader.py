@@ -160,8 +160,11 @@ class _Slot:
 def open_shard(fs: fsspec.AbstractFileSystem, shard: _Shard) -> pq.ParquetFile:
     """Open a shard checking its schema and row count; `ShardError`/`SchemaError` name it."""
     try:
-        # Page checksums (written by `ShardWriter`) turn silent bit rot into a read error.
-        parquet = pq.ParquetFile(fs.open(shard.path, "rb"), page_checksum_verification=True)
+        # Page checksums (written by `ShardWriter`) turn silent bit rot into a read error;
+        # pre_buffer coalesces a row group's column reads into few ranged requests (remote stores).
+        parquet = pq.ParquetFile(
+            fs.open(shard.path, "rb"), page_checksum_verification=True, pre_buffer=True
+        )
         check_schema(parquet.schema_arrow, shard.url)
     except (OSError, pa.ArrowException) as err:
         raise ShardError(f"cannot open shard: {err}", url=shard.url) from None
@@ -184,7 +187,9 @@ def read_row_group(
     columns that errors quote (``__url``, ``__row_group``, ``__row``); `ShardError` if unreadable.
     """
     try:
-        table = parquet.read_row_group(row_group, columns=columns)
+        # One thread: every consumer is a process of its own already, and Arrow's pool threads
+        # kept ~40 MB more per worker (memory freed across threads is retained longer).
+        table = parquet.read_row_group(row_group, columns=columns, use_threads=False)
     except (OSError, pa.ArrowException) as err:
         raise ShardError(
             f"cannot read row group: {err}", url=shard.url, row_group=row_group
