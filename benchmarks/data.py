@@ -15,7 +15,9 @@ Measured side by side in one run, each case in a fresh subprocess (so peak RSS i
   a map-style Dataset, a padding collate_fn and a DataLoader with 2 workers.
 Also the NumberWorld generation speed, with a cold and with a warm speech cache.
 
-Peak RSS is the process's own high-water mark plus that of its largest child (a DataLoader worker).
+Peak RSS is the case process's own high-water mark since it started (VmHWM; ru_maxrss would include
+the driver's RSS, which Linux carries across exec) plus that of its largest child (a DataLoader
+worker).
 CPU us/sample counts the case's process and its reaped children (DataLoader workers), not Ray's
 worker processes: on a shared machine it is steadier than samples/s.
 Targets (issue 6): jin >= 5x per-file; peak RSS of jin-10x within 10% of jin (2 workers); jin >= 10x
@@ -36,10 +38,21 @@ from pathlib import Path
 BATCH = 64
 
 
+def _own_peak_rss_kb() -> int:
+    # Linux keeps ru_maxrss across exec: a case process would report the benchmark driver's RSS
+    # at the moment it was spawned (~300 MB after generating the data). VmHWM is this process's
+    # own high-water mark since exec.
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + child) / 1024.0
+    return (_own_peak_rss_kb() + child) / 1024.0
 
 
 class Clock:
