@@ -6,13 +6,20 @@ Measured side by side in one run, each case in a fresh subprocess (so peak RSS i
 - ``jin`` — `jin_data.ShardDataset` with a DataLoader, 0 and 2 workers;
 - ``jin-10x`` — the same reader (2 workers) over a data set 10x larger (the shards repeated under
   new names), to show that peak RSS does not grow with the data set (streaming);
+- ``jin-int16`` — the reader (2 workers) with ``audio_dtype="int16"`` (16-bit PCM audio batches for
+  the consumer to convert), for reference: the other cases deliver float32 audio;
 - ``ray`` — `jin_data.ray_data.read_ray_dataset` + ``iter_torch_batches`` on a private local Ray
-  (2 CPUs; Ray start-up excluded; RSS is the driver's only, Ray's worker processes are not counted);
+  (2 CPUs; `ray.init` excluded, the first tasks' worker start-up and imports included; RSS is the
+  driver's only, Ray's worker processes are not counted);
 - ``per-file`` — the baseline a user writes by hand: one PNG, one WAV and one JSON file per sample,
   a map-style Dataset, a padding collate_fn and a DataLoader with 2 workers.
 Also the NumberWorld generation speed, with a cold and with a warm speech cache.
 
-Peak RSS is the process's own high-water mark plus that of its largest child (a DataLoader worker).
+Peak RSS is the case process's own high-water mark since it started (VmHWM; ru_maxrss would include
+the driver's RSS, which Linux carries across exec) plus that of its largest child (a DataLoader
+worker).
+CPU us/sample counts the case's process and its reaped children (DataLoader workers), not Ray's
+worker processes: on a shared machine it is steadier than samples/s.
 Targets (issue 6): jin >= 5x per-file; peak RSS of jin-10x within 10% of jin (2 workers); jin >= 10x
 the demo model's CPU training step (pass its samples/s as --train-samples-per-s to get the ratio).
 """
@@ -31,10 +38,37 @@ from pathlib import Path
 BATCH = 64
 
 
+def _own_peak_rss_kb() -> int:
+    # Linux keeps ru_maxrss across exec: a case process would report the benchmark driver's RSS
+    # at the moment it was spawned (~300 MB after generating the data). VmHWM is this process's
+    # own high-water mark since exec.
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _peak_rss_mb() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + child) / 1024.0
+    return (_own_peak_rss_kb() + child) / 1024.0
+
+
+class Clock:
+    """Wall seconds and CPU seconds (this process and its reaped children: DataLoader workers)."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), self._cpu()
+
+    @staticmethod
+    def _cpu() -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + child.ru_utime + child.ru_stime
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, self._cpu() - self.cpu
 
 
 def _drain(batches) -> int:
@@ -44,29 +78,33 @@ def _drain(batches) -> int:
     return rows
 
 
-def case_jin(url: str, workers: int) -> tuple[int, float]:
+def case_jin(url: str, workers: int, **options) -> tuple[int, tuple[float, float]]:
     from jin_data import ShardDataset
 
-    start = time.perf_counter()
-    data = ShardDataset(url, batch_size=BATCH, shuffle=True, seed=0)
+    clock = Clock()
+    data = ShardDataset(url, batch_size=BATCH, shuffle=True, seed=0, **options)
     rows = _drain(data.dataloader(num_workers=workers))
-    return rows, time.perf_counter() - start
+    return rows, clock.read()
 
 
-def case_ray(url: str, workers: int) -> tuple[int, float]:
+def case_jin_int16(url: str, workers: int) -> tuple[int, tuple[float, float]]:
+    return case_jin(url, workers, audio_dtype="int16")
+
+
+def case_ray(url: str, workers: int) -> tuple[int, tuple[float, float]]:
     import ray
 
     from jin_data.ray_data import ray_collate_fn, read_ray_dataset
 
     ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    start = time.perf_counter()
+    clock = Clock()
     dataset = read_ray_dataset(url)
     batches = dataset.iter_torch_batches(batch_size=BATCH, collate_fn=ray_collate_fn())
     rows = _drain(batches)
-    seconds = time.perf_counter() - start
+    elapsed = clock.read()
     ray.shutdown()
-    return rows, seconds
+    return rows, elapsed
 
 
 class PerFileDataset:
@@ -117,10 +155,10 @@ def per_file_collate(rows: list[dict]) -> dict:
     }
 
 
-def case_per_file(root: str, workers: int) -> tuple[int, float]:
+def case_per_file(root: str, workers: int) -> tuple[int, tuple[float, float]]:
     from torch.utils.data import DataLoader
 
-    start = time.perf_counter()
+    clock = Clock()
     loader = DataLoader(
         PerFileDataset(root),
         batch_size=BATCH,
@@ -129,10 +167,16 @@ def case_per_file(root: str, workers: int) -> tuple[int, float]:
         collate_fn=per_file_collate,
     )
     rows = _drain(loader)
-    return rows, time.perf_counter() - start
+    return rows, clock.read()
 
 
-CASES = {"jin": case_jin, "jin-10x": case_jin, "ray": case_ray, "per-file": case_per_file}
+CASES = {
+    "jin": case_jin,
+    "jin-10x": case_jin,
+    "jin-int16": case_jin_int16,
+    "ray": case_ray,
+    "per-file": case_per_file,
+}
 
 
 def export_per_file(url: str, root: Path) -> None:
@@ -191,17 +235,18 @@ def generate(url: str, samples: int, cache: str) -> float:
 
 def markdown(result: dict) -> str:
     lines = [
-        "| impl | workers | samples/s | peak RSS (MB) | vs per-file |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| impl | workers | samples/s | peak RSS (MB) | vs per-file | CPU us/sample |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     base = next(c["samples_per_s"] for c in result["cases"] if c["impl"] == "per-file")
     for c in result["cases"]:
         if "error" in c:
-            lines.append(f"| {c['impl']} | {c['workers']} | error | | |")
+            lines.append(f"| {c['impl']} | {c['workers']} | error | | | |")
             continue
         lines.append(
             f"| {c['impl']} | {c['workers']} | {c['samples_per_s']:.0f} | "
-            f"{c['peak_rss_mb']:.0f} | {c['samples_per_s'] / base:.1f}x |"
+            f"{c['peak_rss_mb']:.0f} | {c['samples_per_s'] / base:.1f}x | "
+            f"{c['cpu_us_per_sample']:.0f} |"
         )
     g = result["generation"]
     lines.append("")
@@ -223,7 +268,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:  # child process: one case, one JSON line
-        rows, seconds = CASES[args.case](args.target, args.workers)
+        rows, (seconds, cpu) = CASES[args.case](args.target, args.workers)
         print(
             json.dumps(
                 {
@@ -233,6 +278,7 @@ def main() -> None:
                     "peak_rss_mb": _peak_rss_mb(),
                     "samples": rows,
                     "seconds": seconds,
+                    "cpu_us_per_sample": cpu / rows * 1e6,
                 }
             )
         )
@@ -250,6 +296,7 @@ def main() -> None:
             run_case("jin", url, 0),
             run_case("jin", url, 2),
             run_case("jin-10x", str(work / "numberworld-10x"), 2),
+            run_case("jin-int16", url, 2),
             run_case("ray", url, 2),
         ]
     by = {(c["impl"], c["workers"]): c for c in cases if "error" not in c}

@@ -18,8 +18,11 @@ def make_samples(n: int, seed: int = 0) -> list[dict]:
     for i in range(n):
         wave = (0.1 * rng.standard_normal(40 + 7 * i)).astype(np.float32)
         if i % 2:
+            # Float WAV (libsndfile), 16-bit PCM at the target rate (numpy fast path), and 16-bit
+            # PCM at 22.05 kHz (fast path, then resampled).
+            rate_, subtype = ((16000, "FLOAT"), (16000, "PCM_16"), (22050, "PCM_16"))[i // 2 % 3]
             buffer = io.BytesIO()
-            soundfile.write(buffer, wave, 16000, format="WAV", subtype="FLOAT")
+            soundfile.write(buffer, wave, rate_, format="WAV", subtype=subtype)
             audio, rate = buffer.getvalue(), None
         else:
             audio, rate = wave, 16000

@@ -3,6 +3,7 @@
 import re
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 ray = pytest.importorskip(
@@ -46,14 +47,29 @@ def test_same_rows_and_values_as_the_streaming_reader(local_ray, dataset):
         )
 
 
-def test_decode_error_names_file_and_id(local_ray, tmp_path):
+def test_decode_error_names_file_row_group_row_and_id(local_ray, tmp_path):
     url = str(tmp_path / "bad")
     write_dataset([{"id": "ok", "image": b"\x89PNGjunk"}], url)
     # Ray wraps the task's exception (UserCodeException); its text carries ours, type and message.
     with pytest.raises(Exception) as err:  # noqa: PT011 - the wrapper type is Ray's to choose
         read_ray_dataset(url).take_all()
     assert DecodeError.__name__ in str(err.value)
-    assert re.search(r"url='[^']*shard-00000.parquet'.*column='image' id='ok'", str(err.value))
+    where = r"url='[^']*shard-00000.parquet' row_group=0 row=0 column='image' id='ok'"
+    assert re.search(where, str(err.value))
+
+
+def test_skip_leaves_out_bad_rows_and_unreadable_row_groups(local_ray, tmp_path):
+    url = str(tmp_path / "bad")
+    rows = [{"id": f"r{i}", "image": np.full((2, 2), i, np.uint8)} for i in range(6)]
+    rows[1]["image"] = b"\x89PNGjunk"
+    write_dataset(rows, url, row_group_size=2)
+    path = tmp_path / "bad" / "shard-00000.parquet"
+    data = bytearray(path.read_bytes())
+    meta = pq.ParquetFile(path).metadata.row_group(2).column(0)  # id column of rows 4, 5
+    data[meta.data_page_offset + meta.total_compressed_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    ids = [r["id"] for r in read_ray_dataset(url, on_error="skip").take_all()]
+    assert sorted(ids) == ["r0", "r2", "r3"]
 
 
 def test_modalities_are_checked(local_ray, dataset):

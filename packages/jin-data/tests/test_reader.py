@@ -97,3 +97,39 @@ def test_bad_config_names_the_key(dataset):
         ShardDataset(dataset, batch_size=1, modalities=["smell"])
     with pytest.raises(ValueError, match="shuffle_bufer"):
         ShardDataset(dataset, batch_size=1, shuffle_bufer=3)
+
+
+def test_worker_batches_equal_in_process_ones_and_share_one_buffer(dataset):
+    # One worker reads every row group in the in-process order: identical batches, padding
+    # included (a shared-memory batch is filled in place, never cleared by a pass of its own).
+    data = ShardDataset(dataset, batch_size=8, seed=4)
+    in_process = list(data)
+    with_worker = list(data.dataloader(num_workers=1))
+    assert len(in_process) == len(with_worker)
+    for ours, theirs in zip(in_process, with_worker, strict=True):
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == theirs[key].dtype and torch.equal(value, theirs[key]), key
+            else:
+                assert value == theirs[key], key
+        tensors = [v for v in theirs.values() if isinstance(v, torch.Tensor)]
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+
+
+@pytest.mark.parametrize("groups", [12, 120])
+def test_shuffle_pool_is_bounded_and_rows_move_at_most_a_buffer(dataset, groups):
+    import numpy as np
+    import pyarrow as pa
+
+    size, buffer, rows = 4, 30, 5
+    data = ShardDataset(dataset, batch_size=size, shuffle_buffer=buffer)
+    tables = [pa.table({"id": [f"{g}-{r}" for r in range(rows)]}) for g in range(groups)]
+    emitted, largest = [], 0
+    for pool, pairs in data._batches(iter(tables), np.random.default_rng(0)):
+        largest = max(largest, sum(slot.small.num_rows for slot in pool))
+        emitted.extend(pool[s].small["id"][r].as_py() for s, r in pairs.tolist())
+    assert sorted(emitted) == sorted(f"{g}-{r}" for g in range(groups) for r in range(rows))
+    assert largest <= 1.5 * (buffer + rows + size)
+    arrival = {f"{g}-{r}": g * rows + r for g in range(groups) for r in range(rows)}
+    assert max(i - arrival[row_id] for i, row_id in enumerate(emitted)) <= buffer + rows + size

@@ -102,3 +102,14 @@ def test_inconsistent_custom_width_is_refused(tmp_path):
     rows = [{"id": "a", "custom": np.zeros(3)}, {"id": "b", "custom": np.zeros(4)}]
     with pytest.raises(SampleError, match=r"id='b' key 'custom': expected last dim 3"):
         write_dataset(rows, str(tmp_path / "x"))
+
+
+def test_encoded_media_stored_without_a_second_codec(tmp_path, samples):
+    write_dataset(samples, str(tmp_path / "ds"), rows_per_shard=100)
+    meta = pq.ParquetFile(tmp_path / "ds" / "shard-00000.parquet").metadata.row_group(0)
+    codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(10)}
+    assert codecs.pop("image") == codecs.pop("audio.bytes") == "UNCOMPRESSED"
+    assert set(codecs.values()) == {"ZSTD"}, codecs
+    write_dataset(samples, str(tmp_path / "z"), media_compression="zstd")
+    meta = pq.ParquetFile(tmp_path / "z" / "shard-00000.parquet").metadata.row_group(0)
+    assert {meta.column(i).compression for i in range(10)} == {"ZSTD"}

@@ -1,26 +1,31 @@
-"""Collate a decoded Arrow batch into padded tensors (docs/CONVENTIONS.md, "Batches from jin-data").
+"""Collate a decoded batch into padded tensors (docs/CONVENTIONS.md, "Batches from jin-data").
 
 # B batch, T text bytes, C channels, H/W image height/width, S audio samples, N points, F features
 
 Numeric columns are read straight from the Arrow buffers: ``custom`` when every row has it and
-images that all share one shape become tensors over the Arrow memory without a copy; ragged columns
-(text bytes, audio, points) are padded by one vectorised gather from the flat value buffer, never a
-Python loop over rows. Only images of differing sizes are placed one by one.
+images that all share one shape (in a decoded Arrow table) become tensors over the Arrow memory
+without a copy; text bytes and points are padded by one vectorised gather from the flat value
+buffer; decoded images and waveforms are written row by row into their padded tensor (one copy,
+the int16-to-float32 conversion of PCM audio fused into it).
 
 Output, for each selected modality:
 - text: ``text`` list[str] ("" where absent), ``text_bytes`` (B,T) uint8, ``text_padding_mask``;
 - image: ``image`` (B,C,H,W) uint8 padded to the largest H, W, ``image_sizes`` (B,2) int64 (H, W);
-- audio: ``audio`` (B,S) float32, ``audio_lengths`` (B,) int64;
+- audio: ``audio`` (B,S) float32 (or int16 PCM on request), ``audio_lengths`` (B,) int64;
 - points: ``points`` (B,N,3+C) float32, ``points_padding_mask`` (B,N);
 - custom: ``custom`` (B,F) float32;
 - ``<modality>_present`` (B,) bool; and ``id`` list[str], ``label`` (B,) int64 (-1 absent),
   ``split`` list[str]. Padding masks are True at padding.
+
+With ``shared=True`` (in a DataLoader worker) every tensor of a batch is a view into one
+shared-memory buffer, filled in place: the batch crosses to the main process as one file
+descriptor instead of one per tensor, and nothing is copied again on the way.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,9 +33,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from jin_data.decode import AudioDtype, wave_into
 from jin_data.schema import MODALITIES
 
-__all__ = ["collate", "decoded_modalities"]
+__all__ = ["build_batch", "collate", "decoded_modalities"]
 
 # Which decoded column carries each modality.
 _COLUMN = {
@@ -40,6 +46,8 @@ _COLUMN = {
     "points": "points",
     "custom": "custom",
 }
+# Tensors in a shared batch buffer start on cache-line boundaries (aligned for any dtype).
+_ALIGN = 64
 
 
 def decoded_modalities(table: pa.Table) -> list[str]:
@@ -97,50 +105,150 @@ def _ragged(array: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, lengths, values
 
 
-def _pad(starts: np.ndarray, lengths: np.ndarray, values: np.ndarray):
-    """Ragged rows -> (B, T, ...) zero-padded array and (B, T) mask, True at padding."""
+Fill = Callable[[np.ndarray], None]
+
+
+class _Outputs:
+    """The tensors of one batch: planned first (shape, dtype, how to fill), then allocated at once.
+
+    Each planned tensor is either ``ready`` (an array already holding its values) or filled in
+    place by a function that receives the zeroed array.
+    """
+
+    def __init__(self) -> None:
+        self.plan: list[tuple[str, tuple[int, ...], np.dtype, Fill | np.ndarray]] = []
+
+    def ready(self, key: str, array: np.ndarray) -> None:
+        self.plan.append((key, array.shape, array.dtype, array))
+
+    def fill(self, key: str, shape: tuple[int, ...], dtype: Any, fill: Fill) -> None:
+        self.plan.append((key, shape, np.dtype(dtype), fill))
+
+    def tensors(self, shared: bool) -> dict[str, torch.Tensor]:
+        if shared:
+            return self._shared()
+        out = {}
+        for key, shape, dtype, how in self.plan:
+            if isinstance(how, np.ndarray):
+                out[key] = _tensor(how)
+            else:
+                array = np.zeros(shape, dtype)
+                how(array)
+                out[key] = torch.from_numpy(array)
+        return out
+
+    def _shared(self) -> dict[str, torch.Tensor]:
+        offsets, total = [], 0
+        for _, shape, dtype, _ in self.plan:
+            offsets.append(total)
+            total += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
+        # What torch's default_collate does in workers: allocate the output in shared memory
+        # rather than let pickling copy each tensor there. A new shared-memory file reads as
+        # zeros (POSIX ftruncate), so the padding needs no pass of its own.
+        storage = torch.UntypedStorage._new_shared(max(total, 1))
+        buffer = torch.empty(0, dtype=torch.uint8).set_(storage)
+        out = {}
+        for (key, shape, dtype, how), offset in zip(self.plan, offsets, strict=True):
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            kind = torch.from_numpy(np.empty(0, dtype)).dtype
+            tensor = buffer[offset : offset + nbytes].view(kind).view(shape)
+            if isinstance(how, np.ndarray):
+                tensor.numpy()[...] = how
+            else:
+                how(tensor.numpy())
+            out[key] = tensor
+        return out
+
+
+def _padded(
+    outputs: _Outputs, key: str, mask_key: str | None, ragged: tuple[np.ndarray, ...]
+) -> None:
+    """Plan ragged rows as a (B, T, ...) zero-padded tensor and a (B, T) mask, True at padding."""
+    starts, lengths, values = ragged
     longest = int(lengths.max()) if len(lengths) else 0
     steps = np.arange(longest)
     real = steps[None, :] < lengths[:, None]
-    out = np.zeros((len(lengths), longest, *values.shape[1:]), values.dtype)
     total = int(lengths.sum())
-    if total and (starts[1:] == starts[:-1] + lengths[:-1]).all():
-        # Rows lie back to back in the buffer (the usual case): one masked copy, no index array.
-        out[real] = values[starts[0] : starts[0] + total]
-    elif total:
-        out[real] = values[(starts[:, None] + steps[None, :])[real]]
-    return _tensor(out), _tensor(~real)
+
+    def fill(out: np.ndarray) -> None:
+        if total and (starts[1:] == starts[:-1] + lengths[:-1]).all():
+            # Rows lie back to back in the buffer (the usual case): one masked copy, no index array.
+            out[real] = values[starts[0] : starts[0] + total]
+        elif total:
+            out[real] = values[(starts[:, None] + steps[None, :])[real]]
+
+    outputs.fill(key, (len(lengths), longest, *values.shape[1:]), values.dtype, fill)
+    if mask_key is not None:
+        outputs.ready(mask_key, ~real)
 
 
-def _text(array: pa.Array, batch: dict[str, Any]) -> None:
-    batch["text"] = ["" if s is None else s for s in array.to_pylist()]
-    batch["text_bytes"], batch["text_padding_mask"] = _pad(*_ragged(array))
+def _rows_into(rows: list[np.ndarray | None], write: Callable[[np.ndarray, np.ndarray], None]):
+    def fill(out: np.ndarray) -> None:
+        for i, row in enumerate(rows):
+            if row is not None:
+                write(out[i], row)
+
+    return fill
 
 
-def _image(pixels: pa.Array, shapes: pa.Array, batch: dict[str, Any]) -> None:
+def _image(images: list[np.ndarray | None] | np.ndarray, outputs: _Outputs) -> np.ndarray:
+    """Plan ``image`` and ``image_sizes``: (C, H, W) rows, or one ready (B, C, H, W) array."""
+    if isinstance(images, np.ndarray):
+        shape = np.tile(np.array(images.shape[1:], np.int64), (len(images), 1))
+        outputs.ready("image", images)
+        outputs.ready("image_sizes", shape[:, 1:].copy())
+        return np.ones(len(images), bool)
+    present = np.array([i is not None for i in images], bool)
+    shape = np.array([(0, 0, 0) if i is None else i.shape for i in images], np.int64)
+    shape = shape.reshape(len(images), 3)
+    channels = int(shape[:, 0].max()) if present.any() else 1
+    height, width = (int(shape[:, 1].max()), int(shape[:, 2].max())) if present.any() else (0, 0)
+
+    def write(out: np.ndarray, pixels: np.ndarray) -> None:
+        # A grayscale image in a batch with colour ones is broadcast to every channel.
+        out[:, : pixels.shape[1], : pixels.shape[2]] = pixels
+
+    fill = _rows_into(images, write)
+    outputs.fill("image", (len(images), channels, height, width), np.uint8, fill)
+    outputs.ready("image_sizes", shape[:, 1:].copy())
+    return present
+
+
+def _arrow_images(pixels: pa.Array, shapes: pa.Array) -> list[np.ndarray | None] | np.ndarray:
+    """Decoded Arrow images as (C, H, W) row views, or one zero-copy (B, C, H, W) view."""
     present = _valid(pixels)
     starts, lengths, values = _ragged(pixels)
     shape = np.zeros((len(pixels), 3), np.int64)
     if present.any():
         flat = _numeric(shapes.values)[shapes.offset * 3 :]
         shape[present] = flat[: len(shapes) * 3].reshape(-1, 3)[present]
-    channels = int(shape[:, 0].max()) if present.any() else 1
-    height, width = (int(shape[:, 1].max()), int(shape[:, 2].max())) if present.any() else (0, 0)
-    uniform = present.all() and (shape == shape[0]).all()
-    if uniform:  # one shape for all: a view over the Arrow buffer, no copy
-        total = len(pixels) * channels * height * width
-        images = values[starts[0] : starts[0] + total].reshape(-1, channels, height, width)
-    else:
-        images = np.zeros((len(pixels), channels, height, width), np.uint8)
-        for i in np.flatnonzero(present):
-            c, h, w = shape[i]
-            # A grayscale image in a batch with colour ones is broadcast to every channel.
-            images[i, :, :h, :w] = values[starts[i] : starts[i] + lengths[i]].reshape(c, h, w)
-    batch["image"] = _tensor(images)
-    batch["image_sizes"] = torch.from_numpy(shape[:, 1:].copy())
+    if len(pixels) and present.all() and (shape == shape[0]).all():
+        # One shape for all: a view over the Arrow buffer, no copy.
+        c, h, w = shape[0].tolist()
+        return values[starts[0] : starts[0] + len(pixels) * c * h * w].reshape(-1, c, h, w)
+    return [
+        values[s : s + n].reshape(c, h, w) if p else None
+        for s, n, (c, h, w), p in zip(starts, lengths, shape.tolist(), present, strict=True)
+    ]
 
 
-def _custom(array: pa.Array, batch: dict[str, Any]) -> None:
+def _audio(waves: list[np.ndarray | None], dtype: AudioDtype, outputs: _Outputs) -> np.ndarray:
+    lengths = np.array([0 if w is None else len(w) for w in waves], np.int64)
+    longest = int(lengths.max()) if len(lengths) else 0
+    fill = _rows_into(waves, lambda out, wave: wave_into(out[: len(wave)], wave))
+    outputs.fill("audio", (len(waves), longest), dtype, fill)
+    outputs.ready("audio_lengths", lengths)
+    return np.array([w is not None for w in waves], bool)
+
+
+def _arrow_waves(array: pa.Array) -> list[np.ndarray | None]:
+    starts, lengths, values = _ragged(array)
+    valid = _valid(array)
+    rows = zip(starts.tolist(), lengths.tolist(), valid.tolist(), strict=True)
+    return [values[s : s + n] if v else None for s, n, v in rows]
+
+
+def _custom(array: pa.Array, outputs: _Outputs) -> None:
     # Every present row holds exactly F values (the writer checks), absent rows none.
     starts, lengths, values = _ragged(array)
     if (
@@ -150,18 +258,67 @@ def _custom(array: pa.Array, batch: dict[str, Any]) -> None:
     ):
         # Every vector present and back to back: a zero-copy (B, F) view of the value buffer.
         width = int(lengths[0])
-        batch["custom"] = _tensor(
-            values[starts[0] : starts[0] + width * len(lengths)].reshape(-1, width)
-        )
+        vectors = values[starts[0] : starts[0] + width * len(lengths)]
+        outputs.ready("custom", vectors.reshape(-1, width))
     else:  # some absent: pad to (B, F), zeros where absent
-        batch["custom"], _ = _pad(starts, lengths, values)
+        _padded(outputs, "custom", None, (starts, lengths, values))
 
 
-def collate(table: pa.Table, modalities: Sequence[str] | None = None) -> dict[str, Any]:
+def build_batch(
+    table: pa.Table,
+    modalities: Sequence[str],
+    *,
+    images: list[np.ndarray | None] | np.ndarray | None = None,
+    waves: list[np.ndarray | None] | None = None,
+    audio_dtype: AudioDtype = "float32",
+    shared: bool = False,
+) -> dict[str, Any]:
+    """The batch of ``modalities`` from ``table`` (bookkeeping, text, points, custom) plus decoded
+    ``images`` and ``waves`` given per row in the table's order (see `jin_data.decode.Media`).
+
+    ``audio_dtype="int16"`` gives ``audio`` as 16-bit PCM (full scale 32768; float sources are
+    rounded): half the bytes to move, converted to float on the accelerator. ``shared=True``
+    allocates every tensor in one shared-memory buffer (for DataLoader workers).
+    """
+    if audio_dtype not in ("float32", "int16"):
+        raise ValueError(f"audio_dtype: expected 'float32' or 'int16', received {audio_dtype!r}")
+    label = _array(table["label"])
+    batch: dict[str, Any] = {
+        "id": _array(table["id"]).to_pylist(),
+        "split": _array(table["split"]).to_pylist(),
+    }
+    outputs = _Outputs()
+    outputs.ready("label", pc.fill_null(label, -1).to_numpy(zero_copy_only=False).astype(np.int64))
+    for modality in modalities:
+        if modality == "image":
+            assert images is not None
+            present = _image(images, outputs)
+        elif modality == "audio":
+            assert waves is not None
+            present = _audio(waves, audio_dtype, outputs)
+        else:
+            column = _array(table[modality])
+            present = _valid(column)
+            if modality == "text":
+                batch["text"] = ["" if s is None else s for s in column.to_pylist()]
+                _padded(outputs, "text_bytes", "text_padding_mask", _ragged(column))
+            elif modality == "points":
+                _padded(outputs, "points", "points_padding_mask", _ragged(column))
+            else:
+                _custom(column, outputs)
+        outputs.ready(f"{modality}_present", present)
+    batch.update(outputs.tensors(shared))
+    return batch
+
+
+def collate(
+    table: pa.Table, modalities: Sequence[str] | None = None, audio_dtype: AudioDtype = "float32"
+) -> dict[str, Any]:
     """Padded tensors and masks from a decoded batch (see `jin_data.decode.Decoder`).
 
     ``modalities`` defaults to every modality whose decoded column is in ``table``; naming one
-    that is not there raises a ValueError listing the columns.
+    that is not there raises a ValueError listing the columns. ``audio_dtype`` as in
+    `build_batch`.
     """
     chosen = decoded_modalities(table) if modalities is None else list(modalities)
     for modality in chosen:
@@ -170,27 +327,9 @@ def collate(table: pa.Table, modalities: Sequence[str] | None = None) -> dict[st
                 f"modality {modality!r}: expected column {_COLUMN.get(modality, modality)!r} in "
                 f"the decoded batch, received columns {table.column_names}"
             )
-    label = _array(table["label"])
-    batch: dict[str, Any] = {
-        "id": _array(table["id"]).to_pylist(),
-        "split": _array(table["split"]).to_pylist(),
-        "label": torch.from_numpy(
-            pc.fill_null(label, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-        ),
-    }
-    for modality in chosen:
-        column = _array(table[_COLUMN[modality]])
-        if modality == "text":
-            _text(column, batch)
-        elif modality == "image":
-            _image(column, _array(table["image_shape"]), batch)
-        elif modality == "audio":
-            starts, lengths, values = _ragged(column)
-            batch["audio"], _ = _pad(starts, lengths, values)
-            batch["audio_lengths"] = torch.from_numpy(lengths)
-        elif modality == "points":
-            batch["points"], batch["points_padding_mask"] = _pad(*_ragged(column))
-        else:
-            _custom(column, batch)
-        batch[f"{modality}_present"] = torch.from_numpy(_valid(column))
-    return batch
+    images = waves = None
+    if "image" in chosen:
+        images = _arrow_images(_array(table["image_pixels"]), _array(table["image_shape"]))
+    if "audio" in chosen:
+        waves = _arrow_waves(_array(table["audio_wave"]))
+    return build_batch(table, chosen, images=images, waves=waves, audio_dtype=audio_dtype)

@@ -30,13 +30,20 @@ from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from jin_data._config import StrictConfig
-from jin_data.collate import collate
-from jin_data.decode import Decoder, OnError
+from jin_data.collate import build_batch
+from jin_data.decode import AudioDtype, Decoder, OnError, load_lazy_modules, media_views
 from jin_data.errors import DataError, ShardError
 from jin_data.manifest import load_manifest
 from jin_data.schema import MODALITIES, check_schema
 
-__all__ = ["EpochReport", "LoaderConfig", "ShardDataset", "list_shards"]
+__all__ = [
+    "EpochReport",
+    "LoaderConfig",
+    "ShardDataset",
+    "list_shards",
+    "open_shard",
+    "read_row_group",
+]
 
 logger = logging.getLogger("jin_data")
 _MAX_REPORTED_ERRORS = 20
@@ -56,6 +63,7 @@ class LoaderConfig(StrictConfig):
     modalities: list[str] | None = None
     split: list[str] | None = None
     audio_sample_rate: int = Field(default=16000, ge=1)
+    audio_dtype: AudioDtype = "float32"
     image_mode: Literal["L", "RGB"] | None = None
 
     @field_validator("modalities")
@@ -129,19 +137,83 @@ def list_shards(url: str) -> tuple[fsspec.AbstractFileSystem, list[_Shard]]:
     return fs, shards
 
 
-def _gather(pool: list[pa.Table | None], rows: np.ndarray) -> pa.Table:
-    """The ``(slot, row)`` rows of the pooled row groups, as one table in the order given."""
+@dataclass
+class _Slot:
+    """A row group in a consumer's shuffle pool: its small columns, and its media as row views.
+
+    ``small`` is the row group without the encoded media columns; ``images`` and ``audio`` are
+    per-row views of the stored bytes (`jin_data.decode.media_views`), which keep those buffers
+    alive. A batch takes its small columns with Arrow and decodes its media from the views, so the
+    stored image and audio bytes are never copied.
+    """
+
+    small: pa.Table
+    images: list[Any] | None
+    audio: list[Any] | None
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _Slot:
+        media = [c for c in ("image", "audio") if c in table.column_names]
+        return cls(table.drop_columns(media), *media_views(table))
+
+
+def open_shard(fs: fsspec.AbstractFileSystem, shard: _Shard) -> pq.ParquetFile:
+    """Open a shard checking its schema and row count; `ShardError`/`SchemaError` name it."""
+    try:
+        # Page checksums (written by `ShardWriter`) turn silent bit rot into a read error;
+        # pre_buffer coalesces a row group's column reads into few ranged requests (remote stores).
+        parquet = pq.ParquetFile(
+            fs.open(shard.path, "rb"), page_checksum_verification=True, pre_buffer=True
+        )
+        check_schema(parquet.schema_arrow, shard.url)
+    except (OSError, pa.ArrowException) as err:
+        raise ShardError(f"cannot open shard: {err}", url=shard.url) from None
+    if parquet.metadata.num_rows != shard.num_rows:
+        raise ShardError(
+            f"rows: manifest says {shard.num_rows}, file has {parquet.metadata.num_rows}",
+            url=shard.url,
+        )
+    return parquet
+
+
+def read_row_group(
+    parquet: pq.ParquetFile,
+    shard: _Shard,
+    row_group: int,
+    columns: list[str],
+    split: Sequence[str] | None,
+) -> pa.Table:
+    """One row group's ``columns``, rows of ``split`` only (all if ``None``), with the provenance
+    columns that errors quote (``__url``, ``__row_group``, ``__row``); `ShardError` if unreadable.
+    """
+    try:
+        # One thread: every consumer is a process of its own already, and Arrow's pool threads
+        # kept ~40 MB more per worker (memory freed across threads is retained longer).
+        table = parquet.read_row_group(row_group, columns=columns, use_threads=False)
+    except (OSError, pa.ArrowException) as err:
+        raise ShardError(
+            f"cannot read row group: {err}", url=shard.url, row_group=row_group
+        ) from None
+    n = table.num_rows
+    table = table.append_column(
+        "__url", pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [shard.url])
+    )
+    table = table.append_column("__row_group", pa.array(np.full(n, row_group, np.int32)))
+    table = table.append_column("__row", pa.array(np.arange(n, dtype=np.int32)))
+    if split is not None:
+        table = table.filter(pc.is_in(table["split"], pa.array(list(split))))
+    return table
+
+
+def _gather(tables: list[pa.Table], rows: np.ndarray) -> pa.Table:
+    """The ``(slot, row)`` rows of ``tables``, as one table in the order given."""
     slots = np.unique(rows[:, 0])
     if len(slots) == 1:
-        table = pool[slots[0]]
-        assert table is not None
-        return table.take(rows[:, 1])
+        return tables[slots[0]].take(rows[:, 1])
     parts, placed = [], []
     for slot in slots:
-        table = pool[slot]
-        assert table is not None
         mine = np.flatnonzero(rows[:, 0] == slot)
-        parts.append(table.take(rows[mine, 1]))
+        parts.append(tables[slot].take(rows[mine, 1]))
         placed.append(mine)
     # Grouped by row group above; one take of this small batch restores the shuffled order.
     return pa.concat_tables(parts).combine_chunks().take(np.argsort(np.concatenate(placed)))
@@ -194,6 +266,7 @@ class ShardDataset(IterableDataset):
         self.epoch = epoch
         self.fs, self.shards = list_shards(url)
         self.last_report: EpochReport | None = None
+        load_lazy_modules()  # here, before the DataLoader forks its workers
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration follows."""
@@ -237,96 +310,66 @@ class ShardDataset(IterableDataset):
             shard = self.shards[s]
             expected = shard.row_groups[g]
             if opened[0] != s:
-                opened = (s, self._open(shard, report))
+                try:
+                    opened = (s, open_shard(self.fs, shard))
+                except DataError as err:
+                    opened = (s, None)
+                    self._fail(err, report, 0)
             parquet = opened[1]
-            if parquet is None:  # unreadable shard, already reported once by _open
+            if parquet is None:  # unreadable shard, already reported once
                 report.skipped_rows += expected
                 continue
             try:
-                table = parquet.read_row_group(g, columns=self.columns)
-            except (OSError, pa.ArrowException) as err:
-                error = ShardError(f"cannot read row group: {err}", url=shard.url, row_group=g)
-                self._fail(error, report, expected)
-                continue
-            n = table.num_rows
-            table = table.append_column(
-                "__url", pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [shard.url])
-            )
-            table = table.append_column("__row_group", pa.array(np.full(n, g, np.int32)))
-            table = table.append_column("__row", pa.array(np.arange(n, dtype=np.int32)))
-            if self.config.split is not None:
-                table = table.filter(pc.is_in(table["split"], pa.array(self.config.split)))
-            yield table
+                yield read_row_group(parquet, shard, g, self.columns, self.config.split)
+            except ShardError as err:
+                self._fail(err, report, expected)
 
-    def _open(self, shard: _Shard, report: EpochReport) -> pq.ParquetFile | None:
-        try:
-            # Page checksums (written by `ShardWriter`) turn silent bit rot into a read error.
-            parquet = pq.ParquetFile(
-                self.fs.open(shard.path, "rb"), page_checksum_verification=True
-            )
-            check_schema(parquet.schema_arrow, shard.url)
-            if parquet.metadata.num_rows != shard.num_rows:
-                raise ShardError(
-                    f"rows: manifest says {shard.num_rows}, file has {parquet.metadata.num_rows}",
-                    url=shard.url,
-                )
-            return parquet
-        except DataError as err:
-            self._fail(err, report, 0)
-        except (OSError, pa.ArrowException) as err:
-            self._fail(ShardError(f"cannot open shard: {err}", url=shard.url), report, 0)
-        return None
+    def _batches(
+        self, tables: Iterator[pa.Table], rng: np.random.Generator
+    ) -> Iterator[tuple[list[_Slot], np.ndarray]]:
+        """Cut row groups into batches: ``(slot, row)`` pairs into a pool of row groups.
 
-    def _batches(self, tables: Iterator[pa.Table], rng: np.random.Generator) -> Iterator[pa.Table]:
-        """Cut row groups into batches; with shuffle, mix rows through the shuffle buffer."""
-        size = self.config.batch_size
-        if not self.config.shuffle:
-            pending: pa.Table | None = None
-            for table in tables:
-                pending = table if pending is None else pa.concat_tables([pending, table])
-                ready = pending.num_rows // size * size
-                for start in range(0, ready, size):
-                    yield pending.slice(start, size)
-                pending = pending.slice(ready)
-            yield from self._tail(pending, size)
-            return
-        # The buffer is a pool of row groups plus the (slot, row) pairs not yet emitted; rows are
-        # copied only when they leave in a batch (Arrow's take on a many-chunk table would first
-        # concatenate every chunk, so each batch takes from each row group separately).
-        reserve = self.config.shuffle_buffer
-        pool: list[pa.Table | None] = []
-        pending_rows = np.zeros((0, 2), np.int64)
+        With shuffle, each arriving row gets a random deadline, its arrival position plus a
+        uniform draw in ``[0, shuffle_buffer)``; the rows waiting are kept in deadline order and,
+        once more than ``shuffle_buffer`` wait, batches leave from the front. A row therefore
+        moves at most about a buffer's length, every row group leaves the pool within about a
+        buffer's worth of rows, and the pool stays under ~1.5x (buffer + row group) rows with no
+        row ever copied (a classic shuffle buffer lets a few stragglers pin whole row groups
+        indefinitely). Without shuffle the deadline is the arrival position and nothing waits.
+        """
+        size, shuffle = self.config.batch_size, self.config.shuffle
+        reserve = self.config.shuffle_buffer if shuffle else 0
+        pool: list[_Slot] = []
+        pending = np.zeros((0, 2), np.int64)  # (slot, row), in deadline order
+        deadlines = np.zeros(0)
+        arrived = 0
         for table in tables:
-            slot = np.full(table.num_rows, len(pool))
-            pool.append(table)
-            rows = np.stack([slot, np.arange(table.num_rows)], axis=1)
-            pending_rows = np.concatenate([pending_rows, rows])
-            if len(pending_rows) < reserve + size:
+            n = table.num_rows
+            pool.append(_Slot.of(table))
+            due = arrived + np.arange(n) + (rng.uniform(0, reserve, n) if shuffle else 0)
+            arrived += n
+            order = np.argsort(np.concatenate([deadlines, due]), kind="stable")
+            deadlines = np.concatenate([deadlines, due])[order]
+            pending = np.concatenate(
+                [pending, np.stack([np.full(n, len(pool) - 1), np.arange(n)], 1)]
+            )
+            pending = pending[order]
+            if len(pending) < reserve + size:
                 continue
-            pending_rows = pending_rows[rng.permutation(len(pending_rows))]
-            ready = (len(pending_rows) - reserve) // size * size
+            ready = (len(pending) - reserve) // size * size
             for start in range(0, ready, size):
-                yield _gather(pool, pending_rows[start : start + size])
-            pending_rows = pending_rows[ready:]
-            alive = set(np.unique(pending_rows[:, 0]).tolist())
-            pool = [t if i in alive else None for i, t in enumerate(pool)]
-            # A row group stays alive while any of its rows waits, so stragglers would pin many
-            # row groups; once the pool is mostly emitted rows, copy the waiting ones out (each
-            # row is copied at most once more, and memory stays ~2x the buffer, whatever the data).
-            pooled = sum(t.num_rows for t in pool if t is not None)
-            if pooled > 2 * len(pending_rows) + size:
-                pool = [_gather(pool, pending_rows)]
-                pending_rows = np.stack(
-                    [np.zeros(len(pending_rows), np.int64), np.arange(len(pending_rows))], axis=1
-                )
-        pending_rows = pending_rows[rng.permutation(len(pending_rows))]
-        for start in range(0, len(pending_rows), size):
-            if len(pending_rows) - start >= size or not self.config.drop_last:
-                yield _gather(pool, pending_rows[start : start + size])
-
-    def _tail(self, pending: pa.Table | None, size: int) -> Iterator[pa.Table]:
-        if pending is not None and pending.num_rows and not self.config.drop_last:
-            yield pending
+                yield pool, pending[start : start + size]
+            pending, deadlines = pending[ready:], deadlines[ready:]
+            # Free the row groups that have no row left; renumber the rest, so the pool's size
+            # does not depend on how many row groups were read.
+            live = np.unique(pending[:, 0])
+            renumber = np.zeros(len(pool), np.int64)
+            renumber[live] = np.arange(len(live))
+            pool = [pool[i] for i in live]
+            pending = np.stack([renumber[pending[:, 0]], pending[:, 1]], axis=1)
+        for start in range(0, len(pending), size):
+            if len(pending) - start >= size or not self.config.drop_last:
+                yield pool, pending[start : start + size]
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         consumer, consumers, worker = self._consumer()
@@ -337,15 +380,35 @@ class ShardDataset(IterableDataset):
             image_mode=self.config.image_mode,
             on_error=self.config.on_error,
         )
+        modalities = self.config.modalities or list(MODALITIES)
+        # In a DataLoader worker the batch is built in shared memory (see `build_batch`).
+        shared = get_worker_info() is not None
         units = self.plan(epoch)[consumer::consumers]
         rng = np.random.default_rng([self.config.seed, epoch, consumer])
-        for table in self._batches(self._row_groups(units, report), rng):
-            decoded, errors = decoder.decode(table)
-            for error in errors:
+        for pool, rows in self._batches(self._row_groups(units, report), rng):
+            table = _gather([slot.small for slot in pool], rows)
+            pairs = rows.tolist()
+            images = [pool[s].images[r] for s, r in pairs] if "image" in modalities else None
+            audio = [pool[s].audio[r] for s, r in pairs] if "audio" in modalities else None
+            media = decoder.decode_media(table, images, audio)
+            for error in media.errors:
                 self._fail(error, report, 1)
-            if decoded.num_rows:
-                report.rows += decoded.num_rows
-                yield collate(decoded, self.config.modalities)
+            pixels, waves = media.images, media.waves
+            if not media.keep.all():
+                table = table.filter(pa.array(media.keep))
+                kept = np.flatnonzero(media.keep)
+                pixels = None if pixels is None else [pixels[i] for i in kept]
+                waves = None if waves is None else [waves[i] for i in kept]
+            if table.num_rows:
+                report.rows += table.num_rows
+                yield build_batch(
+                    table,
+                    modalities,
+                    images=pixels,
+                    waves=waves,
+                    audio_dtype=self.config.audio_dtype,
+                    shared=shared,
+                )
         self.last_report = report
         if report.skipped_rows:
             logger.warning(

@@ -30,6 +30,23 @@ from jin_data.schema import AUDIO_TYPE, SCHEMA_VERSION, sample_schema
 __all__ = ["Sample", "ShardWriter", "write_dataset"]
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
+# Columns holding encoded media (PNG/JPEG, WAV/FLAC bytes): compressed by their own codec already,
+# or raw PCM, which zstd shrinks by ~15% at the price of doubling the reader's cost per row.
+MEDIA_COLUMNS = ("image", "audio.bytes")
+
+
+def _leaf_paths(name: str, kind: pa.DataType) -> list[str]:
+    """Parquet's dotted paths of the leaf columns of an Arrow field (3-level lists)."""
+    if pa.types.is_struct(kind):
+        return [p for f in kind for p in _leaf_paths(f"{name}.{f.name}", f.type)]
+    if pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _leaf_paths(f"{name}.list.element", kind.value_type)
+    return [name]
+
+
+def _codecs(schema: pa.Schema, compression: str, media_compression: str) -> dict[str, str]:
+    leaves = [p for field in schema for p in _leaf_paths(field.name, field.type)]
+    return {p: media_compression if p in MEDIA_COLUMNS else compression for p in leaves}
 
 
 class Sample(TypedDict, total=False):
@@ -180,7 +197,10 @@ class ShardWriter:
         point_features, custom_dim: ``C`` and ``F`` of the schema; inferred from the first
             sample carrying points / a custom vector when ``None`` (0 if the first shard has none).
         overwrite: replace an existing data set (its manifest and shards); otherwise refuse.
-        compression: Parquet codec.
+        compression: Parquet codec of every column but the encoded media.
+        media_compression: Parquet codec of the encoded image and audio bytes. ``"none"`` by
+            default: PNG, JPEG and FLAC are compressed already, and a general-purpose codec on
+            raw PCM WAV saves ~15% of space but doubles the reader's decompression cost.
     """
 
     def __init__(
@@ -193,6 +213,7 @@ class ShardWriter:
         custom_dim: int | None = None,
         overwrite: bool = False,
         compression: str = "zstd",
+        media_compression: str = "none",
     ) -> None:
         if rows_per_shard < 1 or row_group_size < 1:
             raise ValueError(
@@ -206,6 +227,7 @@ class ShardWriter:
         self.point_features = point_features
         self.custom_dim = custom_dim
         self.compression = compression
+        self.media_compression = media_compression
         self._rows: list[_Row] = []
         self._shards: list[ShardInfo] = []
         self._count = 0
@@ -270,7 +292,7 @@ class ShardWriter:
                 pq.ParquetWriter(
                     f,
                     table.schema,
-                    compression=self.compression,
+                    compression=_codecs(table.schema, self.compression, self.media_compression),
                     write_page_checksum=True,
                 ) as writer,
             ):
@@ -351,6 +373,7 @@ def write_dataset(
     custom_dim: int | None = None,
     overwrite: bool = False,
     compression: str = "zstd",
+    media_compression: str = "none",
 ) -> Manifest:
     """Write every sample to sharded Parquet under ``url``; see `ShardWriter` for the arguments."""
     with ShardWriter(
@@ -361,6 +384,7 @@ def write_dataset(
         custom_dim=custom_dim,
         overwrite=overwrite,
         compression=compression,
+        media_compression=media_compression,
     ) as writer:
         for sample in samples:
             writer.write(sample)
