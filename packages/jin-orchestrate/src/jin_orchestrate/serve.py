@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         # Replicas run in other directories: resolve the local store here, where the user is.
         cfg.mlflow_tracking_uri = default_tracking_uri()
     init_ray(args.ray_address)
+    # After ray.init, whose own SIGTERM handler aborts the process: stop cleanly instead, also
+    # when the signal comes while the application is still starting.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     host = args.host or http.get("host") or "127.0.0.1"
     port = args.port or int(http.get("port") or 8000)
     print(f"[jin] loading {cfg.checkpoint} and starting the service...", flush=True)
@@ -115,9 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         f"batch_wait_timeout_s={cfg.batch_wait_timeout_s}. Ctrl-C stops.",
         flush=True,
     )
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     while not stop.wait(timeout=1.0):
         pass
     print("[jin] shutting down", flush=True)
