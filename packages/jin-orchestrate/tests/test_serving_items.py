@@ -123,10 +123,10 @@ def test_serve_config_rejects_unknown_keys_and_unfillable_batches():
         ServeConfig.model_validate(
             {"checkpoint": "x", "max_batch_size": 16, "model": {"max_ongoing_requests": 8}}
         )
-    cfg = ServeConfig(checkpoint="x", max_batch_size=16)
+    cfg = ServeConfig(checkpoint="x", max_batch_size=24)
     assert cfg.model_options(num_gpus=1) == {
         "num_replicas": 1,
-        "max_ongoing_requests": 32,
+        "max_ongoing_requests": 48,
         "ray_actor_options": {"num_cpus": 1, "num_gpus": 1},
     }
 

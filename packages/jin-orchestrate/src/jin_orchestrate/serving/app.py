@@ -90,7 +90,7 @@ class BodyLimit:
         if scope["type"] != "http" or limit is None:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
+        if declared is not None and declared.isdigit():  # the server answers a malformed one
             if int(declared) > limit:
                 return await _too_large(scope, send, f"{int(declared)} bytes", limit)
             return await self.app(scope, receive, send)
@@ -209,7 +209,7 @@ class Ingress:
                 413,
                 [
                     ErrorDetail(
-                        loc=["body", *lists][: 2 if len(lists) == 1 else 1],
+                        loc=["body", *lists] if len(lists) == 1 else ["body"],
                         msg=f"{count} items is over the limit of {self.limits.max_items} per "
                         "request (max_items)",
                         type="too_large",
