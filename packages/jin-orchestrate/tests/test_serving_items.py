@@ -143,3 +143,18 @@ def test_the_serve_config_file_builds_a_valid_config():
     assert callable(getattr(importlib.import_module(module), name))
     with pytest.raises(ValueError, match="no checkpoint"):
         load_serve_config(None, None, [])
+
+
+def test_the_cli_refuses_a_missing_or_damaged_checkpoint_before_starting_ray(
+    checkpoint, tmp_path, capsys
+):
+    import shutil
+
+    from jin_orchestrate.serve import main
+
+    assert main(["--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "neither a directory nor an MLflow URI" in capsys.readouterr().err
+    damaged = shutil.copytree(checkpoint, tmp_path / "damaged")
+    (damaged / "model.safetensors").write_bytes(b"garbage")
+    assert main(["--checkpoint", str(damaged)]) == 2
+    assert "model.safetensors does not match its sha256" in capsys.readouterr().err

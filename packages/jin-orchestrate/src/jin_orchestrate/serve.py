@@ -25,7 +25,6 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jin_orchestrate.serve",
         description="Serve Jin embeddings over HTTP with Ray Serve (FastAPI, @serve.batch).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--checkpoint",
@@ -49,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
     p.add_argument(
         "--ray-address",
-        help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray on loopback)",
+        help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray)",
     )
     return p
 
@@ -91,20 +90,25 @@ def start(cfg: Any, *, host: str = "127.0.0.1", port: int = 8000) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, start Ray and the application, serve until interrupted."""
+    from jin_orchestrate.inference import ModelCard
+    from jin_orchestrate.tracking import MLFLOW_SCHEMES, default_tracking_uri, local_checkpoint
+
     args = _parser().parse_args(argv)
     try:
         cfg, http = load_serve_config(args.config, args.checkpoint, args.overrides)
+        if cfg.checkpoint.startswith(MLFLOW_SCHEMES) and cfg.mlflow_tracking_uri is None:
+            # Replicas run in other directories: resolve the local store here, where the user is.
+            cfg.mlflow_tracking_uri = default_tracking_uri()
+        # Fail here, with the reason, rather than in a replica: fetched and verified once.
+        path = local_checkpoint(cfg.checkpoint, tracking_uri=cfg.mlflow_tracking_uri)
+        card = ModelCard.from_checkpoint(path, cfg.checkpoint)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from ray import serve
 
     from jin_orchestrate.cluster import init_ray
-    from jin_orchestrate.tracking import MLFLOW_SCHEMES, default_tracking_uri
 
-    if cfg.checkpoint.startswith(MLFLOW_SCHEMES) and cfg.mlflow_tracking_uri is None:
-        # Replicas run in other directories: resolve the local store here, where the user is.
-        cfg.mlflow_tracking_uri = default_tracking_uri()
     init_ray(args.ray_address)
     # After ray.init, whose own SIGTERM handler aborts the process: stop cleanly instead, also
     # when the signal comes while the application is still starting.
@@ -113,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     host = args.host or http.get("host") or "127.0.0.1"
     port = args.port or int(http.get("port") or 8000)
-    print(f"[jin] loading {cfg.checkpoint} and starting the service...", flush=True)
+    print(
+        f"[jin] starting the service for {cfg.checkpoint} (version {card.version}, "
+        f"{', '.join(m.name for m in card.modalities)})...",
+        flush=True,
+    )
     url = start(cfg, host=host, port=port)
     print(
         f"[jin] serving at {url} (API docs {url}/docs); max_batch_size={cfg.max_batch_size}, "
