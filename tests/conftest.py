@@ -72,7 +72,7 @@ def ray_head(tmp_path):
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    gcs_port, dash_port = _free_port(), _free_port()
+    gcs_port, dash_port, agent_port = _free_port(), _free_port(), _free_port()
     head = subprocess.Popen(
         [
             RAY,
@@ -87,6 +87,10 @@ def ray_head(tmp_path):
             "127.0.0.1",
             "--dashboard-port",
             str(dash_port),
+            # Not the fixed default (52365): any other Ray on the machine holds that one, and
+            # this head's job agent then cannot start ("No available agent to submit job").
+            "--dashboard-agent-listen-port",
+            str(agent_port),
             "--num-cpus",
             "2",
         ],
@@ -96,16 +100,19 @@ def ray_head(tmp_path):
         text=True,
     )
     address = f"http://127.0.0.1:{dash_port}"
+    # Ready when a job can be submitted: `ray job list` answers before the node's job agent.
+    probe_job = [RAY, "job", "submit", "--no-wait", "--address", address, "--", "true"]
     try:
         deadline = time.monotonic() + 120
         while True:
-            probe = subprocess.run(
-                [RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True
-            )
+            probe = subprocess.run(probe_job, env=env, capture_output=True, text=True)
             if probe.returncode == 0:
                 break
             if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Ray head did not come up: {head.stdout.read()}")
+                head.kill()  # else reading its output would wait for a head that never exits
+                raise RuntimeError(
+                    f"Ray head did not come up: {probe.stderr[-2000:]}\n{head.communicate()[0]}"
+                )
             time.sleep(2)
         yield address, env
     finally:
