@@ -9,13 +9,8 @@ processes down on SIGTERM, so nothing else on the machine is touched.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 RAY = str(Path(sys.executable).with_name("ray"))
+
 TINY = [
     "--preset",
     "jin-test",
@@ -33,68 +29,6 @@ TINY = [
     "--set",
     "stages.2.steps=4",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    token = tmp_path / "ray_token"
-    token.write_text(secrets.token_hex(32))
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        # Keep every Ray endpoint on loopback (Ray otherwise advertises the host's own address).
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    gcs_port, dash_port = _free_port(), _free_port()
-    head = subprocess.Popen(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(gcs_port),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dash_port),
-            "--num-cpus",
-            "2",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    address = f"http://127.0.0.1:{dash_port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            probe = subprocess.run(
-                [RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True
-            )
-            if probe.returncode == 0:
-                break
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Ray head did not come up: {head.stdout.read()}")
-            time.sleep(2)
-        yield address, env
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
 
 
 def test_ray_job_submit_trains_all_stages_and_tracks_them_in_mlflow(

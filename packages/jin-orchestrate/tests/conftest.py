@@ -38,3 +38,36 @@ def test_config():
 
     torch.manual_seed(0)
     return load_config("jin-test")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A jin-test checkpoint (seed 0) with a runtime modality ``seven_segment`` of 14 features."""
+    from jin_encoders import CustomEncoderConfig, CustomModalityEncoder
+    from jin_orchestrate.checkpoint import save_checkpoint
+    from jin_orchestrate.config import load_config
+    from jin_orchestrate.model import JinModel
+
+    torch.manual_seed(0)
+    cfg = load_config("jin-test")
+    model = JinModel(cfg.model)
+    model.add_modality(
+        "seven_segment", CustomModalityEncoder(CustomEncoderConfig(dim=cfg.model.dim, input_dim=14))
+    )
+    cfg.model = model.cfg
+    path = tmp_path_factory.mktemp("checkpoint") / "ckpt"
+    return save_checkpoint(
+        path, model, config=cfg.model_dump(mode="json"), state={"global_step": 0}
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A private Ray on loopback for the tests that need one, shut down after the session."""
+    import ray
+
+    from jin_orchestrate.cluster import init_ray
+
+    init_ray(None, extra_cpus=2)
+    yield
+    ray.shutdown()

@@ -219,7 +219,7 @@ def jin_tiny() -> dict[str, Any]:
     # position-only features (the image targets' content_std went 0.43 -> 0.04 in 120 steps and
     # alignment never left ln(batch)); a slower target keeps content in what the JEPA terms predict.
     model["ema_momentum"] = (0.9995, 1.0)
-    stages = _curriculum((30, 30, 480))
+    stages = _curriculum((30, 30, 280))
     # Stage 3 keeps every objective; alignment leads. At this scale the JEPA terms reach a
     # near-zero loss early (benchmarks/results/train.md) while InfoNCE is what retrieval needs.
     stages[2].update(alpha=0.25, beta=0.25, gamma=1.0, zjepa=0.25)

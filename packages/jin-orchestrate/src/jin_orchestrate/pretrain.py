@@ -124,6 +124,7 @@ def run_pretraining(
     from ray.train.torch import TorchTrainer
 
     from jin_orchestrate.checkpoint import latest_checkpoint
+    from jin_orchestrate.cluster import init_ray, use_gpu
     from jin_orchestrate.data import default_corpus, ray_train_dataset
     from jin_orchestrate.evaluate import evaluate_checkpoint, format_summary
     from jin_orchestrate.tracking import flatten_params, resolve_tracking
@@ -138,7 +139,9 @@ def run_pretraining(
     client = tracking.client()
 
     if not ray.is_initialized():
-        _init_ray(ray_address)
+        # Two logical CPUs beyond the cores: training workers take one CPU each, and on a laptop
+        # they would otherwise leave none for Ray Data's read/decode tasks, which then never run.
+        init_ray(ray_address, extra_cpus=2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = ray_train_dataset(url, cfg.data, split="train")
 
@@ -201,7 +204,7 @@ def run_pretraining(
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.train.num_workers,
-                use_gpu=_use_gpu(cfg.train.use_gpu),
+                use_gpu=use_gpu(cfg.train.use_gpu),
                 resources_per_worker={"CPU": 1},
             ),
             run_config=RunConfig(
@@ -236,37 +239,6 @@ def run_pretraining(
     return PretrainResult(
         output, Path(previous), parent_id, stage_run_ids, evaluation, time.perf_counter() - started
     )
-
-
-def _init_ray(address: str | None) -> None:
-    """Connect to ``address`` (or ``$RAY_ADDRESS``, set by ``ray job submit``), else start Ray here.
-
-    A Ray started here serves this machine alone, so it is kept on loopback; and ``"local"`` is
-    passed explicitly so a stale or unrelated cluster on the machine is never joined by accident.
-    """
-    import ray
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address is not None:
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    # Two logical CPUs beyond the cores: training workers take one CPU each, and on a laptop
-    # they would otherwise leave none for Ray Data's read/decode tasks, which then never run.
-    ray.init(
-        address="local",
-        num_cpus=(os.cpu_count() or 1) + 2,
-        include_dashboard=False,
-        configure_logging=False,
-    )
-
-
-def _use_gpu(requested: bool | None) -> bool:
-    import ray
-
-    if requested is not None:
-        return requested
-    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -3,11 +3,18 @@
 With no ``MLFLOW_TRACKING_URI`` the store is ``sqlite:///<cwd>/mlflow.db`` — the database backend
 MLflow 3 recommends — with artifacts under ``<cwd>/mlartifacts``. Both are resolved to absolute
 paths on the driver and handed to the Ray Train workers, whose working directory is elsewhere.
+
+Checkpoints logged to MLflow (pretraining logs the final one as ``runs:/<run id>/final_checkpoint``)
+are fetched by :func:`local_checkpoint` into a cache, once, under a temporary name renamed when
+complete, so serving replicas and embedding actors on one machine share one verified download.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +22,16 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-__all__ = ["TrackingTarget", "flatten_params", "resolve_tracking"]
+__all__ = [
+    "MLFLOW_SCHEMES",
+    "TrackingTarget",
+    "default_tracking_uri",
+    "flatten_params",
+    "local_checkpoint",
+    "resolve_tracking",
+]
+
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 
 
 class TrackingTarget(dict):
@@ -38,7 +54,7 @@ def resolve_tracking(
 ) -> TrackingTarget:
     """Pick the tracking URI (env or local sqlite store) and get or create ``experiment``."""
     base = Path(workdir or os.getcwd()).resolve()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}"
+    uri = default_tracking_uri(base)
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -50,6 +66,61 @@ def resolve_tracking(
         experiment_id = client.create_experiment(experiment, artifact_location=artifacts)
     mlflow.set_tracking_uri(uri)
     return TrackingTarget(tracking_uri=uri, experiment_id=experiment_id)
+
+
+def default_tracking_uri(workdir: str | os.PathLike[str] | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else the local store ``sqlite:///<workdir or cwd>/mlflow.db``."""
+    base = Path(workdir or os.getcwd()).resolve()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}"
+
+
+def local_checkpoint(
+    source: str | os.PathLike[str],
+    *,
+    tracking_uri: str | None = None,
+    cache_dir: str | os.PathLike[str] = "~/.cache/jin/checkpoints",
+) -> Path:
+    """A checkpoint directory on local disk, from a path or an MLflow artifact URI.
+
+    ``source`` is a directory, or ``runs:/RUN_ID/final_checkpoint`` (what pretraining logs),
+    ``models:/NAME/VERSION`` or ``mlflow-artifacts:/...``; those are downloaded with
+    ``tracking_uri`` (default: :func:`default_tracking_uri`) into ``cache_dir``, keyed by store
+    and URI, and reused by later calls (so name a fixed model version, not ``latest``).
+    """
+    text = str(source)
+    if not text.startswith(MLFLOW_SCHEMES):
+        path = Path(text).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint {text!r} is neither a directory nor an MLflow URI "
+                f"({', '.join(s + '...' for s in MLFLOW_SCHEMES)})"
+            )
+        return path
+    uri = tracking_uri or default_tracking_uri()
+    key = hashlib.sha256(f"{uri}\n{text}".encode()).hexdigest()[:16]
+    final = Path(cache_dir).expanduser() / key
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{key}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        try:
+            fetched = mlflow.artifacts.download_artifacts(
+                artifact_uri=text, dst_path=str(tmp), tracking_uri=uri
+            )
+        except Exception as exc:  # MLflow raises several types; all mean "not fetched"
+            raise FileNotFoundError(
+                f"cannot download checkpoint {text!r} from {uri}: {exc}"
+            ) from exc
+        try:
+            os.replace(fetched, final)
+        except OSError:
+            if not final.is_dir():  # another process renamed its own copy first: use that
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def flatten_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -1,0 +1,44 @@
+"""Joining a Ray cluster, or starting a private one on loopback; whether it has GPUs.
+
+Every entry point (pretraining, serving, batch embedding) connects the same way: to
+``--ray-address`` or ``$RAY_ADDRESS`` (which ``ray job submit`` sets) when given, else to a new
+Ray started here.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["init_ray", "use_gpu"]
+
+
+def init_ray(address: str | None = None, *, extra_cpus: int = 0) -> None:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start Ray here with ``extra_cpus``.
+
+    A Ray started here serves this machine alone, so it is kept on loopback; and ``"local"`` is
+    passed explicitly so a stale or unrelated cluster on the machine is never joined by accident.
+    ``extra_cpus`` adds logical CPUs beyond the cores, for jobs whose actors each hold one CPU
+    while Ray Data's tasks still need some.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address is not None:
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        address="local",
+        num_cpus=(os.cpu_count() or 1) + extra_cpus,
+        include_dashboard=False,
+        configure_logging=False,
+    )
+
+
+def use_gpu(requested: bool | None) -> bool:
+    """``requested``, or (when None) whether the connected cluster has a GPU."""
+    import ray
+
+    if requested is not None:
+        return requested
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,118 @@
+"""Request and response models of the HTTP API (they also make its OpenAPI page, ``/docs``).
+
+An item is ``{"modality": NAME, "data": ...}``: text as a string; images and audio as base64 of
+their encoded files (PNG, JPEG, ... / WAV, FLAC, ...); points as a list of ``[x, y, z, ...]`` rows;
+``custom`` and modalities added at run time as a flat list of numbers. ``data`` is parsed for its
+JSON shape here; whether it fits the named modality is checked against the loaded model in
+`jin_orchestrate.serving.items`, so each error names the item and the field.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jin_orchestrate.inference import ModelCard
+
+__all__ = [
+    "EmbedRequest",
+    "EmbedResponse",
+    "Embedding",
+    "ErrorDetail",
+    "ErrorResponse",
+    "Health",
+    "Item",
+    "Limits",
+    "ServiceCard",
+    "SimilarityRequest",
+    "SimilarityResponse",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Item(_Strict):
+    """One input: a modality name (``GET /v1/modalities`` lists them) and its data."""
+
+    modality: str = Field(examples=["text", "image", "audio", "points", "custom"])
+    data: str | list[float] | list[list[float]] = Field(
+        description="text: a string; image/audio: base64 of the encoded file; points: "
+        "[[x, y, z, ...], ...]; custom and runtime modalities: [f1, f2, ...]",
+        examples=["the number 42"],
+    )
+
+
+class EmbedRequest(_Strict):
+    """Items to embed, in any mix of modalities."""
+
+    items: list[Item] = Field(min_length=1)
+
+
+class Embedding(_Strict):
+    """The L2-normalised embedding of ``items[index]``."""
+
+    index: int
+    modality: str
+    embedding: list[float]
+
+
+class EmbedResponse(_Strict):
+    """One embedding per item, in request order."""
+
+    model_version: str
+    dim: int
+    data: list[Embedding]
+
+
+class SimilarityRequest(_Strict):
+    """Two lists of items to compare, every query against every candidate."""
+
+    queries: list[Item] = Field(min_length=1)
+    candidates: list[Item] = Field(min_length=1)
+
+
+class SimilarityResponse(_Strict):
+    """``scores[i][j]``: cosine similarity of query i and candidate j (in [-1, 1])."""
+
+    model_version: str
+    scores: list[list[float]]
+
+
+class Limits(_Strict):
+    """What one request may hold."""
+
+    max_items: int
+    max_request_bytes: int
+    max_image_pixels: int
+    max_audio_seconds: float
+
+
+class ServiceCard(_Strict):
+    """The loaded model, its modalities and what they take, and the request limits."""
+
+    model: ModelCard
+    limits: Limits
+
+
+class Health(_Strict):
+    """The service is up and its model is loaded."""
+
+    status: Literal["ok"]
+    model_version: str
+
+
+class ErrorDetail(_Strict):
+    """Where (``["body", "items", 3, "data"]``) and what."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorResponse(_Strict):
+    """Body of every 4xx answer."""
+
+    detail: list[ErrorDetail]

@@ -1,0 +1,301 @@
+"""The Ray Serve application: a FastAPI ingress in front of a batching model deployment.
+
+    HTTP -> Ingress (FastAPI; validates and decodes, CPU) -> Embedder (@serve.batch; the model)
+
+``Ingress`` turns each request's items into a decoded Arrow table (`jin_orchestrate.serving.items`)
+and answers client mistakes itself, so a bad request never reaches, or fails, a batch. ``Embedder``
+merges the tables of up to ``max_batch_size`` concurrent requests (waiting at most
+``batch_wait_timeout_s`` for them), embeds each modality once over the merged rows and hands every
+request its own rows back. The two scale apart: many CPU ingress replicas can feed one GPU model
+replica. ``build_app`` is the application builder that ``serve run`` / ``serve deploy`` import.
+
+No ``from __future__ import annotations`` here: FastAPI reads the route methods' annotations at
+run time, and Serve's ingress wrapper hides the module namespace it would resolve strings in.
+"""
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from jin_data import Decoder
+from jin_orchestrate import __version__
+from jin_orchestrate.inference import EmbeddingModel, ModelCard, card_decoder
+from jin_orchestrate.serving.api import (
+    Embedding,
+    EmbedRequest,
+    EmbedResponse,
+    ErrorDetail,
+    ErrorResponse,
+    Health,
+    Item,
+    Limits,
+    ServiceCard,
+    SimilarityRequest,
+    SimilarityResponse,
+)
+from jin_orchestrate.serving.config import ServeConfig
+from jin_orchestrate.serving.items import InputError, items_table
+
+__all__ = ["BodyLimit", "Embedder", "Ingress", "RequestEmbeddings", "build_app"]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "too many items, or an item or body too large"},
+    422: {"model": ErrorResponse, "description": "an item that does not fit the model"},
+}
+
+app = FastAPI(
+    title="Jin embeddings",
+    version=__version__,
+    description="L2-normalised embeddings of text, images, audio, point clouds and runtime "
+    "modalities in Jin's joint space. Client errors name the item and the field.",
+)
+
+
+@app.exception_handler(InputError)
+async def _input_error(request: Request, exc: InputError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default echoes each bad input back, which can be megabytes of base64.
+    details = [
+        ErrorDetail(loc=list(e["loc"]), msg=e["msg"], type=e["type"]).model_dump()
+        for e in exc.errors()
+    ]
+    return JSONResponse({"detail": details}, status_code=422)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``app.state.max_request_bytes``, before it is parsed.
+
+    A declared ``Content-Length`` over the limit is refused unread; a chunked body is read up to
+    the limit and refused as soon as it passes it, else handed on as it came.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        limit = getattr(scope["app"].state, "max_request_bytes", None) if "app" in scope else None
+        if scope["type"] != "http" or limit is None:
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit():  # the server answers a malformed one
+            if int(declared) > limit:
+                return await _too_large(scope, send, f"{int(declared)} bytes", limit)
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await _too_large(scope, send, f"more than {limit} bytes", limit)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay() -> dict[str, Any]:
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+
+async def _too_large(scope: dict[str, Any], send: Any, size: str, limit: int) -> None:
+    detail = ErrorDetail(
+        loc=["body"],
+        msg=f"request body of {size} is over the limit of {limit} bytes (max_request_bytes)",
+        type="too_large",
+    )
+    response = JSONResponse({"detail": [detail.model_dump()]}, status_code=413)
+    await response(scope, _no_body, send)
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+app.add_middleware(BodyLimit)
+
+
+@dataclass
+class RequestEmbeddings:
+    """One request's answer from the model: ``(N, R)`` vectors and the rows it rejected.
+
+    ``batch_requests`` and ``batch_items`` size the forward pass it shared (``X-Jin-Batch-*``).
+    """
+
+    vectors: np.ndarray
+    errors: dict[int, str]
+    batch_requests: int
+    batch_items: int
+
+
+@serve.deployment
+class Embedder:
+    """The model replica: batches concurrent requests with ``@serve.batch`` into one pass."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.model = EmbeddingModel.from_checkpoint(
+            cfg.checkpoint, tracking_uri=cfg.mlflow_tracking_uri
+        )
+        self.embed.set_max_batch_size(cfg.max_batch_size)
+        self.embed.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+    def card(self) -> ModelCard:
+        """The loaded checkpoint's identity and modalities."""
+        return self.model.card
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)  # reset from the config
+    async def embed(self, tables: list[pa.Table]) -> list[RequestEmbeddings]:
+        """Each request's decoded items (a table) -> its embeddings; one forward per modality."""
+        merged = pa.concat_tables(tables)
+        # The forward runs in a thread so the replica keeps queueing the next batch meanwhile.
+        result = await asyncio.to_thread(self.model.embed_table, merged)
+        vectors = np.zeros((merged.num_rows, self.model.card.dim), np.float32)
+        for name, present in result.present.items():
+            vectors[present] = result.vectors[name][present]
+        answers, start = [], 0
+        for table in tables:
+            stop = start + table.num_rows
+            errors = {i - start: m for i, m in result.errors.items() if start <= i < stop}
+            answers.append(
+                RequestEmbeddings(vectors[start:stop], errors, len(tables), merged.num_rows)
+            )
+            start = stop
+        return answers
+
+
+@serve.deployment
+@serve.ingress(app)
+class Ingress:
+    """The HTTP front: request models, limits, decoding; the model sits behind ``embedder``."""
+
+    def __init__(self, embedder: DeploymentHandle, cfg: ServeConfig) -> None:
+        self.embedder = embedder
+        self.limits = Limits(
+            max_items=cfg.max_items,
+            max_request_bytes=cfg.max_request_bytes,
+            max_image_pixels=cfg.max_image_pixels,
+            max_audio_seconds=cfg.max_audio_seconds,
+        )
+        app.state.max_request_bytes = cfg.max_request_bytes  # read by BodyLimit
+        self._card: ModelCard | None = None
+        self._decoder: Decoder | None = None
+
+    async def card(self) -> ModelCard:
+        """The model replica's card, asked once."""
+        if self._card is None:
+            self._card = await self.embedder.card.remote()
+            self._decoder = card_decoder(self._card, on_error="skip")
+        return self._card
+
+    async def _embed(
+        self, lists: Mapping[str, list[Item]], response: Response
+    ) -> dict[str, np.ndarray]:
+        """Vectors ``(N, R)`` of each named list of items; every bad item is reported at once."""
+        count = sum(len(items) for items in lists.values())
+        if count > self.limits.max_items:
+            raise InputError(
+                413,
+                [
+                    ErrorDetail(
+                        loc=["body", *lists] if len(lists) == 1 else ["body"],
+                        msg=f"{count} items is over the limit of {self.limits.max_items} per "
+                        "request (max_items)",
+                        type="too_large",
+                    )
+                ],
+            )
+        card = await self.card()
+        tables, failures = {}, []
+        for field, items in lists.items():
+            try:
+                tables[field] = items_table(items, card, self.limits, self._decoder, field)
+            except InputError as exc:
+                failures.append(exc)
+        if failures:
+            status = 413 if any(f.status == 413 for f in failures) else 422
+            raise InputError(status, [d for f in failures for d in f.details])
+        answer: RequestEmbeddings = await self.embedder.embed.remote(
+            pa.concat_tables(list(tables.values()))
+        )
+        bounds = np.cumsum([0, *(len(items) for items in lists.values())])
+        if answer.errors:
+            details = []
+            for row, msg in sorted(answer.errors.items()):
+                k = int(np.searchsorted(bounds, row, side="right")) - 1
+                details.append(
+                    ErrorDetail(
+                        loc=["body", list(lists)[k], row - int(bounds[k]), "data"],
+                        msg=msg,
+                        type="value_error",
+                    )
+                )
+            raise InputError(422, details)
+        response.headers["X-Jin-Batch-Requests"] = str(answer.batch_requests)
+        response.headers["X-Jin-Batch-Items"] = str(answer.batch_items)
+        return {field: answer.vectors[bounds[k] : bounds[k + 1]] for k, field in enumerate(lists)}
+
+    @app.post("/v1/embed", responses=ERRORS)
+    async def embed(self, request: EmbedRequest, response: Response) -> EmbedResponse:
+        """Embed every item; the vectors are L2-normalised, in the order of ``items``.
+
+        ``X-Jin-Batch-Requests`` / ``X-Jin-Batch-Items`` tell how many requests and items shared
+        the forward pass.
+        """
+        vectors = (await self._embed({"items": request.items}, response))["items"]
+        card = await self.card()
+        return EmbedResponse(
+            model_version=card.version,
+            dim=card.dim,
+            data=[
+                Embedding(index=i, modality=item.modality, embedding=vector.tolist())
+                for i, (item, vector) in enumerate(zip(request.items, vectors, strict=True))
+            ],
+        )
+
+    @app.post("/v1/similarity", responses=ERRORS)
+    async def similarity(
+        self, request: SimilarityRequest, response: Response
+    ) -> SimilarityResponse:
+        """Cosine similarity of every query with every candidate, from one batched pass."""
+        lists = {"queries": request.queries, "candidates": request.candidates}
+        vectors = await self._embed(lists, response)
+        # Unit vectors: the dot product is the cosine, clipped where rounding passes 1.
+        scores = np.clip(vectors["queries"] @ vectors["candidates"].T, -1.0, 1.0)
+        card = await self.card()
+        return SimilarityResponse(model_version=card.version, scores=scores.tolist())
+
+    @app.get("/v1/modalities")
+    async def modalities(self) -> ServiceCard:
+        """The model, the modalities it embeds and what each takes, and the request limits."""
+        return ServiceCard(model=await self.card(), limits=self.limits)
+
+    @app.get("/healthz")
+    async def healthz(self) -> Health:
+        """OK once the model replica has answered."""
+        try:
+            card = await self.card()
+        except Exception as exc:  # the model replica is down or still loading
+            raise HTTPException(503, f"model not reachable: {exc}") from exc
+        return Health(status="ok", model_version=card.version)
+
+
+def build_app(args: Mapping[str, Any] | ServeConfig) -> serve.Application:
+    """The application from a :class:`ServeConfig` (or its mapping: a Serve config's ``args``)."""
+    from jin_orchestrate.cluster import use_gpu
+
+    cfg = args if isinstance(args, ServeConfig) else ServeConfig.model_validate(dict(args))
+    gpus = 1 if use_gpu(cfg.use_gpu) else 0
+    embedder = Embedder.options(**cfg.model_options(gpus)).bind(cfg)
+    return Ingress.options(**cfg.ingress_options()).bind(embedder, cfg)
