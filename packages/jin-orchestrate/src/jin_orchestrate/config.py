@@ -214,7 +214,7 @@ def jin_tiny() -> dict[str, Any]:
     # the tokens of full-size levels. z-JEPA at 64 pixels was 60% of a multimodal step.
     model["zjepa"] = {"num_z_levels": 2, "zoom_factors": (1.0, 0.5)}
     model["zoom_crop_size"] = 32
-    # I-JEPA's EMA schedule (0.996 -> 1) is made for hundreds of epochs. In a 540-step run the
+    # I-JEPA's EMA schedule (0.996 -> 1) is made for hundreds of epochs. In a 340-step run the
     # target then tracks the online network within a few hundred steps and both fall to
     # position-only features (the image targets' content_std went 0.43 -> 0.04 in 120 steps and
     # alignment never left ln(batch)); a slower target keeps content in what the JEPA terms predict.
