@@ -31,11 +31,11 @@ from typing import Any, Literal
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from jin_data import DataError, check_schema, list_shards
-from jin_data.ray_data import SplitFilter
 from jin_orchestrate._config import StrictConfig
 from jin_orchestrate.inference import EmbeddingModel, ModelCard, card_decoder
 
@@ -160,7 +160,7 @@ def embed_shard(model: EmbeddingModel, shard: str, cfg: EmbedConfig) -> ShardRes
     modalities = _modalities(cfg, model.card)
     columns = ["custom" if m == cfg.custom_as else m for m in modalities]
     decoder = card_decoder(model.card, cfg.on_error)
-    keep_split = SplitFilter(cfg.split)
+    splits = None if cfg.split is None else pa.array(cfg.split, pa.string())
     in_fs, in_path = fsspec.core.url_to_fs(shard)
     out_fs, out_root = fsspec.core.url_to_fs(cfg.output)
     name = posixpath.basename(in_path)
@@ -180,7 +180,9 @@ def embed_shard(model: EmbeddingModel, shard: str, cfg: EmbedConfig) -> ShardRes
             for record_batch in source.iter_batches(
                 batch_size=cfg.batch_size, columns=["id", "split", "label", *columns]
             ):
-                table = keep_split(pa.Table.from_batches([record_batch]))
+                table = pa.Table.from_batches([record_batch])
+                if splits is not None:
+                    table = table.filter(pc.is_in(table["split"], splits))
                 table = table.append_column("__url", pa.array([shard] * table.num_rows))
                 decoded, errors = decoder.decode(table)
                 for error in errors:
