@@ -71,7 +71,7 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(test_config, bat
         first.train_step(batch)
     path = first.save(tmp_path / "ckpt", epoch=0, batch_in_epoch=2)
     resumed = _trainer(test_config, seed=123)  # a different seed: the checkpoint must win
-    assert resumed.restore(path, same_stage=True) == (0, 2)
+    assert resumed.restore(path) == (0, 2)
     assert resumed.step == 2
     for _ in range(2):
         resumed.train_step(batch)

@@ -41,6 +41,7 @@ from jin_orchestrate.overrides import apply_overrides, deep_merge, load_mapping
 
 __all__ = [
     "PRESETS",
+    "VECTOR_COLUMNS",
     "DataConfig",
     "JinConfig",
     "StageConfig",
@@ -48,6 +49,9 @@ __all__ = [
     "load_config",
     "preset",
 ]
+
+# jin-data columns whose collated batch a CustomModalityEncoder reads: (B,F) vectors.
+VECTOR_COLUMNS = ("custom",)
 
 
 class StageConfig(StrictConfig):
@@ -60,11 +64,22 @@ class StageConfig(StrictConfig):
     gamma: float = Field(0.0, ge=0.0, description="contrastive alignment, Eq. 6")
     zjepa: float = Field(0.0, ge=0.0, description="z-JEPA cross-scale terms on images, Eq. 4")
     lr: float | None = Field(None, gt=0.0, description="peak learning rate (train.lr if None)")
+    trainable: tuple[str, ...] = Field(
+        (),
+        description="runtime modality extension (§3.6): train only these modalities' encoders, "
+        "embedding rows and retrieval projections, by InfoNCE (gamma) and cross-modal "
+        "prediction (beta) against the frozen rest; empty: train everything",
+    )
 
     @model_validator(mode="after")
     def _some_objective(self) -> StageConfig:
         if self.alpha + self.beta + self.gamma + self.zjepa == 0:
             raise ValueError(f"stage {self.name!r}: alpha, beta, gamma and zjepa are all 0")
+        if self.trainable and self.beta + self.gamma == 0:
+            raise ValueError(
+                f"stage {self.name!r}: an extension stage (trainable={list(self.trainable)}) "
+                "learns from beta and gamma only; both are 0"
+            )
         return self
 
 
@@ -97,7 +112,34 @@ class DataConfig(StrictConfig):
     cache_dir: str = "~/.cache/jin"
     on_error: Literal["raise", "skip"] = "raise"
     modalities: tuple[str, ...] = ("text", "image", "audio", "points")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="modality -> the jin-data column it is read from, where the names differ "
+        "(a runtime-added modality reading the custom column)",
+    )
     shuffle_buffer: int = Field(256, ge=0)
+
+    @model_validator(mode="after")
+    def _check_columns(self) -> DataConfig:
+        stray = [m for m in self.columns if m not in self.modalities]
+        if stray:
+            raise ValueError(f"data.columns: {stray} are not in data.modalities {self.modalities}")
+        bad = {m: c for m, c in self.columns.items() if c not in VECTOR_COLUMNS}
+        if bad:
+            raise ValueError(
+                f"data.columns: {bad}: a renamed modality reads a numeric column, one of "
+                f"{list(VECTOR_COLUMNS)}"
+            )
+        sources = [self.columns.get(m, m) for m in self.modalities]
+        twice = sorted({c for c in sources if sources.count(c) > 1})
+        if twice:
+            raise ValueError(f"data.columns: column(s) {twice} feed more than one modality")
+        return self
+
+    @property
+    def source_columns(self) -> tuple[str, ...]:
+        """The jin-data columns to read, in the order of ``modalities``."""
+        return tuple(self.columns.get(m, m) for m in self.modalities)
 
 
 class JinConfig(StrictConfig):
@@ -121,6 +163,13 @@ class JinConfig(StrictConfig):
             raise ValueError(
                 f"data.modalities: {unknown} have no encoder in model (has {self.model.modalities})"
             )
+        for s in self.stages:
+            unknown = [m for m in s.trainable if m not in self.data.modalities]
+            if unknown:
+                raise ValueError(
+                    f"stages.{s.name}.trainable: {unknown} are not among data.modalities "
+                    f"{list(self.data.modalities)}"
+                )
         return self
 
     @property

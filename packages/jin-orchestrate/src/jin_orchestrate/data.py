@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
     from jin_orchestrate.config import DataConfig
 
-__all__ = ["default_corpus", "ray_collate", "ray_train_dataset"]
+__all__ = ["default_corpus", "ray_collate", "ray_train_dataset", "rename_columns"]
 
 
 def default_corpus(cfg: DataConfig, *, progress: bool = True) -> str:
@@ -51,10 +52,26 @@ def default_corpus(cfg: DataConfig, *, progress: bool = True) -> str:
 
 def ray_train_dataset(url: str, cfg: DataConfig, split: str = "train") -> ray.data.Dataset:
     """The shards at ``url`` as a decoded Ray Dataset of one split, randomly shuffled per epoch."""
-    dataset = read_ray_dataset(url, split=split, modalities=cfg.modalities, on_error=cfg.on_error)
+    dataset = read_ray_dataset(
+        url, split=split, modalities=cfg.source_columns, on_error=cfg.on_error
+    )
     return dataset.random_shuffle(seed=cfg.seed) if cfg.shuffle_buffer else dataset
 
 
 def ray_collate(cfg: DataConfig) -> Any:
-    """The ``collate_fn`` for ``iter_torch_batches`` giving docs/CONVENTIONS.md batches."""
-    return ray_collate_fn(cfg.modalities)
+    """The ``collate_fn`` for ``iter_torch_batches`` giving docs/CONVENTIONS.md batches of the
+    source columns (see :func:`rename_columns` for modalities read from another column)."""
+    return ray_collate_fn(cfg.source_columns)
+
+
+def rename_columns(batch: dict[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """A collated batch with each ``columns`` source (``custom``, ``custom_present``, ...) under
+    its modality's name, as a runtime-added modality's encoder reads it."""
+    if not columns:
+        return batch
+    out = dict(batch)
+    for modality, column in columns.items():
+        for suffix in ("", "_present", "_padding_mask"):
+            if column + suffix in out:
+                out[modality + suffix] = out.pop(column + suffix)
+    return out

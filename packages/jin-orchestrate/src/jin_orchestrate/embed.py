@@ -72,7 +72,9 @@ class EmbedConfig(StrictConfig):
         "raise", description="a row that does not decode or embed: fail the job, or skip it"
     )
     custom_as: str | None = Field(
-        None, description="embed the data's custom column as this runtime-added modality"
+        None,
+        description="embed the data's custom column as this runtime-added modality (default: "
+        "the one the checkpoint records for it, if any)",
     )
     mlflow_tracking_uri: str | None = None
 
@@ -105,6 +107,15 @@ class EmbedSummary:
     @property
     def skipped(self) -> int:
         return sum(r.skipped for r in self.embedded)
+
+
+def _recorded_custom_as(cfg: EmbedConfig, card: ModelCard) -> EmbedConfig:
+    """``cfg`` with ``custom_as`` defaulting to the modality the checkpoint reads from ``custom``
+    (what ``jin_orchestrate.extend`` records)."""
+    if cfg.custom_as is not None:
+        return cfg
+    recorded = next((m.name for m in card.modalities if m.column == "custom"), None)
+    return cfg if recorded is None else cfg.model_copy(update={"custom_as": recorded})
 
 
 def _modalities(cfg: EmbedConfig, card: ModelCard) -> list[str]:
@@ -157,6 +168,7 @@ def _vectors_column(vectors: np.ndarray, present: np.ndarray) -> pa.Array:
 def embed_shard(model: EmbeddingModel, shard: str, cfg: EmbedConfig) -> ShardResult:
     """Embed one shard into ``cfg.output``, written under a temporary name, then renamed."""
     started = time.perf_counter()
+    cfg = _recorded_custom_as(cfg, model.card)
     modalities = _modalities(cfg, model.card)
     columns = ["custom" if m == cfg.custom_as else m for m in modalities]
     decoder = card_decoder(model.card, cfg.on_error)
@@ -279,6 +291,7 @@ def run_embedding_job(
     card = ModelCard.from_checkpoint(
         local_checkpoint(cfg.checkpoint, tracking_uri=cfg.mlflow_tracking_uri), cfg.checkpoint
     )
+    cfg = _recorded_custom_as(cfg, card)
     _modalities(cfg, card)  # fail on a bad modality before any Ray start
     todo, done = _plan(cfg, card)
     say = print if progress else (lambda *a, **k: None)

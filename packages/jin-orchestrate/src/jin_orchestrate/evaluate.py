@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from jin_data import ShardDataset, collate, list_shards
 from jin_data.numberworld.text import CAPTION_TEMPLATES, number_words
 from jin_orchestrate.checkpoint import load_checkpoint, read_config
+from jin_orchestrate.data import rename_columns
 from jin_orchestrate.metrics import class_prototypes, recall_at_k, zero_shot_accuracy
 from jin_orchestrate.model import JinModel, JinModelConfig
 
@@ -35,6 +37,7 @@ __all__ = [
     "prompt_embeddings",
 ]
 
+ZERO_SHOT_BUILTIN_KEYS = ("zero_shot_top1_all_test", "zero_shot_audio_top1_all_test")
 RETRIEVAL_PAIRS = (
     ("text", "audio"),
     ("audio", "text"),
@@ -70,22 +73,31 @@ def _train_labels(url: str) -> set[int]:
 
 @torch.no_grad()
 def embed_dataset(
-    model: JinModel, url: str, split: str | list[str], modalities: list[str], batch_size: int = 64
+    model: JinModel,
+    url: str,
+    split: str | list[str],
+    modalities: list[str],
+    batch_size: int = 64,
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Embeddings ``(N, R)`` per modality of the samples of ``split``, and labels ``(N,)``."""
+    """Embeddings ``(N, R)`` per modality of the samples of ``split``, and labels ``(N,)``.
+
+    ``columns`` maps a modality to the column it is read from where the names differ.
+    """
+    columns = dict(columns or {})
     data = ShardDataset(
         url,
         batch_size=batch_size,
         shuffle=False,
         split=split,
-        modalities=modalities,
+        modalities=[columns.get(m, m) for m in modalities],
         rank=0,
         world_size=1,
     )
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     labels = []
     for batch in data:
-        emb = model.embed(batch)
+        emb = model.embed(rename_columns(batch, columns))
         for m in modalities:
             chunks[m].append(emb[m])
         labels.append(batch["label"])
@@ -124,16 +136,22 @@ def evaluate_model(model: JinModel, url: str, data_cfg: Any = None) -> dict[str,
     modalities = [
         m for m in model.cfg.builtin_modalities if m in ("text", "image", "audio", "points")
     ]
+    columns: dict[str, str] = {}
     if data_cfg is not None:
         modalities = [m for m in modalities if m in data_cfg.modalities]
-    emb, labels = embed_dataset(model, url, "test", modalities)
+        # Runtime-added modalities the data feeds (jin_orchestrate.extend records their column).
+        columns = {m: c for m, c in data_cfg.columns.items() if m in model.cfg.extra_modalities}
+        modalities += list(columns)
+    emb, labels = embed_dataset(model, url, "test", modalities, columns=columns)
     seen = _train_labels(url)
     numbers = list(range(100))
     result: dict[str, float] = {"test_samples": float(len(labels))}
     if "text" in emb:
         classes = prompt_embeddings(model, numbers)
         held_out = torch.tensor([int(x) not in seen for x in labels])
-        for name, prefix in (("image", "zero_shot"), ("audio", "zero_shot_audio")):
+        zero_shot = [("image", "zero_shot"), ("audio", "zero_shot_audio")]
+        zero_shot += [(m, f"zero_shot_{m}") for m in columns]
+        for name, prefix in zero_shot:
             if name not in emb:
                 continue
             if held_out.any():
@@ -148,9 +166,13 @@ def evaluate_model(model: JinModel, url: str, data_cfg: Any = None) -> dict[str,
                         f"{prefix}_chance": 1 / len(numbers),
                     }
                 )
-            acc_all = zero_shot_accuracy(emb[name], labels, classes, torch.tensor(numbers), ks=(1,))
+            acc_all = zero_shot_accuracy(
+                emb[name], labels, classes, torch.tensor(numbers), ks=(1, 10)
+            )
             result[f"{prefix}_top1_all_test"] = acc_all[1]
-    for query, pool in RETRIEVAL_PAIRS:
+            result[f"{prefix}_top10_all_test"] = acc_all[10]
+    pairs = [*RETRIEVAL_PAIRS, *((m, "text") for m in columns), *(("text", m) for m in columns)]
+    for query, pool in pairs:
         if query in emb and pool in emb:
             protos, proto_labels = class_prototypes(emb[pool], labels)
             r = recall_at_k(emb[query], protos, labels, proto_labels)
@@ -164,7 +186,22 @@ def format_summary(result: dict[str, float]) -> str:
     """The closing table of a job, in Markdown."""
     lines = ["| measure | value | chance |", "| --- | --- | --- |"]
     pool = result.get("retrieval_pool", 100.0)
-    for prefix, what in (("zero_shot", "images"), ("zero_shot_audio", "speech")):
+    extra = [
+        k[len("zero_shot_") : -len("_top1_all_test")]
+        for k in result
+        if k.endswith("_top1_all_test") and k not in ZERO_SHOT_BUILTIN_KEYS
+    ]
+    for name in extra:  # runtime-added modalities: every test sample against 100 prompts
+        for k in (1, 10):
+            lines.append(
+                f"| {name}→text prompts, test samples, R@{k} (100-way) | "
+                f"{result[f'zero_shot_{name}_top{k}_all_test']:.1%} | {k / 100:.1%} |"
+            )
+    for prefix, what in (
+        ("zero_shot", "images"),
+        ("zero_shot_audio", "speech"),
+        *((f"zero_shot_{m}", m) for m in extra),
+    ):
         if f"{prefix}_top1" not in result:
             continue
         n = int(result[f"{prefix}_samples"])
@@ -176,9 +213,9 @@ def format_summary(result: dict[str, float]) -> str:
             f"| zero-shot top-5, {what} of held-out numbers | {result[f'{prefix}_top5']:.1%} "
             "| 5.0% |"
         )
-    for query, target in RETRIEVAL_PAIRS:
-        key = f"retrieval/{query}_to_{target}/R10"
-        if key in result:
+    for key in result:
+        if key.startswith("retrieval/") and key.endswith("/R10"):
+            query, target = key.split("/")[1].split("_to_")
             lines.append(
                 f"| R@10 {query}→{target} ({int(pool)}-way) | {result[key]:.1%} | "
                 f"{min(1.0, 10 / pool):.1%} |"

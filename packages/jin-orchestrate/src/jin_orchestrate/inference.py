@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from jin_data import Decoder, collate
 from jin_orchestrate.checkpoint import CONFIG, WEIGHTS, verify_checkpoint
@@ -50,9 +50,14 @@ class ModalitySpec(BaseModel):
     shape: list[int | None]
     sample_rate: int | None = None
     min_length: int = 1
+    column: str | None = Field(
+        None, description="the jin-data column it reads where that is not its name"
+    )
 
 
-def _modality_specs(cfg: JinModelConfig) -> list[ModalitySpec]:
+def _modality_specs(
+    cfg: JinModelConfig, columns: dict[str, str] | None = None
+) -> list[ModalitySpec]:
     space = cfg.space
     specs = []
     if space.text is not None:
@@ -79,7 +84,8 @@ def _modality_specs(cfg: JinModelConfig) -> list[ModalitySpec]:
     if space.custom is not None:
         specs.append(ModalitySpec(name="custom", kind="vector", shape=[space.custom.input_dim]))
     for name, sub in cfg.extra_modalities.items():
-        specs.append(ModalitySpec(name=name, kind="vector", shape=[sub.input_dim]))
+        column = (columns or {}).get(name)
+        specs.append(ModalitySpec(name=name, kind="vector", shape=[sub.input_dim], column=column))
     return specs
 
 
@@ -105,7 +111,7 @@ class ModelCard(BaseModel):
             checkpoint=str(source if source is not None else path),
             preset=str(config.get("preset", "custom")),
             dim=cfg.space.retrieval_dim or cfg.dim,
-            modalities=_modality_specs(cfg),
+            modalities=_modality_specs(cfg, config.get("data", {}).get("columns")),
         )
 
     def spec(self, name: str) -> ModalitySpec | None:

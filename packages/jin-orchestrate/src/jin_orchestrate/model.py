@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -205,6 +205,8 @@ class JinModel(nn.Module):
         self.target = EMATarget(self.encoder, ema)
         self.image_masks = MultiBlockMaskGenerator(cfg.image_mask)
         self.span_masks = SpanMaskGenerator(cfg.span_mask)
+        # Modalities an extension stage trains (freeze_except); empty: everything trains.
+        self.trainable: tuple[str, ...] = ()
 
     @property
     def space(self) -> JointEmbeddingSpace:
@@ -227,17 +229,48 @@ class JinModel(nn.Module):
                 f"got {type(encoder).__name__}"
             )
         new_id = self.space.add_modality(name, encoder)
-        target = self.target.module.space
-        target.add_modality(name, copy.deepcopy(encoder))
-        with torch.no_grad():  # the target starts as a copy of the new online parameters
-            for t, o in zip(
-                target.modality_parameters(name), self.space.modality_parameters(name), strict=True
-            ):
-                t.copy_(o)
-                t.requires_grad_(False)
+        self.target.module.space.add_modality(name, copy.deepcopy(encoder))
+        self._copy_to_target(name)  # the target starts as a copy of the new online parameters
         extra = {**self.cfg.extra_modalities, name: encoder.config}
         self.cfg = self.cfg.model_copy(update={"extra_modalities": extra})
         return new_id
+
+    @torch.no_grad()
+    def _copy_to_target(self, name: str) -> None:
+        target = self.target.module.space
+        for t, o in zip(
+            target.modality_parameters(name), self.space.modality_parameters(name), strict=True
+        ):
+            t.copy_(o)
+            t.requires_grad_(False)
+
+    def freeze_except(self, names: Sequence[str]) -> None:
+        """Train only ``names``' encoders, modality-embedding rows and retrieval projections.
+
+        Everything else stops requiring gradients and runs in eval mode even under ``train()``
+        (no router jitter), so its outputs do not change: runtime modality extension, §3.6.
+        Output heads stay frozen too: no objective of an extension stage reaches them.
+        """
+        unknown = [n for n in names if n not in self.modalities]
+        if unknown:
+            raise ValueError(f"freeze_except: {unknown} are not modalities of {self.modalities}")
+        self.trainable = tuple(names)
+        self.requires_grad_(False)
+        space = self.space
+        for name in names:
+            space.encoders[name].requires_grad_(True)
+            space.projections[name].requires_grad_(True)
+            space.modality_embed[space.modality_ids[name]].requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> JinModel:
+        """``nn.Module.train``; with :meth:`freeze_except`, only the trainable encoders train."""
+        super().train(mode)
+        if mode and self.trainable:
+            super().train(False)
+            for name in self.trainable:
+                self.space.encoders[name].train(True)
+        return self
 
     # -- embedding ---------------------------------------------------------------------------
 
@@ -252,7 +285,15 @@ class JinModel(nn.Module):
 
     @torch.no_grad()
     def update_target(self, step: int, total_steps: int) -> float:
-        """EMA update after optimiser step ``step`` of ``total_steps`` (momentum schedule)."""
+        """EMA update after optimiser step ``step`` of ``total_steps`` (momentum schedule).
+
+        Under :meth:`freeze_except` the frozen targets stay as they are and the trainable
+        modalities' targets follow their online parameters exactly (momentum 0).
+        """
+        if self.trainable:
+            for name in self.trainable:
+                self._copy_to_target(name)
+            return 0.0
         if self.target.config.total_steps != total_steps:
             self.target.config = self.target.config.model_copy(update={"total_steps": total_steps})
         return self.target.update(self.encoder, step)
@@ -284,8 +325,18 @@ class JinModel(nn.Module):
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Loss terms of one step; ``loss`` is their Eq. 7 sum with the stage's weights."""
+        if tuple(stage.trainable) != self.trainable:
+            raise ValueError(
+                f"stage {stage.name!r} trains {list(stage.trainable) or 'everything'} but the "
+                f"model is set to train {list(self.trainable) or 'everything'}; call "
+                "freeze_except(stage.trainable) first"
+            )
         self.encoder.router_log = []
         try:
+            if stage.trainable:
+                from jin_orchestrate.extension import extension_losses
+
+                return extension_losses(self, batch, stage, generator)
             return self._losses(batch, stage, generator)
         finally:
             self.encoder.router_log = None
@@ -360,19 +411,9 @@ class JinModel(nn.Module):
         out["cross_modal"] = torch.stack(cross_terms).mean() if cross_terms else zero
 
         # Eq. 6: symmetric InfoNCE between every pair of modalities present.
-        align_terms = []
+        out["align"] = zero
         if stage.gamma > 0:
-            z = {
-                n: _gather(self.space.project(n, full[n], encoded[n].padding_mask)) for n in encoded
-            }
-            both_present = {n: _gather(p) for n, p in present.items()}
-            scale = self.logit_scale()
-            for a, b in itertools.combinations(sorted(z), 2):
-                loss, _ = info_nce(z[a], z[b], scale, both_present[a] & both_present[b])
-                out[f"align/{a}-{b}"] = loss.detach()
-                align_terms.append(loss)
-            out["logit_scale"] = scale.detach()
-        out["align"] = torch.stack(align_terms).mean() if align_terms else zero
+            out["align"] = self.alignment(full, encoded, present, out)
 
         # Eq. 4 and Eq. 1 on the levels of the zoom pyramid (images only).
         out["zjepa"] = zero
@@ -408,6 +449,28 @@ class JinModel(nn.Module):
         m = torch.tensor(mean, device=x.device)[:, None, None]
         s = torch.tensor(std, device=x.device)[:, None, None]
         return (x - m) / s
+
+    def alignment(
+        self,
+        hidden: Mapping[str, Tensor],
+        encoded: Mapping[str, Any],
+        present: Mapping[str, Tensor],
+        out: dict[str, Tensor],
+        involving: Sequence[str] | None = None,
+    ) -> Tensor:
+        """Eq. 6: the mean symmetric InfoNCE over pairs of modalities (those with a modality of
+        ``involving`` in them, when given), each pair's loss logged in ``out``."""
+        z = {n: _gather(self.space.project(n, hidden[n], encoded[n].padding_mask)) for n in encoded}
+        both_present = {n: _gather(p) for n, p in present.items()}
+        scale = self.logit_scale()
+        terms = []
+        for a, b in itertools.combinations(sorted(z), 2):
+            if involving is None or a in involving or b in involving:
+                loss, _ = info_nce(z[a], z[b], scale, both_present[a] & both_present[b])
+                out[f"align/{a}-{b}"] = loss.detach()
+                terms.append(loss)
+        out["logit_scale"] = scale.detach()
+        return torch.stack(terms).mean() if terms else hidden[next(iter(hidden))].new_zeros(())
 
     def _zjepa(
         self,

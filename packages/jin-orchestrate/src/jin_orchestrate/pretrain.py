@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PretrainResult", "main", "run_pretraining"]
+__all__ = ["PretrainResult", "add_job_arguments", "main", "output_dir", "run_pretraining"]
 
 RUNS_ROOT = Path("jin_runs")
 JOB_FILE = "job.json"
@@ -53,16 +53,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="YAML or JSON file merged over the preset")
     p.add_argument(
+        "--data",
+        help="fsspec URL of jin-data shards; default: generate NumberWorld once into the cache",
+    )
+    add_job_arguments(p, experiment="jin-pretrain")
+    return p
+
+
+def add_job_arguments(p: argparse.ArgumentParser, *, experiment: str) -> None:
+    """The flags every Ray Train job of this package takes (pretraining, extension)."""
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="override one config key, e.g. --set train.lr=3e-4 (repeatable; applied last)",
-    )
-    p.add_argument(
-        "--data",
-        help="fsspec URL of jin-data shards; default: generate NumberWorld once into the cache",
     )
     p.add_argument(
         "--num-workers",
@@ -78,16 +84,16 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the job in --output (default: the newest job under jin_runs/) from its "
         "latest checkpoint",
     )
-    p.add_argument("--experiment", default="jin-pretrain", help="MLflow experiment name")
+    p.add_argument("--experiment", default=experiment, help="MLflow experiment name")
     p.add_argument(
         "--ray-address",
         help="Ray cluster to join, e.g. 'auto' on a head node (default: $RAY_ADDRESS, which "
         "`ray job submit` sets; else a new local Ray)",
     )
-    return p
 
 
-def _output_dir(args: argparse.Namespace) -> Path:
+def output_dir(args: argparse.Namespace) -> Path:
+    """The job directory of ``--output``/``--resume`` (a new one under jin_runs/ by default)."""
     if args.output is not None:
         out = args.output
     elif args.resume:
@@ -115,8 +121,13 @@ def run_pretraining(
     experiment: str = "jin-pretrain",
     ray_address: str | None = None,
     progress: bool = True,
+    init_checkpoint: str | Path | None = None,
 ) -> PretrainResult:
-    """Run every curriculum stage on Ray Train and evaluate the result; returns what it made."""
+    """Run every curriculum stage on Ray Train and evaluate the result; returns what it made.
+
+    ``init_checkpoint`` is what the first stage starts from (default: a fresh model); it may lack
+    the config's runtime-added modalities, as when `jin_orchestrate.extend` adds one.
+    """
     import mlflow
     import ray
     import ray.data
@@ -158,12 +169,14 @@ def run_pretraining(
         for key, value in flatten_params(cfg.model_dump(mode="json")).items():
             client.log_param(parent_id, key, value)
         client.log_param(parent_id, "data.resolved_url", url)
+        if init_checkpoint is not None:
+            client.log_param(parent_id, "init_checkpoint", str(init_checkpoint))
         client.log_dict(parent_id, cfg.model_dump(mode="json"), "config.json")
     job.update(parent_run_id=parent_id, data_url=url, config=cfg.model_dump(mode="json"))
     job.setdefault("stages", {})
     _write_json(job_file, job)
 
-    previous: str | None = None
+    previous = None if init_checkpoint is None else str(init_checkpoint)
     stage_run_ids = []
     for index, stage in enumerate(cfg.stages):
         record = job["stages"].setdefault(stage.name, {})
@@ -282,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.num_workers is not None:
         cfg.train.num_workers = args.num_workers
-    output = _output_dir(args)
+    output = output_dir(args)
     result = run_pretraining(
         cfg,
         output=output,

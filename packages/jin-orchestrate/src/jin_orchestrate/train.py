@@ -79,6 +79,8 @@ class StageTrainer:
     ) -> StageTrainer:
         """AdamW, no weight decay on 1-D parameters (norms, biases, modality rows); seeded masks."""
         core = getattr(model, "module", model)
+        if stage.trainable:
+            core.freeze_except(stage.trainable)
         decay, no_decay = [], []
         for name, p in core.named_parameters():
             if p.requires_grad:
@@ -156,12 +158,10 @@ class StageTrainer:
             rng={"mask_generator": self.generator.get_state()},
         )
 
-    def restore(self, path: str | os.PathLike[str], *, same_stage: bool) -> tuple[int, int]:
-        """Load weights (and, for the same stage, optimiser, counters and RNG)."""
-        loaded = load_checkpoint(path, self.core, load_optimizer=same_stage)
+    def restore(self, path: str | os.PathLike[str]) -> tuple[int, int]:
+        """Resume this stage: weights, optimiser, counters and RNG; returns (epoch, batch)."""
+        loaded = load_checkpoint(path, self.core, load_optimizer=True)
         self.global_step = int(loaded.state.get("global_step", 0))
-        if not same_stage:
-            return 0, 0
         if loaded.optimizer_state is not None:
             self.optimizer.load_state_dict(loaded.optimizer_state)
         restore_rng(loaded.rng)
@@ -213,7 +213,8 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from jin_orchestrate.data import ray_collate
+    from jin_orchestrate.data import ray_collate, rename_columns
+    from jin_orchestrate.extension import model_from_checkpoint
 
     cfg = JinConfig.model_validate(loop_config["config"])
     stage = cfg.stages[loop_config["stage_index"]]
@@ -223,18 +224,26 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(cfg.train.torch_threads)
     stage_seed = cfg.train.seed + 1000 * loop_config["stage_index"]
     torch.manual_seed(stage_seed)  # identical weights, and so identical EMA targets, on every rank
-    model = JinModel(cfg.model)
+    ray_ckpt = ray.train.get_checkpoint()
+    init = (
+        None
+        if ray_ckpt or loop_config.get("resume_checkpoint")
+        else loop_config.get("init_checkpoint")
+    )
+    init_state: dict[str, Any] = {}
+    if init:  # the previous stage's weights, or a pretrained model to extend (§3.6)
+        model, init_state = model_from_checkpoint(init, cfg.model)
+    else:
+        model = JinModel(cfg.model)
     torch.manual_seed(stage_seed + rank)
     trainer = StageTrainer.create(cfg, stage, model, seed=stage_seed + 7919 * (rank + 1))
+    trainer.global_step = int(init_state.get("global_step", 0))
     start_epoch, skip = 0, 0
-    ray_ckpt = ray.train.get_checkpoint()
     if ray_ckpt is not None:
         with ray_ckpt.as_directory() as d:
-            start_epoch, skip = trainer.restore(d, same_stage=True)
+            start_epoch, skip = trainer.restore(d)
     elif loop_config.get("resume_checkpoint"):
-        start_epoch, skip = trainer.restore(loop_config["resume_checkpoint"], same_stage=True)
-    elif loop_config.get("init_checkpoint"):
-        trainer.restore(loop_config["init_checkpoint"], same_stage=False)
+        start_epoch, skip = trainer.restore(loop_config["resume_checkpoint"])
     trainer.model = ray.train.torch.prepare_model(
         trainer.model, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
@@ -243,9 +252,10 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     per_worker_batch = max(1, cfg.train.batch_size // ctx.get_world_size())
 
     def make_epoch(epoch: int) -> Iterable[dict[str, Any]]:
-        return shard.iter_torch_batches(
+        batches = shard.iter_torch_batches(
             batch_size=per_worker_batch, collate_fn=ray_collate(cfg.data), drop_last=True
         )
+        return (rename_columns(b, cfg.data.columns) for b in batches)
 
     run = None
     if rank == 0 and loop_config.get("mlflow"):

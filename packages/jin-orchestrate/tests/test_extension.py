@@ -1,0 +1,158 @@
+"""Runtime modality extension (§3.6): only the new modality trains; nothing that existed moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jin_data import ShardDataset
+from jin_orchestrate.checkpoint import CheckpointError, save_checkpoint
+from jin_orchestrate.data import rename_columns
+from jin_orchestrate.extend import build_extension_config, trainable_parameters
+from jin_orchestrate.extension import model_from_checkpoint
+from jin_orchestrate.model import JinModel
+from jin_orchestrate.train import StageTrainer
+
+MODALITIES = ["text", "image", "audio", "points"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, corpus_url):
+    """A jin-test model trained 3 steps (so its EMA target differs from it), as a checkpoint."""
+    from jin_orchestrate.config import load_config
+
+    torch.manual_seed(0)
+    cfg = load_config("jin-test", overrides=["train.warmup_steps=0"])
+    trainer = StageTrainer.create(cfg, cfg.stages[2], JinModel(cfg.model), seed=0)
+    data = ShardDataset(
+        corpus_url, batch_size=8, shuffle=False, split="train", modalities=MODALITIES
+    )
+    for _, batch in zip(range(3), data, strict=False):
+        trainer.train_step(batch)
+    path = tmp_path_factory.mktemp("base") / "ckpt"
+    save_checkpoint(
+        path, trainer.core, config=cfg.model_dump(mode="json"), state={"global_step": 3}
+    )
+    return path, cfg
+
+
+def _batches(url: str, cfg, split: str = "train"):
+    data = ShardDataset(
+        url,
+        batch_size=8,
+        shuffle=False,
+        split=split,
+        modalities=list(cfg.data.source_columns),
+    )
+    return [rename_columns(b, cfg.data.columns) for b in data]
+
+
+def _extension(base):
+    path, cfg = base
+    ext = build_extension_config(
+        cfg.model_dump(mode="json"),
+        modality="seven_segment",
+        input_dim=14,
+        column="custom",
+        steps=6,
+        lr=5e-3,
+        overrides=["train.warmup_steps=0"],
+    )
+    return path, ext
+
+
+def test_extension_config_records_the_modality_its_column_and_one_frozen_stage(base):
+    _, ext = _extension(base)
+    assert list(ext.model.extra_modalities) == ["seven_segment"]
+    assert ext.model.extra_modalities["seven_segment"].input_dim == 14
+    assert ext.data.modalities == (*MODALITIES, "seven_segment")
+    assert ext.data.columns == {"seven_segment": "custom"}
+    assert ext.data.source_columns == (*MODALITIES, "custom")
+    assert [s.trainable for s in ext.stages] == [("seven_segment",)]
+    trainable, total = trainable_parameters(ext)
+    # A linear encoder 14 -> D with bias, one embedding row, a D -> R projection.
+    d = ext.model.dim
+    assert trainable == 14 * d + d + d + d * d
+    assert 0 < trainable < total / 50
+
+
+def test_extension_trains_only_the_new_modality_and_keeps_the_rest_bitwise(base, corpus_url):
+    path, ext = _extension(base)
+    before, _ = model_from_checkpoint(path, base[1].model)
+    before.eval()
+    torch.manual_seed(1)
+    model, state = model_from_checkpoint(path, ext.model)
+    assert state["global_step"] == 3
+    assert model.modalities == [*MODALITIES, "seven_segment"]
+    trainer = StageTrainer.create(ext, ext.stages[0], model, seed=0)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "encoder.space.encoders.seven_segment.proj.weight",
+        "encoder.space.encoders.seven_segment.proj.bias",
+        "encoder.space.modality_embed.4",
+        "encoder.space.projections.seven_segment.weight",
+    }
+    trained = [p for p in model.parameters() if p.requires_grad]
+    new_before = [p.detach().clone() for p in trained]
+    batches = _batches(corpus_url, ext)
+    losses = []
+    for step in range(ext.stages[0].steps):
+        result = trainer.train_step(batches[step % len(batches)])
+        assert not result.skipped
+        losses.append(result.metrics["align"])
+        assert "align/seven_segment-text" in result.metrics
+        assert "cross_modal/seven_segment_to_text" in result.metrics
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(a, b) for a, b in zip(new_before, trained, strict=True))
+
+    # Every parameter and buffer that existed is unchanged, the EMA target included.
+    old = before.state_dict()
+    new = model.state_dict()
+    for key, value in old.items():
+        if key.endswith("modality_registry"):
+            assert torch.equal(new[key][: len(value)], value)
+        else:
+            assert torch.equal(new[key], value), key
+    # And so are the embeddings of every pre-existing modality, bit for bit.
+    model.eval()
+    with torch.no_grad():
+        for batch in _batches(corpus_url, ext, split="test")[:2]:
+            got, want = model.embed(batch), before.embed(batch)
+            for name in MODALITIES:
+                assert torch.equal(got[name], want[name]), name
+            assert got["seven_segment"].shape == want["text"].shape
+
+
+def test_a_frozen_stage_refuses_a_model_not_frozen_for_it(base, batch):
+    path, ext = _extension(base)
+    model, _ = model_from_checkpoint(path, ext.model)
+    with pytest.raises(ValueError, match="freeze_except"):
+        model(batch, stage=ext.stages[0])
+
+
+def test_extension_of_another_models_checkpoint_names_what_differs(base):
+    path, ext = _extension(base)
+    other = ext.model.model_copy(update={"ema_momentum": (0.5, 1.0)})
+    with pytest.raises(CheckpointError, match="ema_momentum"):
+        model_from_checkpoint(path, other)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"modality": "text"}, "already has it"),
+        ({"modality": "Bad Name"}, "lower-case identifier"),
+        ({"column": "image"}, "numeric column"),
+        ({"align_with": ["smell"]}, "--align-with"),
+    ],
+)
+def test_bad_extension_requests_name_the_flag(base, kwargs, message):
+    _, cfg = base
+    args = {
+        "modality": "seven_segment",
+        "input_dim": 14,
+        "column": "custom",
+        "steps": 5,
+        "lr": 1e-3,
+    }
+    with pytest.raises(ValueError, match=message):
+        build_extension_config(cfg.model_dump(mode="json"), **{**args, **kwargs})
