@@ -73,7 +73,14 @@ from jin_zjepa import (
 if TYPE_CHECKING:
     from jin_orchestrate.config import StageConfig
 
-__all__ = ["JinEncoder", "JinModel", "JinModelConfig", "ParameterCounts", "count_parameters"]
+__all__ = [
+    "JinEncoder",
+    "JinModel",
+    "JinModelConfig",
+    "ParameterCounts",
+    "alignment_losses",
+    "count_parameters",
+]
 
 HUB = "text"
 
@@ -365,12 +372,10 @@ class JinModel(nn.Module):
             z = {
                 n: _gather(self.space.project(n, full[n], encoded[n].padding_mask)) for n in encoded
             }
-            both_present = {n: _gather(p) for n, p in present.items()}
             scale = self.logit_scale()
-            for a, b in itertools.combinations(sorted(z), 2):
-                loss, _ = info_nce(z[a], z[b], scale, both_present[a] & both_present[b])
-                out[f"align/{a}-{b}"] = loss.detach()
-                align_terms.append(loss)
+            pairs = alignment_losses(z, {n: _gather(p) for n, p in present.items()}, scale)
+            out.update({k: v.detach() for k, v in pairs.items()})
+            align_terms = list(pairs.values())
             out["logit_scale"] = scale.detach()
         out["align"] = torch.stack(align_terms).mean() if align_terms else zero
 
@@ -458,6 +463,20 @@ class JinModel(nn.Module):
         for i, level in enumerate(level_losses):
             out[f"zjepa/level{i}"] = level.detach()
         return loss, (aux + aux_ctx) / 2
+
+
+def alignment_losses(
+    z: Mapping[str, Tensor], present: Mapping[str, Tensor], logit_scale: Tensor
+) -> dict[str, Tensor]:
+    """Eq. 6 for every pair of modalities: symmetric InfoNCE, keyed ``align/a-b`` (sorted names).
+
+    ``z`` maps a modality to its pooled embeddings ``(B, R)`` and ``present`` to ``(B,)`` bools;
+    a pair only counts the rows where both are present.
+    """
+    losses = {}
+    for a, b in itertools.combinations(sorted(z), 2):
+        losses[f"align/{a}-{b}"], _ = info_nce(z[a], z[b], logit_scale, present[a] & present[b])
+    return losses
 
 
 def _router_metrics(outputs: list[BackboneOutput]) -> dict[str, Tensor]:
