@@ -1,8 +1,16 @@
 """Evaluation of a model on a corpus: every figure present, bounded, and in the summary."""
 
+import json
+
 import torch
 
-from jin_orchestrate.evaluate import evaluate_model, format_summary, prompt_embeddings
+from jin_orchestrate.evaluate import (
+    _retrieval,
+    evaluate_model,
+    format_summary,
+    main,
+    prompt_embeddings,
+)
 from jin_orchestrate.model import JinModel
 
 
@@ -13,7 +21,10 @@ def test_evaluate_model_reports_zero_shot_and_retrieval(test_config, corpus_url)
     assert result["test_samples"] > 0
     assert result["retrieval_pool"] >= 2
     recalls = {k: v for k, v in result.items() if k.startswith("retrieval/") and "/R" in k}
-    assert len(recalls) == 8 * 3
+    assert len(recalls) == 12 * 3  # every direction between text, audio, image, points
+    instance = [k for k in result if k.startswith("retrieval_instance/")]
+    assert len(instance) == 12 * 3
+    assert 0.0 <= result["linear_probe/image_top1"] <= 1.0
     assert all(0.0 <= v <= 1.0 for v in recalls.values())
     summary = format_summary(result)
     assert "R@10 text→audio" in summary
@@ -29,3 +40,49 @@ def test_prompt_embeddings_are_one_normalised_vector_per_number(test_config):
     emb = prompt_embeddings(model, [3, 42, 99])
     assert emb.shape == (3, test_config.model.dim)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+
+
+def test_retrieval_of_identical_embeddings_is_perfect_in_both_pools():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(30).repeat(2)
+    x = torch.nn.functional.normalize(torch.randn(60, 16, generator=g), dim=-1)
+    r = _retrieval({"text": x, "audio": x, "image": x[torch.randperm(60, generator=g)]}, labels)
+    assert r["retrieval_instance/text_to_audio/R1"] == 1.0
+    assert r["retrieval_pool"] == 30 and r["retrieval_instance_pool"] == 60
+    # Prototypes of identical items are identical, so a class's nearest prototype is its own
+    # only if the two items of a class are closer to their mean than to other means: random
+    # 16-D vectors are, nearly always; R@10 is certain.
+    assert r["retrieval/text_to_audio/R10"] == 1.0
+    # Shuffled image rows: instance retrieval of the own pair drops to about chance.
+    assert r["retrieval_instance/text_to_image/R1"] < 0.2
+
+
+def test_cli_writes_tables_json_plots_and_rejects_a_missing_checkpoint(
+    checkpoint, corpus_url, tmp_path, capsys
+):
+    out = tmp_path / "eval.json"
+    rc = main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            corpus_url,
+            "--json",
+            str(out),
+            "--markdown",
+            str(tmp_path / "eval.md"),
+            "--plots",
+            str(tmp_path / "plots"),
+        ]
+    )
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert 0.0 <= report["metrics"]["retrieval/text_to_audio/R10"] <= 1.0
+    assert report["published_for_context"]["table2_imagenet_zero_shot_top1"]["Jin-Base"] == 82.1
+    assert "## Table 3" in (tmp_path / "eval.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "embeddings_pca.png",
+        "text_audio_similarity.png",
+    ]
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--data", corpus_url]) == 2
+    assert "neither a directory nor an MLflow URI" in capsys.readouterr().err

@@ -1,8 +1,15 @@
 """Metric code on embeddings built to have known answers: perfect, shuffled, random."""
 
+import pytest
 import torch
 
-from jin_orchestrate.metrics import class_prototypes, recall_at_k, zero_shot_accuracy
+from jin_orchestrate.metrics import (
+    ProbeResult,
+    class_prototypes,
+    linear_probe_accuracy,
+    recall_at_k,
+    zero_shot_accuracy,
+)
 
 
 def _unit(x):
@@ -46,3 +53,38 @@ def test_prototypes_and_zero_shot():
     assert torch.allclose(protos, centres, atol=0.1)
     acc = zero_shot_accuracy(samples, labels, centres, torch.arange(5), ks=(1,))
     assert acc[1] == 1.0
+
+
+def test_linear_probe_separable_clusters_score_one():
+    g = torch.Generator().manual_seed(4)
+    centres = 5 * torch.randn(10, 16, generator=g)
+    y_train = torch.arange(10).repeat(20)
+    y_test = torch.arange(10).repeat(5)
+    x_train = centres[y_train] + torch.randn(200, 16, generator=g)
+    x_test = centres[y_test] + torch.randn(50, 16, generator=g)
+    probe = linear_probe_accuracy(x_train, y_train, x_test, y_test)
+    assert probe == ProbeResult(accuracy=1.0, samples=50, classes=10)
+
+
+def test_linear_probe_on_random_or_shuffled_labels_is_near_chance():
+    g = torch.Generator().manual_seed(5)
+    centres = 5 * torch.randn(10, 16, generator=g)
+    y = torch.arange(10).repeat(100)
+    x = centres[y] + torch.randn(1000, 16, generator=g)
+    shuffled = y[torch.randperm(1000, generator=g)]
+    # Train on shuffled labels: the features carry no information about them.
+    probe = linear_probe_accuracy(x[:500], shuffled[:500], x[500:], shuffled[500:])
+    assert probe.accuracy < 0.2
+    noise = torch.randn(1000, 16, generator=g)
+    assert linear_probe_accuracy(noise[:500], y[:500], noise[500:], y[500:]).accuracy < 0.2
+
+
+def test_linear_probe_leaves_out_unseen_classes_and_rejects_degenerate_input():
+    x = torch.eye(4).repeat(3, 1)
+    y = torch.tensor([0, 1, 2, 3] * 3)
+    probe = linear_probe_accuracy(x, y, torch.eye(4), torch.tensor([0, 1, 7, 8]))
+    assert probe.samples == 2 and probe.accuracy == 1.0
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        linear_probe_accuracy(x, torch.zeros(12, dtype=torch.long), x, y)
+    with pytest.raises(ValueError, match="no test sample"):
+        linear_probe_accuracy(x, y, x[:2], torch.tensor([9, 9]))

@@ -1,4 +1,4 @@
-"""Zero-shot classification and cross-modal retrieval of a checkpoint on held-out data.
+"""Zero-shot classification, cross-modal retrieval and linear probes of a checkpoint; its CLI.
 
 # N samples, C classes (numbers), R retrieval width
 
@@ -6,14 +6,24 @@
   split are classified among all numbers by their text prompts, averaged over NumberWorld's
   caption templates (CLIP's prompt ensembling). Chance is 1/C. The same for the held-out numbers'
   speech (CLAP's zero-shot audio classification), keys ``zero_shot_audio_*``.
-- Retrieval (Table 3 in miniature): queries of one modality against a pool with one item per
-  number (the mean embedding of that number's items in the other modality), so a 100-way pool
-  when every number occurs; R@1/5/10. Chance R@10 is 10/C.
+- Retrieval (Table 3 in miniature), in every direction between text, audio, image and points:
+  queries of one modality against a pool with one item per number (the mean embedding of that
+  number's items in the other modality), so a 100-way pool when every number occurs, and against
+  an instance pool of every test item, where only the query's own pair counts; R@1/5/10. Chance
+  R@10 is 10/C and 10/N.
+- Linear probe (the measure of Table 5): a logistic regression on frozen image embeddings of the
+  train split, scored on the test items of numbers it was trained on.
+
+    python -m jin_orchestrate.evaluate --checkpoint runs:/RUN_ID/final_checkpoint --data URL \
+        [--json out.json] [--markdown out.md] [--plots DIR] [--run-id RUN_ID]
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +36,31 @@ from jin_data import ShardDataset, collate, list_shards
 from jin_data.numberworld.text import CAPTION_TEMPLATES, number_words
 from jin_orchestrate.checkpoint import load_checkpoint, read_config
 from jin_orchestrate.data import rename_columns
-from jin_orchestrate.metrics import class_prototypes, recall_at_k, zero_shot_accuracy
+from jin_orchestrate.metrics import (
+    class_prototypes,
+    linear_probe_accuracy,
+    recall_at_k,
+    zero_shot_accuracy,
+)
 from jin_orchestrate.model import JinModel, JinModelConfig
 
 __all__ = [
+    "RETRIEVAL_PAIRS",
+    "Evaluation",
     "embed_dataset",
+    "evaluate",
     "evaluate_checkpoint",
+    "evaluate_model",
     "format_summary",
     "load_model",
+    "main",
     "prompt_embeddings",
+    "write_plots",
 ]
 
+RETRIEVAL_MODALITIES = ("text", "audio", "image", "points")
 ZERO_SHOT_BUILTIN_KEYS = ("zero_shot_top1_all_test", "zero_shot_audio_top1_all_test")
+# Every ordered pair of the four, the paper's Table 3 directions (T->A, A->T) first.
 RETRIEVAL_PAIRS = (
     ("text", "audio"),
     ("audio", "text"),
@@ -47,6 +70,10 @@ RETRIEVAL_PAIRS = (
     ("points", "text"),
     ("image", "audio"),
     ("audio", "image"),
+    ("image", "points"),
+    ("points", "image"),
+    ("audio", "points"),
+    ("points", "audio"),
 )
 
 
@@ -73,7 +100,7 @@ def _train_labels(url: str) -> set[int]:
 
 @torch.no_grad()
 def embed_dataset(
-    model: JinModel,
+    model: torch.nn.Module,
     url: str,
     split: str | list[str],
     modalities: list[str],
@@ -105,7 +132,7 @@ def embed_dataset(
 
 
 @torch.no_grad()
-def prompt_embeddings(model: JinModel, numbers: list[int]) -> torch.Tensor:
+def prompt_embeddings(model: torch.nn.Module, numbers: list[int]) -> torch.Tensor:
     """One text embedding per number: the normalised mean over every caption template."""
     texts = [
         t.format(digits=str(n), words=number_words(n)) for n in numbers for t in CAPTION_TEMPLATES
@@ -124,61 +151,133 @@ def prompt_embeddings(model: JinModel, numbers: list[int]) -> torch.Tensor:
     return torch.nn.functional.normalize(emb.mean(dim=1), dim=-1)
 
 
+@dataclass
+class Evaluation:
+    """A model's figures and the test-split embeddings ``(N, R)`` they came from (for plots)."""
+
+    metrics: dict[str, float]
+    embeddings: dict[str, torch.Tensor]
+    labels: torch.Tensor
+
+
 def evaluate_checkpoint(checkpoint: str | Path, url: str, data_cfg: Any = None) -> dict[str, float]:
-    """Zero-shot and retrieval figures of ``checkpoint`` on the test split of ``url``."""
+    """Zero-shot, retrieval and linear-probe figures of ``checkpoint`` on ``url``."""
     return evaluate_model(load_model(checkpoint), url, data_cfg)
 
 
+def evaluate_model(
+    model: torch.nn.Module,
+    url: str,
+    data_cfg: Any = None,
+    *,
+    probe_modalities: Sequence[str] = ("image",),
+) -> dict[str, float]:
+    """Zero-shot, retrieval and linear-probe figures of ``model`` (see :func:`evaluate`)."""
+    return evaluate(model, url, data_cfg, probe_modalities=probe_modalities).metrics
+
+
 @torch.no_grad()
-def evaluate_model(model: JinModel, url: str, data_cfg: Any = None) -> dict[str, float]:
-    """Zero-shot and retrieval figures of ``model`` on the test split of ``url``."""
+def evaluate(
+    model: torch.nn.Module,
+    url: str,
+    data_cfg: Any = None,
+    *,
+    probe_modalities: Sequence[str] = ("image",),
+) -> Evaluation:
+    """Every figure of the module docstring for ``model`` on the test split of ``url``.
+
+    ``model`` is a :class:`JinModel` or anything with its ``cfg`` and ``embed`` (the baselines of
+    :mod:`jin_orchestrate.baselines`). Keys: ``zero_shot_*`` (Table 2), ``retrieval/Q_to_P/Rk``
+    over class prototypes and ``retrieval_instance/Q_to_P/Rk`` over every test item (Table 3),
+    ``linear_probe/M_top1`` on frozen embeddings of modality M (Table 5's measure).
+    """
     model.eval()
-    modalities = [
-        m for m in model.cfg.builtin_modalities if m in ("text", "image", "audio", "points")
-    ]
+    modalities = [m for m in model.cfg.builtin_modalities if m in RETRIEVAL_MODALITIES]
     columns: dict[str, str] = {}
     if data_cfg is not None:
         modalities = [m for m in modalities if m in data_cfg.modalities]
         # Runtime-added modalities the data feeds (jin_orchestrate.extend records their column).
-        columns = {m: c for m, c in data_cfg.columns.items() if m in model.cfg.extra_modalities}
+        extra = getattr(model.cfg, "extra_modalities", {})
+        columns = {m: c for m, c in data_cfg.columns.items() if m in extra}
         modalities += list(columns)
     emb, labels = embed_dataset(model, url, "test", modalities, columns=columns)
-    seen = _train_labels(url)
-    numbers = list(range(100))
     result: dict[str, float] = {"test_samples": float(len(labels))}
     if "text" in emb:
-        classes = prompt_embeddings(model, numbers)
-        held_out = torch.tensor([int(x) not in seen for x in labels])
-        zero_shot = [("image", "zero_shot"), ("audio", "zero_shot_audio")]
-        zero_shot += [(m, f"zero_shot_{m}") for m in columns]
-        for name, prefix in zero_shot:
-            if name not in emb:
-                continue
-            if held_out.any():
-                acc = zero_shot_accuracy(
-                    emb[name][held_out], labels[held_out], classes, torch.tensor(numbers)
-                )
-                result.update(
-                    {
-                        f"{prefix}_top1": acc[1],
-                        f"{prefix}_top5": acc[5],
-                        f"{prefix}_samples": float(held_out.sum()),
-                        f"{prefix}_chance": 1 / len(numbers),
-                    }
-                )
-            acc_all = zero_shot_accuracy(
-                emb[name], labels, classes, torch.tensor(numbers), ks=(1, 10)
+        result.update(_zero_shot(model, emb, labels, _train_labels(url), list(columns)))
+    pairs = [*((m, "text") for m in columns), *(("text", m) for m in columns)]
+    result.update(_retrieval(emb, labels, [*RETRIEVAL_PAIRS, *pairs]))
+    probed = [m for m in probe_modalities if m in emb]
+    if probed:
+        train_emb, train_labels = embed_dataset(model, url, "train", probed)
+        for m in probed:
+            probe = linear_probe_accuracy(train_emb[m], train_labels, emb[m], labels)
+            result[f"linear_probe/{m}_top1"] = probe.accuracy
+            result[f"linear_probe/{m}_samples"] = float(probe.samples)
+            result[f"linear_probe/{m}_classes"] = float(probe.classes)
+    return Evaluation(result, emb, labels)
+
+
+def _zero_shot(
+    model: torch.nn.Module,
+    emb: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    seen: set[int],
+    extra: Sequence[str] = (),
+) -> dict[str, float]:
+    """Images (CLIP), speech (CLAP) and runtime modalities ``extra`` of held-out numbers against
+    every number's prompts; and every test sample against them (``*_all_test``)."""
+    numbers = list(range(100))
+    classes = prompt_embeddings(model, numbers)
+    held_out = torch.tensor([int(x) not in seen for x in labels])
+    result: dict[str, float] = {}
+    named = [
+        ("image", "zero_shot"),
+        ("audio", "zero_shot_audio"),
+        *((m, f"zero_shot_{m}") for m in extra),
+    ]
+    for name, prefix in named:
+        if name not in emb:
+            continue
+        if held_out.any():
+            acc = zero_shot_accuracy(
+                emb[name][held_out], labels[held_out], classes, torch.tensor(numbers)
             )
-            result[f"{prefix}_top1_all_test"] = acc_all[1]
-            result[f"{prefix}_top10_all_test"] = acc_all[10]
-    pairs = [*RETRIEVAL_PAIRS, *((m, "text") for m in columns), *(("text", m) for m in columns)]
-    for query, pool in pairs:
-        if query in emb and pool in emb:
-            protos, proto_labels = class_prototypes(emb[pool], labels)
-            r = recall_at_k(emb[query], protos, labels, proto_labels)
-            for k, v in r.items():
-                result[f"retrieval/{query}_to_{pool}/R{k}"] = v
-            result["retrieval_pool"] = float(len(proto_labels))
+            result.update(
+                {
+                    f"{prefix}_top1": acc[1],
+                    f"{prefix}_top5": acc[5],
+                    f"{prefix}_samples": float(held_out.sum()),
+                    f"{prefix}_chance": 1 / len(numbers),
+                }
+            )
+        acc_all = zero_shot_accuracy(emb[name], labels, classes, torch.tensor(numbers), ks=(1, 10))
+        result[f"{prefix}_top1_all_test"] = acc_all[1]
+        result[f"{prefix}_top10_all_test"] = acc_all[10]
+    return result
+
+
+def _retrieval(
+    emb: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    directions: Sequence[tuple[str, str]] = RETRIEVAL_PAIRS,
+) -> dict[str, float]:
+    """R@1/5/10 against class prototypes (one per number) and against every test item.
+
+    In the instance pool only a query's own paired item counts (AudioCaps scoring), although
+    other items of the same number are as good a match: it is the stricter measure.
+    """
+    result: dict[str, float] = {}
+    pairs = torch.arange(len(labels))
+    for query, pool in directions:
+        if query not in emb or pool not in emb:
+            continue
+        protos, proto_labels = class_prototypes(emb[pool], labels)
+        for k, v in recall_at_k(emb[query], protos, labels, proto_labels).items():
+            result[f"retrieval/{query}_to_{pool}/R{k}"] = v
+        for k, v in recall_at_k(emb[query], emb[pool], pairs, pairs).items():
+            result[f"retrieval_instance/{query}_to_{pool}/R{k}"] = v
+        result["retrieval_pool"] = float(len(proto_labels))
+        result["retrieval_instance_pool"] = float(len(labels))
     return result
 
 
@@ -221,3 +320,93 @@ def format_summary(result: dict[str, float]) -> str:
                 f"{min(1.0, 10 / pool):.1%} |"
             )
     return "\n".join(lines)
+
+
+def write_plots(evaluation: Evaluation, directory: str | Path, prefix: str = "") -> list[Path]:
+    """The text×audio similarity matrix and the PCA map of ``evaluation``'s embeddings, as PNGs."""
+    from jin_orchestrate.plots import embedding_projection, similarity_matrix
+
+    directory = Path(directory)
+    emb, labels = evaluation.embeddings, evaluation.labels
+    paths = []
+    if "text" in emb and "audio" in emb:
+        paths.append(
+            similarity_matrix(
+                emb["text"], emb["audio"], labels, directory / f"{prefix}text_audio_similarity.png"
+            )
+        )
+    paths.append(embedding_projection(emb, labels, directory / f"{prefix}embeddings_pca.png"))
+    return paths
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jin_orchestrate.evaluate",
+        description="The paper's Tables 2 and 3 and the image linear probe, for one checkpoint.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint directory, or runs:/RUN_ID/final_checkpoint, models:/NAME/VERSION",
+    )
+    p.add_argument(
+        "--data", required=True, help="fsspec URL of jin-data shards (train and test splits)"
+    )
+    p.add_argument("--json", type=Path, help="write the figures (and the paper's) as JSON here")
+    p.add_argument("--markdown", type=Path, help="write the tables here (always printed)")
+    p.add_argument("--plots", type=Path, help="directory for the PNG plots")
+    p.add_argument(
+        "--run-id",
+        help="MLflow run to log the figures, tables and plots to "
+        "($MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate a checkpoint; print the tables; write JSON / Markdown / plots; log to MLflow."""
+    import tempfile
+
+    from jin_orchestrate.tables import PUBLISHED, evaluation_markdown, write_atomic, write_json
+    from jin_orchestrate.tracking import default_tracking_uri, local_checkpoint
+
+    args = _parser().parse_args(argv)
+    try:
+        checkpoint = local_checkpoint(args.checkpoint)
+        list_shards(args.data)
+        model = load_model(checkpoint)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    evaluation = evaluate(model, args.data)
+    markdown = evaluation_markdown({"this checkpoint": evaluation.metrics})
+    print(markdown)
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "data": args.data,
+        "metrics": evaluation.metrics,
+        "published_for_context": PUBLISHED,
+    }
+    if args.json:
+        write_json(args.json, report)
+    if args.markdown:
+        write_atomic(args.markdown, markdown + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = write_plots(evaluation, args.plots or tmp)
+        if args.run_id:
+            import mlflow
+
+            client = mlflow.MlflowClient(tracking_uri=default_tracking_uri())
+            run_id = args.run_id
+            for key, value in evaluation.metrics.items():
+                client.log_metric(run_id, f"eval/{key}", value)
+            client.log_text(run_id, markdown, "evaluation/paper_tables.md")
+            client.log_dict(run_id, report, "evaluation/paper_tables.json")
+            for path in plots:
+                client.log_artifact(run_id, str(path), "evaluation")
+            print(f"logged to MLflow run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -73,7 +73,14 @@ from jin_zjepa import (
 if TYPE_CHECKING:
     from jin_orchestrate.config import StageConfig
 
-__all__ = ["JinEncoder", "JinModel", "JinModelConfig", "ParameterCounts", "count_parameters"]
+__all__ = [
+    "JinEncoder",
+    "JinModel",
+    "JinModelConfig",
+    "ParameterCounts",
+    "alignment_losses",
+    "count_parameters",
+]
 
 HUB = "text"
 
@@ -461,16 +468,14 @@ class JinModel(nn.Module):
         """Eq. 6: the mean symmetric InfoNCE over pairs of modalities (those with a modality of
         ``involving`` in them, when given), each pair's loss logged in ``out``."""
         z = {n: _gather(self.space.project(n, hidden[n], encoded[n].padding_mask)) for n in encoded}
-        both_present = {n: _gather(p) for n, p in present.items()}
         scale = self.logit_scale()
-        terms = []
-        for a, b in itertools.combinations(sorted(z), 2):
-            if involving is None or a in involving or b in involving:
-                loss, _ = info_nce(z[a], z[b], scale, both_present[a] & both_present[b])
-                out[f"align/{a}-{b}"] = loss.detach()
-                terms.append(loss)
+        pairs = alignment_losses(
+            z, {n: _gather(p) for n, p in present.items()}, scale, involving=involving
+        )
+        out.update({k: v.detach() for k, v in pairs.items()})
         out["logit_scale"] = scale.detach()
-        return torch.stack(terms).mean() if terms else hidden[next(iter(hidden))].new_zeros(())
+        terms = list(pairs.values())
+        return torch.stack(terms).mean() if terms else scale.new_zeros(())
 
     def _zjepa(
         self,
@@ -521,6 +526,27 @@ class JinModel(nn.Module):
         for i, level in enumerate(level_losses):
             out[f"zjepa/level{i}"] = level.detach()
         return loss, (aux + aux_ctx) / 2
+
+
+def alignment_losses(
+    z: Mapping[str, Tensor],
+    present: Mapping[str, Tensor],
+    logit_scale: Tensor,
+    involving: Sequence[str] | None = None,
+) -> dict[str, Tensor]:
+    """Eq. 6 for every pair of modalities: symmetric InfoNCE, keyed ``align/a-b`` (sorted names).
+
+    ``z`` maps a modality to its pooled embeddings ``(B, R)`` and ``present`` to ``(B,)`` bools;
+    a pair only counts the rows where both are present. With ``involving``, only the pairs with
+    one of those modalities in them (runtime extension aligns the new modality alone).
+    """
+    losses = {}
+    for a, b in itertools.combinations(sorted(z), 2):
+        if involving is None or a in involving or b in involving:
+            losses[f"align/{a}-{b}"], _ = info_nce(
+                z[a], z[b], logit_scale, present[a] & present[b]
+            )
+    return losses
 
 
 def _router_metrics(outputs: list[BackboneOutput]) -> dict[str, Tensor]:

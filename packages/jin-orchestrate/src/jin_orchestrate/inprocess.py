@@ -1,0 +1,111 @@
+"""The curriculum trained in this process, without Ray: for benchmarks, baselines and tests.
+
+Each stage gets a fresh :class:`~jin_orchestrate.train.StageTrainer` (optimiser and schedule), as
+each Ray Train stage does, and the EMA schedule spans the whole curriculum. Batches come from one
+seeded :class:`jin_data.ShardDataset` per epoch, so two models trained with the same config see the
+same batches in the same order: comparisons between them differ only in the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from jin_data import ShardDataset
+from jin_orchestrate.config import JinConfig, StageConfig
+from jin_orchestrate.train import StageTrainer
+
+__all__ = ["TrainHistory", "batches", "train_in_process", "validation_losses"]
+
+
+@dataclass
+class TrainHistory:
+    """Per-step metrics (with ``stage``, ``global_step``, ``step_s``), validation points, time."""
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def batches(
+    url: str, cfg: JinConfig, split: str = "train", *, epochs: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Shuffled full batches of ``split`` epoch after epoch (seeded by ``train.seed``)."""
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        yield from ShardDataset(
+            url,
+            batch_size=cfg.train.batch_size,
+            shuffle=True,
+            seed=cfg.train.seed,
+            epoch=epoch,
+            rank=0,
+            world_size=1,
+            split=split,
+            modalities=list(cfg.data.modalities),
+            drop_last=True,
+        )
+        epoch += 1
+
+
+@torch.no_grad()
+def validation_losses(
+    model: torch.nn.Module, val_batches: Sequence[dict[str, Any]], stage: StageConfig, seed: int = 0
+) -> dict[str, float]:
+    """Mean loss terms of ``model`` in eval mode on fixed batches, with fixed masks (``seed``)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    for batch in val_batches:
+        for key, value in model(batch, stage=stage, generator=generator).items():
+            if key != "tokens":
+                sums[key] = sums.get(key, 0.0) + float(value)
+    return {k: v / len(val_batches) for k, v in sums.items()}
+
+
+def train_in_process(
+    cfg: JinConfig,
+    model: torch.nn.Module,
+    url: str,
+    *,
+    val_batches: Sequence[dict[str, Any]] = (),
+    val_every: int = 0,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainHistory:
+    """Train ``model`` through ``cfg.stages`` on the train split of ``url``; returns its history.
+
+    With ``val_every`` > 0, :func:`validation_losses` of the current stage on ``val_batches`` is
+    recorded every ``val_every`` global steps and at the end of training.
+    """
+    history = TrainHistory()
+    started = time.perf_counter()
+    data = batches(url, cfg)
+    global_step = 0
+    for index, stage in enumerate(cfg.stages):
+        trainer = StageTrainer.create(cfg, stage, model, seed=cfg.train.seed + 1000 * index)
+        trainer.global_step = global_step
+        while trainer.step < stage.steps:
+            t = time.perf_counter()
+            result = trainer.train_step(next(data))
+            if result.skipped:
+                continue
+            record = {
+                "stage": stage.name,
+                "global_step": trainer.global_step,
+                "step_s": time.perf_counter() - t,
+                **result.metrics,
+            }
+            history.steps.append(record)
+            if on_step is not None:
+                on_step(record)
+            last = index == len(cfg.stages) - 1 and trainer.step == stage.steps
+            if val_batches and val_every and (trainer.global_step % val_every == 0 or last):
+                point = validation_losses(model, val_batches, stage, seed=cfg.train.seed)
+                history.validation.append({"global_step": trainer.global_step, **point})
+        global_step = trainer.global_step
+    history.wall_s = time.perf_counter() - started
+    return history

@@ -1,0 +1,87 @@
+"""Markdown tables with the published figures labelled, and the PNG plots of an evaluation."""
+
+import math
+
+import torch
+
+from jin_orchestrate.plots import embedding_projection, loss_curves, pca_2d, similarity_matrix
+from jin_orchestrate.tables import (
+    ablation_table,
+    evaluation_markdown,
+    retrieval_table,
+    throughput_table,
+    zero_shot_table,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _metrics(value):
+    m = {
+        "zero_shot_top1": value,
+        "zero_shot_top5": value,
+        "zero_shot_samples": 12.0,
+        "retrieval_pool": 90.0,
+        "retrieval_instance_pool": 300.0,
+        "linear_probe/image_top1": value,
+        "linear_probe/image_samples": 250.0,
+        "linear_probe/image_classes": 90.0,
+    }
+    for k in (1, 5, 10):
+        m[f"retrieval/text_to_audio/R{k}"] = value
+        m[f"retrieval_instance/text_to_audio/R{k}"] = value / 2
+    return m
+
+
+def test_tables_show_each_model_and_label_the_papers_figures():
+    results = {"Jin": _metrics(0.5), "two-tower": _metrics(0.25)}
+    t2 = zero_shot_table(results)
+    assert "| Jin | 50.0 | 50.0 | — | — |" in t2 and "12 held-out" in t2
+    t3 = retrieval_table(results, "prototype")
+    assert "| T→A (90-way) | 50.0 / 50.0 / 50.0 | 25.0 / 25.0 / 25.0 | 11.1 |" in t3
+    assert "A→I" not in t3  # directions no model has are left out
+    assert "| T→A (300-way) | 25.0 / 25.0 / 25.0 |" in retrieval_table(results, "instance")
+    md = evaluation_markdown(results)
+    assert "ImageNet zero-shot top-1" in md and "AudioCaps R@10" in md and "context only" in md
+    t5 = ablation_table({"single_scale": _metrics(0.3)})
+    assert "| Single-scale JEPA (baseline) | 30.0 | 77.9 |" in t5
+
+
+def test_throughput_table_reports_the_ratio_of_the_first_two_rows():
+    rows = {
+        "MoE": {"text": 300.0, "image": 90.0, "val": 1.25},
+        "dense": {"text": 200.0, "image": 60.0, "val": 1.5},
+    }
+    table = throughput_table(rows, ("text", "image"))
+    assert "| MoE / dense | 1.50x | 1.50x |  |" in table
+    assert "| MoE | 300 | 90 | 1.25 |" in table
+
+
+def test_pca_recovers_the_axis_of_largest_spread():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 3, generator=g) * torch.tensor([10.0, 1.0, 0.1])
+    xy = pca_2d(x)
+    assert xy.shape == (500, 2)
+    assert math.isclose(
+        torch.corrcoef(torch.stack([xy[:, 0], x[:, 0]]))[0, 1].item(), 1, abs_tol=1e-3
+    )
+    assert torch.equal(pca_2d(x), xy)
+
+
+def test_plots_are_written_as_png(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(20).repeat(3)
+    emb = {
+        m: torch.nn.functional.normalize(torch.randn(60, 8, generator=g), dim=-1)
+        for m in ("text", "audio")
+    }
+    history = {
+        "Jin": [{"stage": s, "global_step": i, "loss": 1.0 / i} for i, s in enumerate("aabbb", 1)]
+    }
+    paths = [
+        similarity_matrix(emb["text"], emb["audio"], labels, tmp_path / "sim.png"),
+        embedding_projection(emb, labels, tmp_path / "pca.png"),
+        loss_curves(history, tmp_path / "loss.png"),
+    ]
+    for path in paths:
+        assert path.read_bytes().startswith(PNG)
