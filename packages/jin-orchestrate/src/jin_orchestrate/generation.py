@@ -49,6 +49,7 @@ __all__ = [
     "Target",
     "canonical_caption",
     "decode_captions",
+    "fit_frames",
     "generate",
     "generation_losses",
     "sample_tokens",
@@ -194,22 +195,25 @@ def images_from_tokens(model: JinModel, tokens_BTP: Tensor) -> Tensor:
 
 
 def audio_tokens(model: JinModel, batch: Mapping[str, Any]) -> Tensor:
-    """The batch's audio as ``audio_frames`` log-mel frames in pairs ``(B, T, 2M)``.
-
-    Shorter clips are padded with each clip's own quietest value (its silence floor), longer
-    ones cut, so every generated clip has one length.
-    """
+    """The batch's audio as ``audio_frames`` log-mel frames in pairs ``(B, T, 2M)``, the layout
+    the audio `RegressionHead` regresses (`AudioEncoder.regression_targets`)."""
     encoder = model.space.encoders["audio"]
-    tokens, mask = encoder.regression_targets(**encoder.batch_inputs(batch, "audio"))
-    length = _generation(model).cfg.audio_frames // 2
-    if mask is None:
-        mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-    floor = tokens.masked_fill(mask[..., None], float("inf")).amin(dim=(1, 2))
-    tokens = torch.where(mask[..., None], floor[:, None, None], tokens)
-    if tokens.shape[1] < length:
-        pad = floor[:, None, None].expand(-1, length - tokens.shape[1], tokens.shape[2])
-        tokens = torch.cat([tokens, pad], dim=1)
-    return tokens[:, :length]
+    mel, frame_mask = encoder.mel_frames(**encoder.batch_inputs(batch, "audio"))
+    mel = fit_frames(mel, frame_mask, _generation(model).cfg.audio_frames)
+    return mel.reshape(mel.shape[0], -1, 2 * mel.shape[-1])
+
+
+def fit_frames(mel_BTM: Tensor, padding_mask_BT: Tensor | None, frames: int) -> Tensor:
+    """Log-mel frames padded or cut to ``frames``: padding takes each clip's own quietest value
+    (its silence floor), so every generated clip has one length and ends in silence."""
+    if padding_mask_BT is None:
+        padding_mask_BT = torch.zeros(mel_BTM.shape[:2], dtype=torch.bool, device=mel_BTM.device)
+    floor_B = mel_BTM.masked_fill(padding_mask_BT[..., None], float("inf")).amin(dim=(1, 2))
+    mel_BTM = torch.where(padding_mask_BT[..., None], floor_B[:, None, None], mel_BTM)
+    if mel_BTM.shape[1] < frames:
+        pad = floor_B[:, None, None].expand(-1, frames - mel_BTM.shape[1], mel_BTM.shape[2])
+        mel_BTM = torch.cat([mel_BTM, pad], dim=1)
+    return mel_BTM[:, :frames]
 
 
 def mel_from_tokens(tokens_BTP: Tensor, n_mels: int) -> Tensor:
@@ -309,7 +313,7 @@ def decode_captions(
     ids = torch.full((batch, 1), ByteTokenizer.BOS, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     never = [ByteTokenizer.PAD, ByteTokenizer.BOS, ByteTokenizer.MASK]
-    for _ in range(max_bytes + 1):
+    for _ in range(max_bytes):
         logits_BV = caption_logits(model, cond_BTcD, cond_padding_BTc, ids)[0][:, -1].float()
         logits_BV[:, never] = float("-inf")
         if temperature == 0:
