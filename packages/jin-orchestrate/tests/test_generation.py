@@ -315,3 +315,29 @@ def test_image_probe_reads_two_digits():
     logits = torch.full((1, 20), -5.0)
     logits[0, 4] = logits[0, 12] = 5.0  # tens 4, units 2
     assert ImageProbe.predict(logits).tolist() == [42]
+
+
+def test_evaluate_generation_scores_every_trained_direction(gen_checkpoint, corpus_url, tmp_path):
+    from jin_orchestrate.evaluate import load_model
+    from jin_orchestrate.generation_eval import DIRECTIONS, evaluate_generation, format_generation
+
+    model = load_model(gen_checkpoint)
+    scores = evaluate_generation(
+        model, corpus_url, samples=4, steps=2, image_dir=tmp_path, log=lambda _: None
+    )
+    for source, target in DIRECTIONS:
+        key = f"{source}_to_{target}"
+        if target == "text":
+            assert 0.0 <= scores[f"exact_match/{key}"] <= 1.0
+        else:
+            assert scores[f"probe_fd/{key}"] >= 0.0
+            assert 0.0 <= scores[f"conditioning_accuracy/{key}"] <= 1.0
+    assert len(list(tmp_path.glob("text_to_image_*.png"))) == min(4, scores["samples"])
+    assert "not Inception-FID" in format_generation(scores)
+
+
+def test_evaluate_generation_flag_needs_generation_heads(checkpoint, corpus_url, capsys):
+    from jin_orchestrate.evaluate import main
+
+    assert main(["--checkpoint", str(checkpoint), "--data", corpus_url, "--generation"]) == 2
+    assert "no generation heads" in capsys.readouterr().err
