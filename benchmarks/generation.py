@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     from jin_orchestrate.evaluate import load_model
-    from jin_orchestrate.generation_eval import evaluate_generation, format_generation
+    from jin_orchestrate.generation_eval import evaluate_generation
 
     model = load_model(trained)
     started = time.perf_counter()
@@ -112,10 +112,33 @@ def main(argv: list[str] | None = None) -> int:
     result["evaluation_s"] = round(time.perf_counter() - started, 1)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
-    table = format_generation(scores)
+    table = markdown(result)
     (RESULTS / "generation.md").write_text(table + "\n")
     print(table)
     return 0
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The table of `format_generation` under a line on how the model was trained and scored."""
+    from jin_orchestrate.generation_eval import format_generation
+
+    lines = ["# Cross-modal generation: the paper's Table 4 in miniature", ""]
+    training = result.get("training")
+    if training:
+        losses = ", ".join(f"{k.split('/')[1]} {v}" for k, v in training["final_losses"].items())
+        lines += [
+            f"Generation fine-tune of the jin-tiny demo checkpoint: {training['steps']} steps, "
+            f"batch {training['batch_size']}, lr {training['lr']}, {training['wall_s']:.0f} s "
+            f"(median step {training['step_s_median']} s) on {result['machine']}, in process. "
+            f"Last-step losses: {losses}.",
+            "",
+        ]
+    lines += [
+        format_generation(result["evaluation"]),
+        "",
+        f"Scoring took {result['evaluation_s']:.0f} s. Generated images: `generation/`.",
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
