@@ -63,6 +63,12 @@ class StageConfig(StrictConfig):
     beta: float = Field(0.0, ge=0.0, description="cross-modal JEPA, Eq. 5")
     gamma: float = Field(0.0, ge=0.0, description="contrastive alignment, Eq. 6")
     zjepa: float = Field(0.0, ge=0.0, description="z-JEPA cross-scale terms on images, Eq. 4")
+    generation: float = Field(
+        0.0,
+        ge=0.0,
+        description="cross-modal generation (§3.1 decoding: diffusion of image and audio tokens, "
+        "captions); a generation stage trains this objective alone",
+    )
     lr: float | None = Field(None, gt=0.0, description="peak learning rate (train.lr if None)")
     trainable: tuple[str, ...] = Field(
         (),
@@ -73,8 +79,16 @@ class StageConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _some_objective(self) -> StageConfig:
-        if self.alpha + self.beta + self.gamma + self.zjepa == 0:
-            raise ValueError(f"stage {self.name!r}: alpha, beta, gamma and zjepa are all 0")
+        representation = self.alpha + self.beta + self.gamma + self.zjepa
+        if self.generation > 0 and (representation > 0 or self.trainable):
+            raise ValueError(
+                f"stage {self.name!r}: a generation stage (generation={self.generation}) trains "
+                "that objective alone; set alpha, beta, gamma and zjepa to 0 and trainable to []"
+            )
+        if representation + self.generation == 0:
+            raise ValueError(
+                f"stage {self.name!r}: alpha, beta, gamma, zjepa and generation are all 0"
+            )
         if self.trainable and self.beta + self.gamma == 0:
             raise ValueError(
                 f"stage {self.name!r}: an extension stage (trainable={list(self.trainable)}) "
@@ -164,6 +178,11 @@ class JinConfig(StrictConfig):
                 f"data.modalities: {unknown} have no encoder in model (has {self.model.modalities})"
             )
         for s in self.stages:
+            if s.generation > 0 and self.model.generation is None:
+                raise ValueError(
+                    f"stages.{s.name}.generation: the model has no generation heads "
+                    "(set model.generation)"
+                )
             unknown = [m for m in s.trainable if m not in self.data.modalities]
             if unknown:
                 raise ValueError(

@@ -43,16 +43,19 @@ def model_from_checkpoint(path: str | Path, cfg: JinModelConfig) -> tuple[JinMod
     """The model of ``cfg`` holding the weights at ``path``, and the checkpoint's state.
 
     The checkpoint may lack runtime-added modalities of ``cfg`` (an extension starting from a
-    pretrained model): those are added after loading, freshly initialised from torch's global
-    RNG, in ``cfg``'s order. Any other difference between the two configs is an error.
+    pretrained model) and its generation heads (a generation fine-tune): those are added after
+    loading, freshly initialised from torch's global RNG, in ``cfg``'s order. Any other
+    difference between the two configs is an error.
     """
     saved = JinModelConfig.model_validate(read_config(path)["model"])
     missing = [n for n in cfg.extra_modalities if n not in saved.extra_modalities]
+    add_generation = cfg.generation is not None and saved.generation is None
     base = cfg.model_copy(
         update={
             "extra_modalities": {
                 k: v for k, v in cfg.extra_modalities.items() if k in saved.extra_modalities
-            }
+            },
+            "generation": None if add_generation else cfg.generation,
         }
     )
     if base.model_dump() != saved.model_dump():
@@ -65,6 +68,9 @@ def model_from_checkpoint(path: str | Path, cfg: JinModelConfig) -> tuple[JinMod
     loaded = load_checkpoint(path, model, load_optimizer=False)
     for name in missing:
         model.add_modality(name, CustomModalityEncoder(cfg.extra_modalities[name]))
+    if add_generation:
+        assert cfg.generation is not None
+        model.add_generation(cfg.generation)
     return model, loaded.state
 
 

@@ -46,6 +46,7 @@ from jin_encoders import (
     JointEmbeddingSpaceConfig,
 )
 from jin_orchestrate._config import StrictConfig
+from jin_orchestrate.generation import GenerationConfig, GenerationHeads, Target, token_shapes
 from jin_zjepa import (
     AdaptiveZoom,
     CrossScalePredictor,
@@ -107,6 +108,9 @@ class JinModelConfig(StrictConfig):
     extra_modalities: dict[str, CustomEncoderConfig] = Field(
         default_factory=dict, description="modalities added at run time (add_modality), in order"
     )
+    generation: GenerationConfig | None = Field(
+        None, description="cross-modal generation heads (a generation stage trains them)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -138,7 +142,25 @@ class JinModelConfig(StrictConfig):
         clash = [k for k in self.extra_modalities if k in self.builtin_modalities]
         if clash:
             raise ValueError(f"extra_modalities: {clash} are built-in modality names")
+        if self.generation is not None:
+            self._check_generation(self.generation)
         return self
+
+    def _check_generation(self, gen: GenerationConfig) -> None:
+        for target in gen.targets:
+            for name in (target, *gen.conditions(target)):
+                if name not in ("text", "image", "audio") or name not in self.builtin_modalities:
+                    raise ValueError(
+                        f"generation.{target}_from: {name!r} must be one of the model's text, "
+                        f"image and audio encoders (has {self.builtin_modalities})"
+                    )
+        if gen.text_from and self.space.text is not None:
+            room = self.space.text.max_len - 2
+            if gen.caption_max_bytes > room:
+                raise ValueError(
+                    f"generation.caption_max_bytes: at most space.text.max_len - 2 = {room}, got "
+                    f"{gen.caption_max_bytes}"
+                )
 
     @property
     def builtin_modalities(self) -> list[str]:
@@ -214,6 +236,11 @@ class JinModel(nn.Module):
         self.span_masks = SpanMaskGenerator(cfg.span_mask)
         # Modalities an extension stage trains (freeze_except); empty: everything trains.
         self.trainable: tuple[str, ...] = ()
+        self.generation = (
+            None
+            if cfg.generation is None
+            else GenerationHeads(cfg.generation, token_shapes(cfg.generation, self.space), cfg.dim)
+        )
 
     @property
     def space(self) -> JointEmbeddingSpace:
@@ -241,6 +268,18 @@ class JinModel(nn.Module):
         extra = {**self.cfg.extra_modalities, name: encoder.config}
         self.cfg = self.cfg.model_copy(update={"extra_modalities": extra})
         return new_id
+
+    def add_generation(self, cfg: GenerationConfig) -> None:
+        """Add freshly initialised generation heads (a generation fine-tune of a trained model);
+        ``cfg.generation`` records them, so a checkpoint written afterwards rebuilds them."""
+        if self.generation is not None:
+            raise ValueError("add_generation: the model already has generation heads")
+        model_cfg = JinModelConfig.model_validate(
+            {**self.cfg.model_dump(), "generation": cfg.model_dump()}
+        )
+        heads = GenerationHeads(cfg, token_shapes(cfg, self.space), self.cfg.dim)
+        self.generation = heads.to(self.space.modality_embed[0].device)
+        self.cfg = model_cfg
 
     @torch.no_grad()
     def _copy_to_target(self, name: str) -> None:
@@ -287,6 +326,28 @@ class JinModel(nn.Module):
             name: self.space.project(name, rep.hidden, rep.encoded.padding_mask)
             for name, rep in self.encoder(batch).items()
         }
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(
+        self,
+        target: Target,
+        condition: Mapping[str, Any] | None = None,
+        *,
+        steps: int = 50,
+        guidance: float = 3.0,
+        seed: int = 0,
+        **options: Any,
+    ) -> Tensor | list[str]:
+        """Cross-modal generation (paper §3.1 decoding); see `jin_orchestrate.generation.generate`.
+
+        ``model.generate("image", {"text": ["the number 42"]}, steps=50, guidance=3.0, seed=0)``
+        """
+        from jin_orchestrate.generation import generate
+
+        return generate(
+            self, target, condition, steps=steps, guidance=guidance, seed=seed, **options
+        )
 
     # -- training ----------------------------------------------------------------------------
 
@@ -340,6 +401,10 @@ class JinModel(nn.Module):
             )
         self.encoder.router_log = []
         try:
+            if stage.generation > 0:
+                from jin_orchestrate.generation import generation_losses
+
+                return generation_losses(self, batch, stage, generator)
             if stage.trainable:
                 from jin_orchestrate.extension import extension_losses
 
@@ -543,9 +608,7 @@ def alignment_losses(
     losses = {}
     for a, b in itertools.combinations(sorted(z), 2):
         if involving is None or a in involving or b in involving:
-            losses[f"align/{a}-{b}"], _ = info_nce(
-                z[a], z[b], logit_scale, present[a] & present[b]
-            )
+            losses[f"align/{a}-{b}"], _ = info_nce(z[a], z[b], logit_scale, present[a] & present[b])
     return losses
 
 

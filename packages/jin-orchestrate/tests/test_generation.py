@@ -1,0 +1,343 @@
+"""Cross-modal generation: DDIM and caption determinism, CFG dropout, Griffin-Lim, the CLI, the
+generation stage and the Table 4 metrics, on the jin-test config."""
+
+from __future__ import annotations
+
+import wave
+
+import pytest
+import torch
+
+from jin_orchestrate.config import JinConfig, preset
+from jin_orchestrate.generation import (
+    caption_logits,
+    decode_captions,
+    generation_losses,
+    prefix_lm_mask,
+)
+from jin_orchestrate.griffin_lim import griffin_lim, mel_to_waveform, spectral_convergence
+from jin_orchestrate.model import JinModel
+
+GENERATION = {"diffusion": {"num_timesteps": 100, "prediction": "v"}}
+
+
+def _config(**generation) -> JinConfig:
+    data = preset("jin-test")
+    data["model"]["generation"] = {**GENERATION, **generation}
+    data["data"]["modalities"] = ["text", "image", "audio"]
+    data["stages"] = [{"name": "generation", "steps": 4, "alpha": 0.0, "generation": 1.0}]
+    return JinConfig.model_validate(data)
+
+
+def _wake_adaln(model: JinModel) -> JinModel:
+    """A fresh model's adaLN-Zero layers are zero, so the condition cannot matter yet: give them
+    small weights, as training would, for tests that need the condition to act."""
+    with torch.no_grad():
+        for block in model.encoder.backbone.blocks:
+            block.adaLN_modulation[-1].weight.normal_(std=0.05)
+    return model
+
+
+@pytest.fixture
+def gen_model() -> JinModel:
+    torch.manual_seed(0)
+    return JinModel(_config().model).eval()
+
+
+@pytest.fixture(scope="module")
+def gen_checkpoint(tmp_path_factory):
+    from jin_orchestrate.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = _config()
+    path = tmp_path_factory.mktemp("generation") / "ckpt"
+    return save_checkpoint(
+        path, JinModel(cfg.model), config=cfg.model_dump(mode="json"), state={"global_step": 0}
+    )
+
+
+# -- sampling ------------------------------------------------------------------------------
+
+
+def test_ddim_image_is_deterministic_for_a_seed(gen_model):
+    condition = {"text": ["the number 42", "seven"]}
+    a = gen_model.generate("image", condition, steps=4, guidance=2.0, seed=3)
+    b = gen_model.generate("image", condition, steps=4, guidance=2.0, seed=3)
+    c = gen_model.generate("image", condition, steps=4, guidance=2.0, seed=4)
+    assert a.dtype == torch.uint8 and a.shape == (2, 1, 32, 32)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_audio_generation_is_a_seeded_waveform(gen_model, batch):
+    condition = {"image": batch["image"][:2]}
+    a = gen_model.generate("audio", condition, steps=3, seed=1, griffin_lim_iterations=4)
+    b = gen_model.generate("audio", condition, steps=3, seed=1, griffin_lim_iterations=4)
+    assert a.shape == (2, 128 * 160) and torch.equal(a, b)
+    assert float(a.abs().max()) <= 1.0
+
+
+def test_generate_rejects_a_condition_it_was_not_trained_on(gen_model, batch):
+    with pytest.raises(ValueError, match="image is generated from"):
+        gen_model.generate("image", {"image": batch["image"][:1]}, steps=2)
+    with pytest.raises(ValueError, match="exactly one modality"):
+        gen_model.generate("image", {"text": ["a"], "audio": batch["audio"][:1]}, steps=2)
+
+
+def test_guidance_changes_the_sample(gen_model):
+    condition = {"text": ["the number 3"]}
+    _wake_adaln(gen_model)
+    plain = gen_model.generate("image", condition, steps=3, guidance=1.0, seed=0)
+    guided = gen_model.generate("image", condition, steps=3, guidance=4.0, seed=0)
+    assert not torch.equal(plain, guided)
+
+
+# -- classifier-free guidance dropout --------------------------------------------------------
+
+
+def test_condition_dropout_substitutes_the_learned_null(gen_model):
+    heads = gen_model.generation
+    pooled = torch.randn(4, gen_model.cfg.dim)
+    drop = torch.tensor([True, False, True, False])
+    cond = heads.condition(pooled, drop)
+    assert torch.equal(cond[0], heads.null_cond.detach()) and torch.equal(cond[2], cond[0])
+    assert torch.allclose(cond[1], heads.cond_embedder(pooled[1:2])[0])
+
+
+@pytest.mark.parametrize(("dropout", "trained"), [(0.0, False), (0.99, True)])
+def test_null_condition_is_trained_only_through_dropout(batch, dropout, trained):
+    torch.manual_seed(0)
+    cfg = _config(cond_dropout=dropout, text_from=[])
+    model = _wake_adaln(JinModel(cfg.model)).train()
+    out = generation_losses(model, batch, cfg.stages[0], torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    grad = model.generation.null_cond.grad
+    assert (grad is not None and bool(grad.abs().sum() > 0)) is trained
+
+
+# -- captions ------------------------------------------------------------------------------
+
+
+def _image_prefix(model, batch):
+    enc = model.space.encode_batch({"image": batch["image"][:3]})["image"]
+    return enc.tokens, torch.zeros(enc.tokens.shape[:2], dtype=torch.bool)
+
+
+def test_greedy_and_seeded_sampled_decoding_are_deterministic(gen_model, batch):
+    tokens, padding = _image_prefix(gen_model, batch)
+    greedy = decode_captions(gen_model, tokens, padding, max_bytes=6)
+    assert greedy == decode_captions(gen_model, tokens, padding, max_bytes=6)
+    assert len(greedy) == 3 and all(len(t) <= 6 for t in greedy)  # 6 bytes, some U+FFFD
+
+    def sampled(seed: int, **kw) -> list[str]:
+        g = torch.Generator().manual_seed(seed)
+        return decode_captions(gen_model, tokens, padding, max_bytes=6, generator=g, **kw)
+
+    assert sampled(1, temperature=1.0) == sampled(1, temperature=1.0)
+    assert sampled(1, temperature=1.0) != sampled(2, temperature=1.0)
+    assert sampled(5, temperature=1.0, top_k=1) == greedy
+
+
+def test_caption_logits_are_causal_over_the_caption(gen_model, batch):
+    tokens, padding = _image_prefix(gen_model, batch)
+    ids = torch.randint(4, 200, (3, 6), generator=torch.Generator().manual_seed(0))
+    changed = ids.clone()
+    changed[:, 4:] = 7
+    a, _ = caption_logits(gen_model, tokens, padding, ids)
+    b, _ = caption_logits(gen_model, tokens, padding, changed)
+    assert torch.allclose(a[:, :4], b[:, :4], atol=1e-5)
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+
+
+def test_prefix_lm_mask():
+    padding = torch.tensor([[False, True, False, False]])
+    mask = prefix_lm_mask(padding, prefix=2)[0, 0]
+    expected = torch.tensor(
+        [
+            [True, False, False, False],
+            [True, False, False, False],
+            [True, False, True, False],
+            [True, False, True, True],
+        ]
+    )
+    assert torch.equal(mask, expected)
+
+
+# -- training ------------------------------------------------------------------------------
+
+
+def test_generation_stage_lowers_its_loss(batch):
+    from jin_orchestrate.train import StageTrainer
+
+    torch.manual_seed(0)
+    cfg = _config()
+    model = JinModel(cfg.model)
+    trainer = StageTrainer.create(cfg, cfg.stages[0], model, seed=0)
+    trainer.generator = torch.Generator().manual_seed(0)
+    first = trainer.train_step(batch).metrics
+    for _ in range(6):
+        last = trainer.train_step(batch).metrics
+    assert last["generation/text"] < first["generation/text"]
+    assert {"generation/image", "generation/audio", "router_aux"} <= set(last)
+
+
+def test_generation_heads_are_added_to_a_checkpoint_without_them(checkpoint):
+    from jin_orchestrate.checkpoint import read_config
+    from jin_orchestrate.extension import model_from_checkpoint
+    from jin_orchestrate.generate import build_generation_config
+
+    cfg = build_generation_config(read_config(checkpoint), steps=5, lr=1e-3)
+    model, _ = model_from_checkpoint(checkpoint, cfg.model)
+    assert model.generation is not None and model.cfg.generation == cfg.model.generation
+    assert cfg.stages[0].generation == 1.0 and cfg.stages[0].alpha == 0.0
+
+
+def test_generation_configs_are_validated():
+    data = _config().model_dump()
+    data["stages"][0]["alpha"] = 1.0
+    with pytest.raises(ValueError, match="trains that objective alone"):
+        JinConfig.model_validate(data)
+    with pytest.raises(ValueError, match="image_size: expected a multiple"):
+        JinModel(_config(image_size=40).model)
+    with pytest.raises(ValueError, match="cannot condition itself"):
+        _config(text_from=["text"])
+    data = preset("jin-test")
+    data["stages"] = [{"name": "g", "steps": 1, "alpha": 0.0, "generation": 1.0}]
+    with pytest.raises(ValueError, match="no generation heads"):
+        JinConfig.model_validate(data)
+
+
+# -- Griffin-Lim ---------------------------------------------------------------------------
+
+
+def _chirp(seconds: float = 0.5, rate: int = 16000) -> torch.Tensor:
+    t = torch.arange(int(seconds * rate)) / rate
+    return (
+        0.5 * torch.sin(2 * torch.pi * 440 * t) + 0.3 * torch.sin(2 * torch.pi * 900 * t * (1 + t))
+    )[None]
+
+
+def test_griffin_lim_recovers_a_known_magnitude():
+    signal = _chirp()
+    window = torch.hann_window(400)
+    magnitude = torch.stft(signal, 400, 160, window=window, return_complex=True).abs()
+
+    def convergence(iterations: int) -> float:
+        g = torch.Generator().manual_seed(0)
+        wave_ = griffin_lim(magnitude, iterations=iterations, length=signal.shape[1], generator=g)
+        rebuilt = torch.stft(wave_, 400, 160, window=window, return_complex=True).abs()
+        return float(spectral_convergence(rebuilt, magnitude)[0])
+
+    assert convergence(64) < 0.1 < convergence(0)
+
+
+def test_mel_to_waveform_keeps_the_loud_mel_bins():
+    from jin_encoders.mel import LogMelSpectrogram
+
+    mel, _ = LogMelSpectrogram()(_chirp())
+    rebuilt, _ = LogMelSpectrogram()(mel_to_waveform(mel, generator=torch.Generator()))
+    loud = mel > mel.max() - 0.5  # within 2 decades of the peak
+    assert float((rebuilt - mel)[loud].abs().mean()) < 0.1
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+
+def _cli(*argv) -> int:
+    from jin_orchestrate.generate import main
+
+    return main([str(a) for a in argv])
+
+
+def test_cli_writes_a_png_a_wav_and_a_caption(gen_checkpoint, tmp_path):
+    from PIL import Image
+
+    png, wav, txt = tmp_path / "a.png", tmp_path / "a.wav", tmp_path / "a.txt"
+    common = ["--checkpoint", gen_checkpoint, "--steps", 2]
+    assert _cli(*common, "--to", "image", "--from-text", "the number 4", "--out", png) == 0
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (32, 32) and image.mode == "L"
+    assert _cli(*common, "--to", "audio", "--from-image", png, "--out", wav) == 0
+    with wave.open(str(wav)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+        assert w.getnframes() == 128 * 160
+    assert _cli(*common, "--to", "text", "--from-audio", wav, "--out", txt) == 0
+    assert txt.read_text(encoding="utf-8").endswith("\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--to", "image", "--from-image", "missing.png", "--out", "x.png"], "--from-image"),
+        (["--to", "image", "--from-text", "4", "--out", "x.wav"], "--out"),
+        (["--to", "text", "--from-audio", "garbage.wav", "--out", "x.txt"], "garbage.wav"),
+        (["--to", "audio", "--from-image", "garbage.png", "--out", "x.wav"], "not a readable"),
+        (["--to", "image", "--from-text", "  ", "--out", "x.png"], "--from-text"),
+    ],
+)
+def test_cli_errors_name_the_flag_or_file(
+    gen_checkpoint, tmp_path, monkeypatch, capsys, args, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    (tmp_path / "garbage.wav").write_bytes(b"not audio")
+    assert _cli("--checkpoint", gen_checkpoint, *args) == 2
+    assert message in capsys.readouterr().err
+
+
+# -- Table 4 metrics -------------------------------------------------------------------------
+
+
+def test_frechet_distance_of_identical_and_shifted_sets():
+    from jin_orchestrate.generation_eval import frechet_distance
+
+    a = torch.randn(500, 8, generator=torch.Generator().manual_seed(0))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = torch.full((8,), 0.5)
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift.square().sum()), rel=1e-6)
+    assert frechet_distance(a, 2 * a) > 1.0
+    with pytest.raises(ValueError, match="frechet_distance"):
+        frechet_distance(a, a[:, :3])
+
+
+def test_conditioning_accuracy_and_exact_match():
+    from jin_orchestrate.generation_eval import conditioning_accuracy, exact_match
+
+    assert conditioning_accuracy(torch.tensor([4, 2, 9, 9]), torch.tensor([4, 2, 9, 1])) == 0.75
+    assert exact_match(["the number 4", "the number 5"], ["the number 4", "the number 6"]) == 0.5
+    with pytest.raises(ValueError, match="exact_match"):
+        exact_match([], [])
+
+
+def test_image_probe_reads_two_digits():
+    from jin_orchestrate.generation_eval import ImageProbe
+
+    logits = torch.full((1, 20), -5.0)
+    logits[0, 4] = logits[0, 12] = 5.0  # tens 4, units 2
+    assert ImageProbe.predict(logits).tolist() == [42]
+
+
+def test_evaluate_generation_scores_every_trained_direction(gen_checkpoint, corpus_url, tmp_path):
+    from jin_orchestrate.evaluate import load_model
+    from jin_orchestrate.generation_eval import DIRECTIONS, evaluate_generation, format_generation
+
+    model = load_model(gen_checkpoint)
+    scores = evaluate_generation(
+        model, corpus_url, samples=4, steps=2, image_dir=tmp_path, log=lambda _: None
+    )
+    for source, target in DIRECTIONS:
+        key = f"{source}_to_{target}"
+        if target == "text":
+            assert 0.0 <= scores[f"exact_match/{key}"] <= 1.0
+        else:
+            assert scores[f"probe_fd/{key}"] >= 0.0
+            assert 0.0 <= scores[f"conditioning_accuracy/{key}"] <= 1.0
+    assert len(list(tmp_path.glob("text_to_image_*.png"))) == min(4, scores["samples"])
+    assert "not Inception-FID" in format_generation(scores)
+
+
+def test_evaluate_generation_flag_needs_generation_heads(checkpoint, corpus_url, capsys):
+    from jin_orchestrate.evaluate import main
+
+    assert main(["--checkpoint", str(checkpoint), "--data", corpus_url, "--generation"]) == 2
+    assert "no generation heads" in capsys.readouterr().err
