@@ -543,9 +543,7 @@ def alignment_losses(
     losses = {}
     for a, b in itertools.combinations(sorted(z), 2):
         if involving is None or a in involving or b in involving:
-            losses[f"align/{a}-{b}"], _ = info_nce(
-                z[a], z[b], logit_scale, present[a] & present[b]
-            )
+            losses[f"align/{a}-{b}"], _ = info_nce(z[a], z[b], logit_scale, present[a] & present[b])
     return losses
 
 

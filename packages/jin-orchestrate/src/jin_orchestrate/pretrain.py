@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,10 @@ def run_pretraining(
 
     ``init_checkpoint`` is what the first stage starts from (default: a fresh model); it may lack
     the config's runtime-added modalities, as when `jin_orchestrate.extend` adds one.
+
+    Data skipped under ``data.on_error="skip"`` is counted by a tally actor; the Ray data tasks
+    report to it through a ``worker_process_setup_hook`` that this function sets when it connects
+    to Ray. Where the caller connected to Ray already, skips are logged but not counted.
     """
     import mlflow
     import ray
@@ -137,9 +142,14 @@ def run_pretraining(
     from jin_orchestrate.checkpoint import latest_checkpoint
     from jin_orchestrate.cluster import init_ray, use_gpu
     from jin_orchestrate.data import default_corpus, ray_train_dataset
+    from jin_orchestrate.data_faults import (
+        DataErrorTally,
+        install_tally_handler,
+        tally_runtime_env,
+    )
     from jin_orchestrate.evaluate import evaluate_checkpoint, format_summary
     from jin_orchestrate.tracking import flatten_params, resolve_tracking
-    from jin_orchestrate.train import train_stage_worker
+    from jin_orchestrate.train import STOPPED, NonFiniteLossError, train_stage_worker
 
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
@@ -149,11 +159,14 @@ def run_pretraining(
     tracking = resolve_tracking(experiment)
     client = tracking.client()
 
+    tally_name = f"jin-data-tally-{uuid.uuid4().hex[:12]}"
     if not ray.is_initialized():
         # Two logical CPUs beyond the cores: training workers take one CPU each, and on a laptop
         # they would otherwise leave none for Ray Data's read/decode tasks, which then never run.
-        init_ray(ray_address, extra_cpus=2)
+        init_ray(ray_address, extra_cpus=2, runtime_env=tally_runtime_env(tally_name))
     ray.data.DataContext.get_current().enable_progress_bars = False
+    tally = ray.remote(num_cpus=0)(DataErrorTally).options(name=tally_name).remote()
+    install_tally_handler(tally_name)  # this process's own skips: unreadable shards
     dataset = ray_train_dataset(url, cfg.data, split="train")
 
     if "parent_run_id" in job:
@@ -214,6 +227,7 @@ def run_pretraining(
                 "init_checkpoint": previous,
                 "resume_checkpoint": str(resume_ckpt) if resume_ckpt else None,
                 "mlflow": {"tracking_uri": tracking.tracking_uri, "run_id": record["run_id"]},
+                "data_tally": tally_name,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.train.num_workers,
@@ -230,6 +244,10 @@ def run_pretraining(
         )
         try:
             result = trainer.fit()
+            _log_data_errors(client, record["run_id"], ray.get(tally.totals.remote()))
+            if result.metrics and result.metrics.get(STOPPED):
+                last = result.checkpoint.path if result.checkpoint else "none yet"
+                raise NonFiniteLossError(f"{result.metrics[STOPPED]} Last good checkpoint: {last}")
         except BaseException:
             client.set_terminated(record["run_id"], status="FAILED")
             client.set_terminated(parent_id, status="FAILED")
@@ -258,6 +276,18 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _log_data_errors(client: Any, run_id: str, totals: dict[str, int]) -> None:
+    """The stage's skipped-data counts, printed and logged to its MLflow run."""
+    from jin_orchestrate.data_faults import tally_metrics
+
+    if totals:
+        shown = ", ".join(f"{kind} {n}" for kind, n in sorted(totals.items()))
+        total = sum(totals.values())
+        print(f"[jin] data: {total} rows skipped so far in this job ({shown})", flush=True)
+    for key, value in tally_metrics(totals).items():
+        client.log_metric(run_id, key, value)
 
 
 def _log_loss_curves(client: Any, run_ids: list[str], output: Path) -> None:

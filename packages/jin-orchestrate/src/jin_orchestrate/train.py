@@ -23,9 +23,14 @@ import torch
 
 from jin_orchestrate.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from jin_orchestrate.config import JinConfig, StageConfig
+from jin_orchestrate.data_faults import tally_metrics
+from jin_orchestrate.faults import FaultPlan
 from jin_orchestrate.model import JinModel
 
-__all__ = ["NonFiniteLossError", "StageTrainer", "lr_at", "train_stage_worker"]
+__all__ = ["STOPPED", "NonFiniteLossError", "StageTrainer", "lr_at", "train_stage_worker"]
+
+# The key of a worker's last report when it stopped the stage on purpose (non-finite losses).
+STOPPED = "stopped"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,6 +68,7 @@ class StageTrainer:
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
     data_errors: dict[str, int] = field(default_factory=dict)
+    faults: FaultPlan | None = None  # fault drills only (jin_orchestrate.faults)
 
     @property
     def total_steps(self) -> int:
@@ -107,6 +113,8 @@ class StageTrainer:
         self.model.train()
         losses = self.model(batch, stage=self.stage, generator=self.generator)
         loss = losses["loss"]
+        if self.faults is not None and self.faults.nonfinite(self.step + 1):
+            loss = loss * float("nan")
         tokens = int(losses.get("tokens", torch.tensor(0)).item())
         self.optimizer.zero_grad(set_to_none=True)
         if not _finite_on_every_rank(loss):
@@ -261,6 +269,8 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and loop_config.get("mlflow"):
         mlflow.set_tracking_uri(loop_config["mlflow"]["tracking_uri"])
         run = mlflow.start_run(run_id=loop_config["mlflow"]["run_id"])
+    tally = ray.get_actor(loop_config["data_tally"]) if loop_config.get("data_tally") else None
+    trainer.faults = FaultPlan.from_env(stage.name)
 
     window_tokens, window_start = 0, time.perf_counter()
     last_metrics: dict[str, float] = {}
@@ -272,6 +282,10 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
             result = trainer.train_step(batch)
             window_tokens += result.tokens
             if result.skipped:
+                if rank == 0:
+                    print(_skip_line(stage, trainer), flush=True)
+                if run is not None:
+                    mlflow.log_metrics(result.metrics, step=trainer.global_step)
                 continue
             last_metrics = result.metrics
             step = trainer.step
@@ -279,6 +293,8 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window_start
                 last_metrics["tokens_per_s"] = window_tokens * ctx.get_world_size() / elapsed
                 window_tokens, window_start = 0, time.perf_counter()
+                if tally is not None and rank == 0:
+                    _note_data_errors(trainer, ray.get(tally.totals.remote()), last_metrics)
                 if run is not None:
                     mlflow.log_metrics(last_metrics, step=trainer.global_step)
                 if rank == 0:
@@ -291,9 +307,37 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
                         ckpt_dir = trainer.save(Path(tmp) / "ckpt", epoch, batch_in_epoch)
                         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
                     ray.train.report(report, checkpoint=checkpoint)
+            trainer.faults.maybe_pause(step, rank)
+    except NonFiniteLossError as exc:
+        # Every rank raises at the same step (the skip decision is all-reduced). Ending the
+        # worker normally, with the reason reported, keeps Ray Train from restarting it from
+        # the same checkpoint into the same divergence; the driver raises it (pretrain.py).
+        if run is not None:
+            mlflow.end_run(status="FAILED")
+        ray.train.report({STOPPED: str(exc), "global_step": trainer.global_step})
+        return
     except BaseException:
         if run is not None:
             mlflow.end_run(status="FAILED")
         raise
     if run is not None:
         mlflow.end_run()
+
+
+def _skip_line(stage: StageConfig, trainer: StageTrainer) -> str:
+    return (
+        f"[jin] {stage.name} step {trainer.step + 1}: non-finite loss or gradient, update "
+        f"skipped ({trainer.nonfinite_in_row} in a row, {trainer.nonfinite_total} in all; "
+        f"the job stops at {trainer.cfg.train.max_nonfinite_steps} in a row)"
+    )
+
+
+def _note_data_errors(
+    trainer: StageTrainer, totals: dict[str, int], metrics: dict[str, float]
+) -> None:
+    """Add the job's skipped-data counts to ``metrics``; print them when they have grown."""
+    if sum(totals.values()) > sum(trainer.data_errors.values()):
+        shown = ", ".join(f"{kind} {n}" for kind, n in sorted(totals.items()))
+        print(f"[jin] data: {sum(totals.values())} rows skipped so far ({shown})", flush=True)
+    trainer.data_errors = totals
+    metrics.update(tally_metrics(totals))
