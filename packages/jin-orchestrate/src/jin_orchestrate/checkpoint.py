@@ -147,7 +147,7 @@ def verify_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"incomplete checkpoint: {manifest_path} is missing")
     try:
         manifest = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"corrupted checkpoint manifest {manifest_path}: {exc}") from exc
     for name, meta in manifest.items():
         file = path / name
