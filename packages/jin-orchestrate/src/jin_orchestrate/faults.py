@@ -40,7 +40,7 @@ PAUSE_LIMIT_S = 600.0
 def _split(value: str, name: str) -> tuple[str, list[int]]:
     """``STAGE:N[:M]`` -> (STAGE, [N, M]); the stage name may itself hold colons."""
     parts = value.split(":")
-    for cut in range(len(parts) - 1, 0, -1):
+    for cut in range(max(1, len(parts) - 2), len(parts)):  # the longest numeric tail
         numbers = parts[cut:]
         if all(n.isdigit() for n in numbers) and len(numbers) <= 2:
             stage = ":".join(parts[:cut])

@@ -226,6 +226,7 @@ def run_pretraining(
                 "stage_index": index,
                 "init_checkpoint": previous,
                 "resume_checkpoint": str(resume_ckpt) if resume_ckpt else None,
+                "stage_storage": str(storage / f"stage{index + 1}-{stage.name}"),
                 "mlflow": {"tracking_uri": tracking.tracking_uri, "run_id": record["run_id"]},
                 "data_tally": tally_name,
             },
@@ -242,12 +243,14 @@ def run_pretraining(
             ),
             datasets={"train": dataset},
         )
+        stopped = storage / f"stage{index + 1}-{stage.name}" / STOPPED
+        stopped.unlink(missing_ok=True)  # from an earlier attempt of this job
         try:
             result = trainer.fit()
             _log_data_errors(client, record["run_id"], ray.get(tally.totals.remote()))
-            if result.metrics and result.metrics.get(STOPPED):
+            if stopped.exists():
                 last = result.checkpoint.path if result.checkpoint else "none yet"
-                raise NonFiniteLossError(f"{result.metrics[STOPPED]} Last good checkpoint: {last}")
+                raise NonFiniteLossError(f"{stopped.read_text()} Last good checkpoint: {last}")
         except BaseException:
             client.set_terminated(record["run_id"], status="FAILED")
             client.set_terminated(parent_id, status="FAILED")
@@ -316,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, build the config, run the job and print the closing summary."""
     from jin_orchestrate.config import load_config
     from jin_orchestrate.evaluate import format_summary
+    from jin_orchestrate.train import NonFiniteLossError
 
     args = _parser().parse_args(argv)
     try:
@@ -326,14 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_workers is not None:
         cfg.train.num_workers = args.num_workers
     output = output_dir(args)
-    result = run_pretraining(
-        cfg,
-        output=output,
-        data_url=args.data,
-        resume=args.resume,
-        experiment=args.experiment,
-        ray_address=args.ray_address,
-    )
+    try:
+        result = run_pretraining(
+            cfg,
+            output=output,
+            data_url=args.data,
+            resume=args.resume,
+            experiment=args.experiment,
+            ray_address=args.ray_address,
+        )
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(result.evaluation))
     print(f"checkpoint     {result.checkpoint}")
     print(f"mlflow run id  {result.parent_run_id} (stages: {', '.join(result.stage_run_ids)})")

@@ -4,8 +4,9 @@ Everything Ray-specific is confined to :func:`train_stage_worker`; the step itse
 (:class:`StageTrainer`) is plain PyTorch so tests can drive it without Ray.
 
 Resumption order at worker start (paper §4.2: "each stage starts from the previous stage's
-checkpoint"): Ray's own checkpoint after a worker failure, else the latest checkpoint of this stage
-on disk (``--resume``), else the previous stage's final weights, else a fresh model.
+checkpoint"): the latest complete checkpoint of this stage on storage (after a worker failure, or
+``--resume``), else Ray's own checkpoint, else the previous stage's final weights, else a fresh
+model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from typing import Any
 
 import torch
 
-from jin_orchestrate.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from jin_orchestrate.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from jin_orchestrate.config import JinConfig, StageConfig
 from jin_orchestrate.data_faults import tally_metrics
 from jin_orchestrate.faults import FaultPlan
@@ -29,8 +35,8 @@ from jin_orchestrate.model import JinModel
 
 __all__ = ["STOPPED", "NonFiniteLossError", "StageTrainer", "lr_at", "train_stage_worker"]
 
-# The key of a worker's last report when it stopped the stage on purpose (non-finite losses).
-STOPPED = "stopped"
+# Written into the stage's storage directory when the workers stop it (non-finite losses): why.
+STOPPED = "stopped.txt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -233,11 +239,14 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     stage_seed = cfg.train.seed + 1000 * loop_config["stage_index"]
     torch.manual_seed(stage_seed)  # identical weights, and so identical EMA targets, on every rank
     ray_ckpt = ray.train.get_checkpoint()
-    init = (
-        None
-        if ray_ckpt or loop_config.get("resume_checkpoint")
-        else loop_config.get("init_checkpoint")
+    # Ray registers a reported checkpoint when its controller next polls the workers (every 2 s
+    # by default), so a worker killed sooner after a report left a newer complete checkpoint on
+    # storage than Ray hands back. The stage's directory holds this job's checkpoints only.
+    on_disk = (
+        latest_checkpoint(loop_config["stage_storage"]) if "stage_storage" in loop_config else None
     )
+    resume = on_disk or loop_config.get("resume_checkpoint")
+    init = None if ray_ckpt or resume else loop_config.get("init_checkpoint")
     init_state: dict[str, Any] = {}
     if init:  # the previous stage's weights, or a pretrained model to extend (§3.6)
         model, init_state = model_from_checkpoint(init, cfg.model)
@@ -247,11 +256,13 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     trainer = StageTrainer.create(cfg, stage, model, seed=stage_seed + 7919 * (rank + 1))
     trainer.global_step = int(init_state.get("global_step", 0))
     start_epoch, skip = 0, 0
-    if ray_ckpt is not None:
+    if resume is not None:
+        start_epoch, skip = trainer.restore(resume)
+    elif ray_ckpt is not None:
         with ray_ckpt.as_directory() as d:
             start_epoch, skip = trainer.restore(d)
-    elif loop_config.get("resume_checkpoint"):
-        start_epoch, skip = trainer.restore(loop_config["resume_checkpoint"])
+    if rank == 0 and (resume or ray_ckpt):
+        print(f"[jin] {stage.name} resumes after step {trainer.step}", flush=True)
     trainer.model = ray.train.torch.prepare_model(
         trainer.model, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
@@ -310,11 +321,17 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
             trainer.faults.maybe_pause(step, rank)
     except NonFiniteLossError as exc:
         # Every rank raises at the same step (the skip decision is all-reduced). Ending the
-        # worker normally, with the reason reported, keeps Ray Train from restarting it from
-        # the same checkpoint into the same divergence; the driver raises it (pretrain.py).
+        # workers normally, with the reason left next to the checkpoints, keeps Ray Train from
+        # restarting them from the same checkpoint into the same divergence; the driver raises
+        # it (pretrain.py). Ray's result carries only metrics reported with a checkpoint.
         if run is not None:
+            mlflow.log_metric("nonfinite_steps", trainer.nonfinite_total, step=trainer.global_step)
             mlflow.end_run(status="FAILED")
-        ray.train.report({STOPPED: str(exc), "global_step": trainer.global_step})
+        if rank == 0:
+            stopped = Path(loop_config["stage_storage"]) / STOPPED
+            stopped.parent.mkdir(parents=True, exist_ok=True)
+            stopped.with_suffix(".tmp").write_text(str(exc))
+            os.replace(stopped.with_suffix(".tmp"), stopped)
         return
     except BaseException:
         if run is not None:
