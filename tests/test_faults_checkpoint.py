@@ -70,7 +70,7 @@ while True:
 
 
 def _check_after_kill(root: Path, saved: int) -> Path:
-    """The newest complete checkpoint loads, holds at least step ``saved``, and all others verify."""
+    """The newest complete checkpoint loads, holds step ``saved`` or later; all others verify."""
     latest = latest_checkpoint(root)
     assert latest is not None
     cfg = load_config("jin-test")
