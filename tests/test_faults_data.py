@@ -9,6 +9,7 @@ MLflow; with ``raise`` each fault stops the data path with an error naming where
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +91,15 @@ def test_skip_trains_on_the_rest_and_counts_every_fault(damaged, tmp_path):
     assert f"[jin] data: {total} rows skipped so far in this job ({shown})" in output, output[
         -4000:
     ]
-    # Each one is also logged where it happened, with its place.
-    assert "url=" in output and "column='image'" in output and "column='audio'" in output
-    assert "non-finite values (NaN or Inf)" in output
-    _, run = job.stage_run()
+    # Where: the first error of each kind, with its place, in the log and in MLflow.
+    assert "[jin] data: first ShardError: url=" in output
+    assert "[jin] data: first SchemaError: url=" in output
+    assert "[jin] data: first DecodeError: url=" in output
+    client, run = job.stage_run()
+    record = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "data_errors.json")).read_text()
+    )
+    assert record["skipped_rows"] == expected
     assert run.data.metrics["data/skipped_rows"] == total
     for kind, rows in expected.items():
         assert run.data.metrics[f"data/skipped_rows/{kind}"] == rows

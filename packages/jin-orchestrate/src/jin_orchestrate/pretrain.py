@@ -247,7 +247,7 @@ def run_pretraining(
         stopped.unlink(missing_ok=True)  # from an earlier attempt of this job
         try:
             result = trainer.fit()
-            _log_data_errors(client, record["run_id"], ray.get(tally.totals.remote()))
+            _log_data_errors(client, record["run_id"], tally)
             if stopped.exists():
                 last = result.checkpoint.path if result.checkpoint else "none yet"
                 raise NonFiniteLossError(f"{stopped.read_text()} Last good checkpoint: {last}")
@@ -281,14 +281,21 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _log_data_errors(client: Any, run_id: str, totals: dict[str, int]) -> None:
-    """The stage's skipped-data counts, printed and logged to its MLflow run."""
+def _log_data_errors(client: Any, run_id: str, tally: Any) -> None:
+    """The job's skipped-data counts so far, and the first error of each kind, printed and
+    logged to the stage's MLflow run (metrics, and ``data_errors.json``)."""
+    import ray
+
     from jin_orchestrate.data_faults import tally_metrics
 
+    totals, first = ray.get([tally.totals.remote(), tally.first_errors.remote()])
     if totals:
         shown = ", ".join(f"{kind} {n}" for kind, n in sorted(totals.items()))
         total = sum(totals.values())
         print(f"[jin] data: {total} rows skipped so far in this job ({shown})", flush=True)
+        for kind, message in sorted(first.items()):
+            print(f"[jin] data: first {kind}: {message}", flush=True)
+        client.log_dict(run_id, {"skipped_rows": totals, "first_errors": first}, "data_errors.json")
     for key, value in tally_metrics(totals).items():
         client.log_metric(run_id, key, value)
 
