@@ -327,6 +327,8 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
         if run is not None:
             mlflow.log_metric("nonfinite_steps", trainer.nonfinite_total, step=trainer.global_step)
             mlflow.end_run(status="FAILED")
+        if "stage_storage" not in loop_config:
+            raise
         if rank == 0:
             stopped = Path(loop_config["stage_storage"]) / STOPPED
             stopped.parent.mkdir(parents=True, exist_ok=True)
