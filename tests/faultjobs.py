@@ -27,10 +27,13 @@ class Job:
     process: subprocess.Popen
     output: Path
     tracking_uri: str
+    log: Path
 
     def wait(self, timeout: float = 600) -> tuple[int, str]:
-        out, _ = self.process.communicate(timeout=timeout)
-        return self.process.returncode, out
+        """The exit code and everything the job printed (kept in a file: jobs run side by side,
+        and an unread pipe would stall one)."""
+        self.process.wait(timeout=timeout)
+        return self.process.returncode, self.log.read_text()
 
     def record(self) -> dict[str, Any]:
         return json.loads((self.output / "job.json").read_text())
@@ -56,26 +59,27 @@ def start_job(
     config_path.write_text(yaml.safe_dump(config or ONE_STAGE))
     output = tmp / name
     tracking_uri = f"sqlite:///{tmp / f'{name}-mlflow.db'}"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jin_orchestrate.pretrain",
-            "--preset",
-            "jin-test",
-            "--config",
-            str(config_path),
-            "--data",
-            data_url,
-            "--output",
-            str(output),
-            "--experiment",
-            "faults",
-        ],
-        cwd=tmp,
-        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    return Job(process, output, tracking_uri)
+    log = tmp / f"{name}.log"
+    with log.open("w") as sink:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jin_orchestrate.pretrain",
+                "--preset",
+                "jin-test",
+                "--config",
+                str(config_path),
+                "--data",
+                data_url,
+                "--output",
+                str(output),
+                "--experiment",
+                "faults",
+            ],
+            cwd=tmp,
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, **(env or {})},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    return Job(process, output, tracking_uri, log)

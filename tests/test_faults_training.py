@@ -34,6 +34,8 @@ def test_a_worker_killed_mid_stage_resumes_from_its_checkpoint_and_matches(
     tmp_path, numberworld_url
 ):
     faults = tmp_path / "faults"
+    # The uninterrupted run of the same seed, side by side (much of a job is waiting on Ray).
+    reference = start_job(tmp_path, numberworld_url, name="reference")
     killed = start_job(
         tmp_path,
         numberworld_url,
@@ -59,7 +61,6 @@ def test_a_worker_killed_mid_stage_resumes_from_its_checkpoint_and_matches(
     assert len(third) == 2, third
     assert "within_modality step 6/6" in output
 
-    reference = start_job(tmp_path, numberworld_url, name="reference")
     code, output = reference.wait()
     assert code == 0, output[-4000:]
 
