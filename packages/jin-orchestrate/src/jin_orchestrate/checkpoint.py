@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -146,7 +147,7 @@ def verify_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"incomplete checkpoint: {manifest_path} is missing")
     try:
         manifest = json.loads(manifest_path.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"corrupted checkpoint manifest {manifest_path}: {exc}") from exc
     for name, meta in manifest.items():
         file = path / name
@@ -187,7 +188,16 @@ def load_checkpoint(
         )
     optimizer_state = None
     if load_optimizer and OPTIMIZER in manifest:
-        optimizer_state = torch.load(path / OPTIMIZER, weights_only=True, map_location="cpu")
+        try:
+            optimizer_state = torch.load(path / OPTIMIZER, weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as exc:
+            # weights_only refuses any global outside torch's allow-list, so nothing ran; torch's
+            # own advice (retry with weights_only=False) is the unsafe one, so only its reason.
+            reason = [line for line in str(exc).splitlines() if "Unsupported global" in line]
+            raise CheckpointError(
+                f"refusing {path / OPTIMIZER}: it holds objects other than tensors and plain "
+                f"containers, which only an unsafe unpickle would load {reason}"
+            ) from None
     rng = load_file(str(path / RNG)) if RNG in manifest else {}
     return LoadedCheckpoint(
         path=path,

@@ -8,23 +8,32 @@ Ray started here.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 __all__ = ["init_ray", "use_gpu"]
 
 
-def init_ray(address: str | None = None, *, extra_cpus: int = 0) -> None:
+def init_ray(
+    address: str | None = None, *, extra_cpus: int = 0, runtime_env: dict[str, Any] | None = None
+) -> None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``), else start Ray here with ``extra_cpus``.
 
     A Ray started here serves this machine alone, so it is kept on loopback; and ``"local"`` is
     passed explicitly so a stale or unrelated cluster on the machine is never joined by accident.
     ``extra_cpus`` adds logical CPUs beyond the cores, for jobs whose actors each hold one CPU
-    while Ray Data's tasks still need some.
+    while Ray Data's tasks still need some. ``runtime_env`` is this job's (Ray merges it into
+    the one a submitted job already has).
     """
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address is not None:
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            configure_logging=False,
+            runtime_env=runtime_env,
+        )
         return
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(
@@ -32,6 +41,7 @@ def init_ray(address: str | None = None, *, extra_cpus: int = 0) -> None:
         num_cpus=(os.cpu_count() or 1) + extra_cpus,
         include_dashboard=False,
         configure_logging=False,
+        runtime_env=runtime_env,
     )
 
 

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from jin_data import ShardDataset, collate, list_shards
+from jin_data import ShardDataset, ShardError, collate, list_shards
 from jin_data.numberworld.text import CAPTION_TEMPLATES, number_words
 from jin_orchestrate.checkpoint import load_checkpoint, read_config
 from jin_orchestrate.data import rename_columns
@@ -88,12 +88,17 @@ def load_model(checkpoint: str | Path) -> JinModel:
     return model.eval()
 
 
-def _train_labels(url: str) -> set[int]:
+def _train_labels(url: str, on_error: str = "raise") -> set[int]:
     fs, shards = list_shards(url)
     labels: set[int] = set()
     for shard in shards:
-        with fs.open(shard.path, "rb") as f:
-            table = pq.read_table(f, columns=["label", "split"])
+        try:
+            with fs.open(shard.path, "rb") as f:
+                table = pq.read_table(f, columns=["label", "split"])
+        except (OSError, pa.ArrowException) as err:
+            if on_error == "skip":  # the data path skipped (and counted) this shard already
+                continue
+            raise ShardError(f"cannot read labels: {err}", url=shard.url) from None
         mask = np.asarray(table["split"].to_numpy(zero_copy_only=False) == "train")
         labels.update(
             int(x) for x in np.asarray(table["label"].to_numpy(zero_copy_only=False))[mask]
@@ -109,10 +114,12 @@ def embed_dataset(
     modalities: list[str],
     batch_size: int = 64,
     columns: Mapping[str, str] | None = None,
+    on_error: str = "raise",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Embeddings ``(N, R)`` per modality of the samples of ``split``, and labels ``(N,)``.
 
-    ``columns`` maps a modality to the column it is read from where the names differ.
+    ``columns`` maps a modality to the column it is read from where the names differ;
+    ``on_error`` is jin-data's (``"skip"`` leaves out what does not read or decode).
     """
     columns = dict(columns or {})
     data = ShardDataset(
@@ -123,6 +130,7 @@ def embed_dataset(
         modalities=[columns.get(m, m) for m in modalities],
         rank=0,
         world_size=1,
+        on_error=on_error,
     )
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     labels = []
@@ -197,21 +205,23 @@ def evaluate(
     model.eval()
     modalities = [m for m in model.cfg.builtin_modalities if m in RETRIEVAL_MODALITIES]
     columns: dict[str, str] = {}
+    on_error = "raise" if data_cfg is None else data_cfg.on_error
     if data_cfg is not None:
         modalities = [m for m in modalities if m in data_cfg.modalities]
         # Runtime-added modalities the data feeds (jin_orchestrate.extend records their column).
         extra = getattr(model.cfg, "extra_modalities", {})
         columns = {m: c for m, c in data_cfg.columns.items() if m in extra}
         modalities += list(columns)
-    emb, labels = embed_dataset(model, url, "test", modalities, columns=columns)
+    emb, labels = embed_dataset(model, url, "test", modalities, columns=columns, on_error=on_error)
     result: dict[str, float] = {"test_samples": float(len(labels))}
     if "text" in emb:
-        result.update(_zero_shot(model, emb, labels, _train_labels(url), list(columns)))
+        seen = _train_labels(url, on_error)
+        result.update(_zero_shot(model, emb, labels, seen, list(columns)))
     pairs = [*((m, "text") for m in columns), *(("text", m) for m in columns)]
     result.update(_retrieval(emb, labels, [*RETRIEVAL_PAIRS, *pairs]))
     probed = [m for m in probe_modalities if m in emb]
     if probed:
-        train_emb, train_labels = embed_dataset(model, url, "train", probed)
+        train_emb, train_labels = embed_dataset(model, url, "train", probed, on_error=on_error)
         for m in probed:
             probe = linear_probe_accuracy(train_emb[m], train_labels, emb[m], labels)
             result[f"linear_probe/{m}_top1"] = probe.accuracy

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,10 @@ def run_pretraining(
 
     ``init_checkpoint`` is what the first stage starts from (default: a fresh model); it may lack
     the config's runtime-added modalities, as when `jin_orchestrate.extend` adds one.
+
+    Data skipped under ``data.on_error="skip"`` is counted by a tally actor; the Ray data tasks
+    report to it through a ``worker_process_setup_hook`` that this function sets when it connects
+    to Ray. Where the caller connected to Ray already, skips are logged but not counted.
     """
     import mlflow
     import ray
@@ -137,9 +142,14 @@ def run_pretraining(
     from jin_orchestrate.checkpoint import latest_checkpoint
     from jin_orchestrate.cluster import init_ray, use_gpu
     from jin_orchestrate.data import default_corpus, ray_train_dataset
+    from jin_orchestrate.data_faults import (
+        DataErrorTally,
+        install_tally_handler,
+        tally_runtime_env,
+    )
     from jin_orchestrate.evaluate import evaluate_checkpoint, format_summary
     from jin_orchestrate.tracking import flatten_params, resolve_tracking
-    from jin_orchestrate.train import train_stage_worker
+    from jin_orchestrate.train import STOPPED, NonFiniteLossError, train_stage_worker
 
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
@@ -149,11 +159,14 @@ def run_pretraining(
     tracking = resolve_tracking(experiment)
     client = tracking.client()
 
+    tally_name = f"jin-data-tally-{uuid.uuid4().hex[:12]}"
     if not ray.is_initialized():
         # Two logical CPUs beyond the cores: training workers take one CPU each, and on a laptop
         # they would otherwise leave none for Ray Data's read/decode tasks, which then never run.
-        init_ray(ray_address, extra_cpus=2)
+        init_ray(ray_address, extra_cpus=2, runtime_env=tally_runtime_env(tally_name))
     ray.data.DataContext.get_current().enable_progress_bars = False
+    tally = ray.remote(num_cpus=0)(DataErrorTally).options(name=tally_name).remote()
+    install_tally_handler(tally_name)  # this process's own skips: unreadable shards
     dataset = ray_train_dataset(url, cfg.data, split="train")
 
     if "parent_run_id" in job:
@@ -213,7 +226,9 @@ def run_pretraining(
                 "stage_index": index,
                 "init_checkpoint": previous,
                 "resume_checkpoint": str(resume_ckpt) if resume_ckpt else None,
+                "stage_storage": str(storage / f"stage{index + 1}-{stage.name}"),
                 "mlflow": {"tracking_uri": tracking.tracking_uri, "run_id": record["run_id"]},
+                "data_tally": tally_name,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.train.num_workers,
@@ -228,8 +243,14 @@ def run_pretraining(
             ),
             datasets={"train": dataset},
         )
+        stopped = storage / f"stage{index + 1}-{stage.name}" / STOPPED
+        stopped.unlink(missing_ok=True)  # from an earlier attempt of this job
         try:
             result = trainer.fit()
+            _log_data_errors(client, record["run_id"], tally)
+            if stopped.exists():
+                last = result.checkpoint.path if result.checkpoint else "none yet"
+                raise NonFiniteLossError(f"{stopped.read_text()} Last good checkpoint: {last}")
         except BaseException:
             client.set_terminated(record["run_id"], status="FAILED")
             client.set_terminated(parent_id, status="FAILED")
@@ -260,6 +281,25 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _log_data_errors(client: Any, run_id: str, tally: Any) -> None:
+    """The job's skipped-data counts so far, and the first error of each kind, printed and
+    logged to the stage's MLflow run (metrics, and ``data_errors.json``)."""
+    import ray
+
+    from jin_orchestrate.data_faults import tally_metrics
+
+    totals, first = ray.get([tally.totals.remote(), tally.first_errors.remote()])
+    if totals:
+        shown = ", ".join(f"{kind} {n}" for kind, n in sorted(totals.items()))
+        total = sum(totals.values())
+        print(f"[jin] data: {total} rows skipped so far in this job ({shown})", flush=True)
+        for kind, message in sorted(first.items()):
+            print(f"[jin] data: first {kind}: {message}", flush=True)
+        client.log_dict(run_id, {"skipped_rows": totals, "first_errors": first}, "data_errors.json")
+    for key, value in tally_metrics(totals).items():
+        client.log_metric(run_id, key, value)
+
+
 def _log_loss_curves(client: Any, run_ids: list[str], output: Path) -> None:
     """One PNG with the loss of every stage against the global step, as an MLflow artifact."""
     import matplotlib
@@ -286,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, build the config, run the job and print the closing summary."""
     from jin_orchestrate.config import load_config
     from jin_orchestrate.evaluate import format_summary
+    from jin_orchestrate.train import NonFiniteLossError
 
     args = _parser().parse_args(argv)
     try:
@@ -296,14 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_workers is not None:
         cfg.train.num_workers = args.num_workers
     output = output_dir(args)
-    result = run_pretraining(
-        cfg,
-        output=output,
-        data_url=args.data,
-        resume=args.resume,
-        experiment=args.experiment,
-        ray_address=args.ray_address,
-    )
+    try:
+        result = run_pretraining(
+            cfg,
+            output=output,
+            data_url=args.data,
+            resume=args.resume,
+            experiment=args.experiment,
+            ray_address=args.ray_address,
+        )
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_summary(result.evaluation))
     print(f"checkpoint     {result.checkpoint}")
     print(f"mlflow run id  {result.parent_run_id} (stages: {', '.join(result.stage_run_ids)})")

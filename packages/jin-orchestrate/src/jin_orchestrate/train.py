@@ -4,8 +4,9 @@ Everything Ray-specific is confined to :func:`train_stage_worker`; the step itse
 (:class:`StageTrainer`) is plain PyTorch so tests can drive it without Ray.
 
 Resumption order at worker start (paper §4.2: "each stage starts from the previous stage's
-checkpoint"): Ray's own checkpoint after a worker failure, else the latest checkpoint of this stage
-on disk (``--resume``), else the previous stage's final weights, else a fresh model.
+checkpoint"): the latest complete checkpoint of this stage on storage (after a worker failure, or
+``--resume``), else Ray's own checkpoint, else the previous stage's final weights, else a fresh
+model.
 """
 
 from __future__ import annotations
@@ -21,11 +22,21 @@ from typing import Any
 
 import torch
 
-from jin_orchestrate.checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from jin_orchestrate.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from jin_orchestrate.config import JinConfig, StageConfig
+from jin_orchestrate.data_faults import tally_metrics
+from jin_orchestrate.faults import FaultPlan
 from jin_orchestrate.model import JinModel
 
-__all__ = ["NonFiniteLossError", "StageTrainer", "lr_at", "train_stage_worker"]
+__all__ = ["STOPPED", "NonFiniteLossError", "StageTrainer", "lr_at", "train_stage_worker"]
+
+# Written into the stage's storage directory when the workers stop it (non-finite losses): why.
+STOPPED = "stopped.txt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,6 +74,7 @@ class StageTrainer:
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
     data_errors: dict[str, int] = field(default_factory=dict)
+    faults: FaultPlan | None = None  # fault drills only (jin_orchestrate.faults)
 
     @property
     def total_steps(self) -> int:
@@ -107,6 +119,8 @@ class StageTrainer:
         self.model.train()
         losses = self.model(batch, stage=self.stage, generator=self.generator)
         loss = losses["loss"]
+        if self.faults is not None and self.faults.nonfinite(self.step + 1):
+            loss = loss * float("nan")
         tokens = int(losses.get("tokens", torch.tensor(0)).item())
         self.optimizer.zero_grad(set_to_none=True)
         if not _finite_on_every_rank(loss):
@@ -225,11 +239,14 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     stage_seed = cfg.train.seed + 1000 * loop_config["stage_index"]
     torch.manual_seed(stage_seed)  # identical weights, and so identical EMA targets, on every rank
     ray_ckpt = ray.train.get_checkpoint()
-    init = (
-        None
-        if ray_ckpt or loop_config.get("resume_checkpoint")
-        else loop_config.get("init_checkpoint")
+    # Ray registers a reported checkpoint when its controller next polls the workers (every 2 s
+    # by default), so a worker killed sooner after a report left a newer complete checkpoint on
+    # storage than Ray hands back. The stage's directory holds this job's checkpoints only.
+    on_disk = (
+        latest_checkpoint(loop_config["stage_storage"]) if "stage_storage" in loop_config else None
     )
+    resume = on_disk or loop_config.get("resume_checkpoint")
+    init = None if ray_ckpt or resume else loop_config.get("init_checkpoint")
     init_state: dict[str, Any] = {}
     if init:  # the previous stage's weights, or a pretrained model to extend (§3.6)
         model, init_state = model_from_checkpoint(init, cfg.model)
@@ -239,11 +256,13 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     trainer = StageTrainer.create(cfg, stage, model, seed=stage_seed + 7919 * (rank + 1))
     trainer.global_step = int(init_state.get("global_step", 0))
     start_epoch, skip = 0, 0
-    if ray_ckpt is not None:
+    if resume is not None:
+        start_epoch, skip = trainer.restore(resume)
+    elif ray_ckpt is not None:
         with ray_ckpt.as_directory() as d:
             start_epoch, skip = trainer.restore(d)
-    elif loop_config.get("resume_checkpoint"):
-        start_epoch, skip = trainer.restore(loop_config["resume_checkpoint"])
+    if rank == 0 and (resume or ray_ckpt):
+        print(f"[jin] {stage.name} resumes after step {trainer.step}", flush=True)
     trainer.model = ray.train.torch.prepare_model(
         trainer.model, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
@@ -261,6 +280,8 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and loop_config.get("mlflow"):
         mlflow.set_tracking_uri(loop_config["mlflow"]["tracking_uri"])
         run = mlflow.start_run(run_id=loop_config["mlflow"]["run_id"])
+    tally = ray.get_actor(loop_config["data_tally"]) if loop_config.get("data_tally") else None
+    trainer.faults = FaultPlan.from_env(stage.name)
 
     window_tokens, window_start = 0, time.perf_counter()
     last_metrics: dict[str, float] = {}
@@ -272,6 +293,10 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
             result = trainer.train_step(batch)
             window_tokens += result.tokens
             if result.skipped:
+                if rank == 0:
+                    print(_skip_line(stage, trainer), flush=True)
+                if run is not None:
+                    mlflow.log_metrics(result.metrics, step=trainer.global_step)
                 continue
             last_metrics = result.metrics
             step = trainer.step
@@ -279,6 +304,8 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
                 elapsed = time.perf_counter() - window_start
                 last_metrics["tokens_per_s"] = window_tokens * ctx.get_world_size() / elapsed
                 window_tokens, window_start = 0, time.perf_counter()
+                if tally is not None and rank == 0:
+                    _note_data_errors(trainer, ray.get(tally.totals.remote()), last_metrics)
                 if run is not None:
                     mlflow.log_metrics(last_metrics, step=trainer.global_step)
                 if rank == 0:
@@ -291,9 +318,45 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
                         ckpt_dir = trainer.save(Path(tmp) / "ckpt", epoch, batch_in_epoch)
                         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
                     ray.train.report(report, checkpoint=checkpoint)
+            trainer.faults.maybe_pause(step, rank)
+    except NonFiniteLossError as exc:
+        # Every rank raises at the same step (the skip decision is all-reduced). Ending the
+        # workers normally, with the reason left next to the checkpoints, keeps Ray Train from
+        # restarting them from the same checkpoint into the same divergence; the driver raises
+        # it (pretrain.py). Ray's result carries only metrics reported with a checkpoint.
+        if run is not None:
+            mlflow.log_metric("nonfinite_steps", trainer.nonfinite_total, step=trainer.global_step)
+            mlflow.end_run(status="FAILED")
+        if "stage_storage" not in loop_config:
+            raise
+        if rank == 0:
+            stopped = Path(loop_config["stage_storage"]) / STOPPED
+            stopped.parent.mkdir(parents=True, exist_ok=True)
+            stopped.with_suffix(".tmp").write_text(str(exc))
+            os.replace(stopped.with_suffix(".tmp"), stopped)
+        return
     except BaseException:
         if run is not None:
             mlflow.end_run(status="FAILED")
         raise
     if run is not None:
         mlflow.end_run()
+
+
+def _skip_line(stage: StageConfig, trainer: StageTrainer) -> str:
+    return (
+        f"[jin] {stage.name} step {trainer.step + 1}: non-finite loss or gradient, update "
+        f"skipped ({trainer.nonfinite_in_row} in a row, {trainer.nonfinite_total} in all; "
+        f"the job stops at {trainer.cfg.train.max_nonfinite_steps} in a row)"
+    )
+
+
+def _note_data_errors(
+    trainer: StageTrainer, totals: dict[str, int], metrics: dict[str, float]
+) -> None:
+    """Add the job's skipped-data counts to ``metrics``; print them when they have grown."""
+    if sum(totals.values()) > sum(trainer.data_errors.values()):
+        shown = ", ".join(f"{kind} {n}" for kind, n in sorted(totals.items()))
+        print(f"[jin] data: {sum(totals.values())} rows skipped so far ({shown})", flush=True)
+    trainer.data_errors = totals
+    metrics.update(tally_metrics(totals))

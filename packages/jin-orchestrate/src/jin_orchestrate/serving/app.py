@@ -24,6 +24,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from jin_data import Decoder
@@ -50,6 +51,7 @@ __all__ = ["BodyLimit", "Embedder", "Ingress", "RequestEmbeddings", "build_app"]
 ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "too many items, or an item or body too large"},
     422: {"model": ErrorResponse, "description": "an item that does not fit the model"},
+    503: {"model": ErrorResponse, "description": "a model replica was lost; retry the request"},
 }
 
 app = FastAPI(
@@ -63,6 +65,20 @@ app = FastAPI(
 @app.exception_handler(InputError)
 async def _input_error(request: Request, exc: InputError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@app.exception_handler(RayActorError)  # ActorUnavailableError and ActorDiedError included
+async def _replica_lost(request: Request, exc: Exception) -> JSONResponse:
+    # A model replica died or restarted while holding this request: the request was fine, and
+    # Serve routes a retry to a live replica, so say so (clients retry 503) instead of a 500.
+    detail = ErrorDetail(
+        loc=[],
+        msg=f"the model replica was lost during the request; retry ({type(exc).__name__})",
+        type="unavailable",
+    )
+    return JSONResponse(
+        {"detail": [detail.model_dump()]}, status_code=503, headers={"Retry-After": "1"}
+    )
 
 
 @app.exception_handler(RequestValidationError)
