@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -163,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from jin_orchestrate.checkpoint import read_config
     from jin_orchestrate.config import JinConfig
     from jin_orchestrate.data import default_corpus
-    from jin_orchestrate.evaluate import format_summary
-    from jin_orchestrate.pretrain import output_dir, run_pretraining
+    from jin_orchestrate.pretrain import run_job_from_checkpoint
     from jin_orchestrate.tracking import local_checkpoint
 
     args = _parser().parse_args(argv)
@@ -196,22 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         f"training {trainable:,} of {total:,} parameters ({trainable / total:.3%})",
         flush=True,
     )
-    started = time.perf_counter()
-    result = run_pretraining(
-        cfg,
-        output=output_dir(args),
-        data_url=url,
-        resume=args.resume,
-        experiment=args.experiment,
-        ray_address=args.ray_address,
-        init_checkpoint=source,
+    return run_job_from_checkpoint(
+        cfg, args, url, source, [f"trainable      {trainable:,} of {total:,} parameters"]
     )
-    print(format_summary(result.evaluation))
-    print(f"checkpoint     {result.checkpoint}")
-    print(f"mlflow run id  {result.parent_run_id}")
-    print(f"trainable      {trainable:,} of {total:,} parameters")
-    print(f"wall time      {time.perf_counter() - started:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import io
 import os
 import sys
 import tempfile
-import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -260,8 +259,7 @@ def train(argv: list[str]) -> int:
     from jin_orchestrate.checkpoint import read_config
     from jin_orchestrate.config import JinConfig
     from jin_orchestrate.data import default_corpus
-    from jin_orchestrate.evaluate import format_summary
-    from jin_orchestrate.pretrain import output_dir, run_pretraining
+    from jin_orchestrate.pretrain import run_job_from_checkpoint
     from jin_orchestrate.tracking import local_checkpoint
 
     args = _train_parser().parse_args(argv)
@@ -281,21 +279,7 @@ def train(argv: list[str]) -> int:
         return 2
     if args.num_workers is not None:
         cfg.train.num_workers = args.num_workers
-    started = time.perf_counter()
-    result = run_pretraining(
-        cfg,
-        output=output_dir(args),
-        data_url=url,
-        resume=args.resume,
-        experiment=args.experiment,
-        ray_address=args.ray_address,
-        init_checkpoint=source,
-    )
-    print(format_summary(result.evaluation))
-    print(f"checkpoint     {result.checkpoint}")
-    print(f"mlflow run id  {result.parent_run_id}")
-    print(f"wall time      {time.perf_counter() - started:.0f} s")
-    return 0
+    return run_job_from_checkpoint(cfg, args, url, source, ())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,19 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PretrainResult", "add_job_arguments", "main", "output_dir", "run_pretraining"]
+__all__ = [
+    "PretrainResult",
+    "add_job_arguments",
+    "main",
+    "output_dir",
+    "run_job_from_checkpoint",
+    "run_pretraining",
+]
 
 RUNS_ROOT = Path("jin_runs")
 JOB_FILE = "job.json"
@@ -320,6 +328,36 @@ def _log_loss_curves(client: Any, run_ids: list[str], output: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     mlflow.log_artifact(str(path))
+
+
+def run_job_from_checkpoint(
+    cfg: Any,
+    args: argparse.Namespace,
+    data_url: str | None,
+    source: str,
+    notes: Sequence[str] = (),
+) -> int:
+    """Run the job of ``cfg`` on top of checkpoint ``source`` with the shared job flags of
+    :func:`add_job_arguments` (``extend``, ``generate train``) and print its closing summary."""
+    from jin_orchestrate.evaluate import format_summary
+
+    started = time.perf_counter()
+    result = run_pretraining(
+        cfg,
+        output=output_dir(args),
+        data_url=data_url,
+        resume=args.resume,
+        experiment=args.experiment,
+        ray_address=args.ray_address,
+        init_checkpoint=source,
+    )
+    print(format_summary(result.evaluation))
+    print(f"checkpoint     {result.checkpoint}")
+    print(f"mlflow run id  {result.parent_run_id}")
+    for line in notes:
+        print(line)
+    print(f"wall time      {time.perf_counter() - started:.0f} s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
