@@ -159,17 +159,11 @@ def trainable_parameters(cfg: Any) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, build the extension config, run the job, print what it reached and cost."""
-    from jin_orchestrate.checkpoint import read_config
-    from jin_orchestrate.config import JinConfig
-    from jin_orchestrate.data import default_corpus
-    from jin_orchestrate.pretrain import run_job_from_checkpoint
-    from jin_orchestrate.tracking import local_checkpoint
+    from jin_orchestrate.pretrain import checkpoint_source, run_job_from_checkpoint
 
     args = _parser().parse_args(argv)
     try:
-        source = local_checkpoint(args.checkpoint)
-        base = read_config(source)
-        url = args.data or default_corpus(JinConfig.model_validate(base).data)
+        source, base, url = checkpoint_source(args)
         check_column(url, args.column, args.input_dim)
         cfg = build_extension_config(
             base,
@@ -186,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.num_workers is not None:
-        cfg.train.num_workers = args.num_workers
     trainable, total = trainable_parameters(cfg)
     print(
         f"[jin] extending {args.checkpoint} with {args.modality!r} from column {args.column!r}: "

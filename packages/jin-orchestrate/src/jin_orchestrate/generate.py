@@ -256,17 +256,11 @@ def sample(argv: list[str]) -> int:
 
 def train(argv: list[str]) -> int:
     """``train --checkpoint ...``: the generation fine-tune as a Ray Train job with MLflow."""
-    from jin_orchestrate.checkpoint import read_config
-    from jin_orchestrate.config import JinConfig
-    from jin_orchestrate.data import default_corpus
-    from jin_orchestrate.pretrain import run_job_from_checkpoint
-    from jin_orchestrate.tracking import local_checkpoint
+    from jin_orchestrate.pretrain import checkpoint_source, run_job_from_checkpoint
 
     args = _train_parser().parse_args(argv)
     try:
-        source = local_checkpoint(args.checkpoint)
-        base = read_config(source)
-        url = args.data or default_corpus(JinConfig.model_validate(base).data)
+        source, base, url = checkpoint_source(args)
         cfg = build_generation_config(
             base,
             steps=args.steps,
@@ -277,8 +271,6 @@ def train(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.num_workers is not None:
-        cfg.train.num_workers = args.num_workers
     return run_job_from_checkpoint(cfg, args, url, source, ())
 
 

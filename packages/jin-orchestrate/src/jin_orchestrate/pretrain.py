@@ -27,6 +27,7 @@ from typing import Any
 __all__ = [
     "PretrainResult",
     "add_job_arguments",
+    "checkpoint_source",
     "main",
     "output_dir",
     "run_job_from_checkpoint",
@@ -330,6 +331,19 @@ def _log_loss_curves(client: Any, run_ids: list[str], output: Path) -> None:
     mlflow.log_artifact(str(path))
 
 
+def checkpoint_source(args: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
+    """The local copy of ``--checkpoint``, its config and the data URL (``--data``, else the
+    checkpoint's own corpus) of a job built on a trained model (``extend``, ``generate train``)."""
+    from jin_orchestrate.checkpoint import read_config
+    from jin_orchestrate.config import JinConfig
+    from jin_orchestrate.data import default_corpus
+    from jin_orchestrate.tracking import local_checkpoint
+
+    source = local_checkpoint(args.checkpoint)
+    base = read_config(source)
+    return source, base, args.data or default_corpus(JinConfig.model_validate(base).data)
+
+
 def run_job_from_checkpoint(
     cfg: Any,
     args: argparse.Namespace,
@@ -341,6 +355,8 @@ def run_job_from_checkpoint(
     :func:`add_job_arguments` (``extend``, ``generate train``) and print its closing summary."""
     from jin_orchestrate.evaluate import format_summary
 
+    if args.num_workers is not None:
+        cfg.train.num_workers = args.num_workers
     started = time.perf_counter()
     result = run_pretraining(
         cfg,
