@@ -69,6 +69,8 @@ def test_extension_config_records_the_modality_its_column_and_one_frozen_stage(b
     assert ext.data.columns == {"seven_segment": "custom"}
     assert ext.data.source_columns == (*MODALITIES, "custom")
     assert [s.trainable for s in ext.stages] == [("seven_segment",)]
+    # Aligned with the text hub by default; the data still carries every modality.
+    assert [s.align_with for s in ext.stages] == [("text",)]
     trainable, total = trainable_parameters(ext)
     # A linear encoder 14 -> D with bias, one embedding row, a D -> R projection.
     d = ext.model.dim
@@ -99,7 +101,8 @@ def test_extension_trains_only_the_new_modality_and_keeps_the_rest_bitwise(base,
         result = trainer.train_step(batches[step % len(batches)])
         assert not result.skipped
         losses.append(result.metrics["align"])
-        assert "align/seven_segment-text" in result.metrics
+        aligned = {k for k in result.metrics if k.startswith("align/")}
+        assert aligned == {"align/seven_segment-text"}
         assert "cross_modal/seven_segment_to_text" in result.metrics
     assert losses[-1] < losses[0]
     assert all(not torch.equal(a, b) for a, b in zip(new_before, trained, strict=True))
@@ -156,3 +159,17 @@ def test_bad_extension_requests_name_the_flag(base, kwargs, message):
     }
     with pytest.raises(ValueError, match=message):
         build_extension_config(cfg.model_dump(mode="json"), **{**args, **kwargs})
+
+
+def test_an_anchor_the_data_does_not_feed_is_refused_naming_the_stage(base):
+    from jin_orchestrate.config import JinConfig
+
+    _, ext = _extension(base)
+    data = ext.model_dump(mode="json")
+    data["data"]["modalities"] = ["text", "seven_segment"]
+    data["stages"][0]["align_with"] = ["audio"]
+    with pytest.raises(ValueError, match=r"stages\.extend_seven_segment\.align_with: \['audio'\]"):
+        JinConfig.model_validate(data)
+    data["stages"][0].update(trainable=[], align_with=["text"])
+    with pytest.raises(ValueError, match="extension stage only"):
+        JinConfig.model_validate(data)

@@ -76,6 +76,11 @@ class StageConfig(StrictConfig):
         "embedding rows and retrieval projections, by InfoNCE (gamma) and cross-modal "
         "prediction (beta) against the frozen rest; empty: train everything",
     )
+    align_with: tuple[str, ...] = Field(
+        (),
+        description="extension stage: the frozen modalities the trainable ones are aligned with "
+        "by InfoNCE (gamma); empty: every modality of the batch",
+    )
 
     @model_validator(mode="after")
     def _some_objective(self) -> StageConfig:
@@ -93,6 +98,11 @@ class StageConfig(StrictConfig):
             raise ValueError(
                 f"stage {self.name!r}: an extension stage (trainable={list(self.trainable)}) "
                 "learns from beta and gamma only; both are 0"
+            )
+        if self.align_with and not self.trainable:
+            raise ValueError(
+                f"stage {self.name!r}: align_with={list(self.align_with)} applies to an extension "
+                "stage only; set trainable too, or drop align_with"
             )
         return self
 
@@ -183,12 +193,13 @@ class JinConfig(StrictConfig):
                     f"stages.{s.name}.generation: the model has no generation heads "
                     "(set model.generation)"
                 )
-            unknown = [m for m in s.trainable if m not in self.data.modalities]
-            if unknown:
-                raise ValueError(
-                    f"stages.{s.name}.trainable: {unknown} are not among data.modalities "
-                    f"{list(self.data.modalities)}"
-                )
+            for field in ("trainable", "align_with"):
+                unknown = [m for m in getattr(s, field) if m not in self.data.modalities]
+                if unknown:
+                    raise ValueError(
+                        f"stages.{s.name}.{field}: {unknown} are not among data.modalities "
+                        f"{list(self.data.modalities)}"
+                    )
         return self
 
     @property

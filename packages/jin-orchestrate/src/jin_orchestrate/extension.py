@@ -10,8 +10,9 @@ modality's embeddings stay bitwise what they were. The paper's Limitations say a
 needs fine-tuning; this is that fine-tuning, with the trained model as a fixed teacher through
 two of its own pretraining objectives:
 
-- Eq. 6 (``gamma``): symmetric InfoNCE between the new modality's pooled embedding and every other
-  modality of the batch, at the model's learned temperature;
+- Eq. 6 (``gamma``): symmetric InfoNCE between the new modality's pooled embedding and each
+  anchor modality of the batch (``StageConfig.align_with``; all of them when empty), at the
+  model's learned temperature;
 - Eq. 5 (``beta``): the frozen predictor, fed the new modality's backbone states, predicts the EMA
   targets of masked spans of the text hub.
 
@@ -94,6 +95,10 @@ def extension_losses(
             f"stage {stage.name!r}: the batch has no {lacking} (keys: {sorted(batch)}); "
             "map the modality to its column with data.columns"
         )
+    if stage.align_with:
+        # Only the anchors (and the text hub, Eq. 5's target) run through the frozen model.
+        keep = {*new, *stage.align_with, *((HUB,) if stage.beta > 0 else ())}
+        encoded = {n: e for n, e in encoded.items() if n in keep}
     zero = encoded[new[0]].tokens.new_zeros(())
     present = {n: _present(batch, n, e.tokens) for n, e in encoded.items()}
     hidden: dict[str, Tensor] = {}
