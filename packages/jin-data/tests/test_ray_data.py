@@ -1,8 +1,10 @@
 """The Ray Data path gives the same batches (layout and values) as the streaming reader."""
 
+import logging
 import re
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -10,7 +12,13 @@ ray = pytest.importorskip(
     "ray", reason="Ray Data path needs the extra: pip install 'jin-data[ray]'"
 )
 
-from jin_data import DecodeError, ShardDataset, write_dataset  # noqa: E402
+from jin_data import (  # noqa: E402
+    DecodeError,
+    SchemaError,
+    ShardDataset,
+    ShardError,
+    write_dataset,
+)
 from jin_data.ray_data import ray_collate_fn, read_ray_dataset  # noqa: E402
 
 
@@ -70,6 +78,27 @@ def test_skip_leaves_out_bad_rows_and_unreadable_row_groups(local_ray, tmp_path)
     path.write_bytes(bytes(data))
     ids = [r["id"] for r in read_ray_dataset(url, on_error="skip").take_all()]
     assert sorted(ids) == ["r0", "r2", "r3"]
+
+
+def test_unreadable_and_foreign_shards_raise_or_are_skipped_and_logged(local_ray, tmp_path, caplog):
+    url = tmp_path / "shards"
+    rows = [{"id": f"r{i}", "text": f"row {i}"} for i in range(9)]
+    write_dataset(rows, str(url), rows_per_shard=3)
+    first, second, _ = sorted(url.glob("*.parquet"))
+    data = first.read_bytes()
+    first.write_bytes(data[: len(data) // 2])  # truncated: no footer
+    pq.write_table(pa.table({"x": [1, 2, 3]}), second)  # another data set's file
+    with pytest.raises(ShardError, match=r"url='[^']*shard-00000\.parquet'.*Parquet schema"):
+        read_ray_dataset(str(url))
+    with caplog.at_level(logging.WARNING, logger="jin_data"):
+        ids = [r["id"] for r in read_ray_dataset(str(url), on_error="skip").take_all()]
+    assert sorted(ids) == ["r6", "r7", "r8"]
+    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert [(r.args[0], type(r.args[1])) for r in skipped] == [(3, ShardError), (3, SchemaError)]
+    third = sorted(url.glob("*.parquet"))[2]
+    third.write_bytes(b"junk")
+    with pytest.raises(ShardError, match="left no readable shard"):
+        read_ray_dataset(str(url), on_error="skip")
 
 
 def test_modalities_are_checked(local_ray, dataset):

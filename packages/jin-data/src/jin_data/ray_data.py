@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from jin_data.collate import collate
 from jin_data.decode import AudioDtype, Decoder, OnError
-from jin_data.errors import DataError, SchemaError
+from jin_data.errors import DataError, ShardError
 from jin_data.reader import list_shards, open_shard, read_row_group
 from jin_data.schema import MODALITIES, check_schema
 
@@ -91,7 +91,8 @@ def read_ray_dataset(
 ) -> ray.data.Dataset:
     """The data set at ``url`` as a decoded ``ray.data.Dataset`` (one row per sample).
 
-    Every shard's schema is checked first (`SchemaError` names the file). The data set is one
+    Every shard's schema is checked first (`SchemaError` or `ShardError` names the file; with
+    ``on_error="skip"`` such a shard is logged with its row count and left out). The data set is one
     block per row group: each is read, split-filtered and decoded by one Ray task
     (`RowGroupDecoder`), so decoding runs on every CPU Ray has and the first batches arrive after
     one row group rather than after a whole file.
@@ -102,12 +103,9 @@ def read_ray_dataset(
     if unknown:
         raise ValueError(f"modalities: unknown {unknown}; expected a subset of {MODALITIES}")
     fs, shards = list_shards(url)
-    for shard in shards:
-        with fs.open(shard.path, "rb") as f:
-            try:
-                check_schema(pq.read_schema(f), shard.url)
-            except (OSError, pa.ArrowException) as err:
-                raise SchemaError(f"cannot read the Parquet schema: {err}", url=shard.url) from None
+    shards = _readable_shards(fs, shards, on_error)
+    if not shards:
+        raise ShardError(f"on_error='skip' left no readable shard of {url!r}", url=url)
     units = [
         {"shard": s, "row_group": g}
         for s, shard in enumerate(shards)
@@ -120,6 +118,28 @@ def read_ray_dataset(
     return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         step, batch_size=1, batch_format="numpy"
     )
+
+
+def _readable_shards(fs: Any, shards: list[Any], on_error: OnError) -> list[Any]:
+    """The shards whose Parquet schema reads and is a jin-data one. Another shard raises its
+    `SchemaError` (or `ShardError` where the file cannot be read at all), or with
+    ``on_error="skip"`` is logged, with its row count, on the driver and left out."""
+    kept = []
+    for shard in shards:
+        try:
+            with fs.open(shard.path, "rb") as f:
+                check_schema(pq.read_schema(f), shard.url)
+        except DataError as err:
+            error: DataError = err
+        except (OSError, pa.ArrowException) as err:
+            error = ShardError(f"cannot read the Parquet schema: {err}", url=shard.url)
+        else:
+            kept.append(shard)
+            continue
+        if on_error == "raise":
+            raise error from None
+        logger.warning("jin_data: skipped %d rows: %s", shard.num_rows, error)
+    return kept
 
 
 def ray_collate_fn(

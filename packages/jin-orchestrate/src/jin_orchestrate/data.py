@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 from jin_data import SCHEMA_VERSION, DataError, verify_dataset
 from jin_data.numberworld import generate_numberworld
 from jin_data.ray_data import ray_collate_fn, read_ray_dataset
-from jin_orchestrate.data_faults import FiniteCheck, readable_shards
-from jin_orchestrate.data_faults import logger as data_logger
+from jin_orchestrate.data_faults import FiniteCheck
 
 if TYPE_CHECKING:
     import ray.data
@@ -56,20 +55,11 @@ def ray_train_dataset(url: str, cfg: DataConfig, split: str = "train") -> ray.da
     """The shards at ``url`` as a decoded Ray Dataset of one split, randomly shuffled per epoch.
 
     Bad data is handled per ``cfg.on_error`` (see `jin_orchestrate.data_faults`): with "skip",
-    shards whose schema does not read are left out here, each logged with its row count.
+    jin-data leaves out the shards whose schema does not read, each logged with its row count.
     """
-    urls = [url]
-    if cfg.on_error == "skip":
-        urls, skipped = readable_shards(url)
-        for error, rows in skipped:
-            data_logger.warning("jin_orchestrate: skipped %d rows: %s", rows, error)
-        if not urls:
-            raise DataError(f"on_error='skip' left no readable shard of {url!r}", url=url)
-    parts = [
-        read_ray_dataset(u, split=split, modalities=cfg.source_columns, on_error=cfg.on_error)
-        for u in urls
-    ]
-    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    dataset = read_ray_dataset(
+        url, split=split, modalities=cfg.source_columns, on_error=cfg.on_error
+    )
     dataset = dataset.map_batches(FiniteCheck(cfg.on_error), batch_format="pyarrow")
     return dataset.random_shuffle(seed=cfg.seed) if cfg.shuffle_buffer else dataset
 

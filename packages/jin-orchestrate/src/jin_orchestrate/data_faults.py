@@ -4,9 +4,9 @@
 
 - ``"raise"``: the first bad shard, row group or row stops the job with an error naming the URL,
   row group, row, column and sample id (`jin_data.DataError`).
-- ``"skip"``: bad data is left out and counted. A shard whose footer or schema cannot be read
-  (truncated, or another data set's file) is dropped before training (:func:`readable_shards`);
-  jin-data's Ray Data path drops the row groups and rows that do not read or decode; and
+- ``"skip"``: bad data is left out and counted. jin-data's Ray Data path drops a shard whose
+  schema cannot be read (truncated, or another data set's file) before training, and the row
+  groups and rows that do not read or decode; and
   :class:`FiniteCheck` drops rows whose audio, points or custom vector hold NaN or Inf.
 
 Counting skips that happen inside Ray Data's tasks: jin-data logs each one on the ``jin_data``
@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from jin_data import DataError, DecodeError, ShardError, check_schema, list_shards
+from jin_data import DataError, DecodeError
 
 __all__ = [
     "TALLY_ENV",
@@ -37,7 +36,6 @@ __all__ = [
     "FiniteCheck",
     "TallyHandler",
     "install_tally_handler",
-    "readable_shards",
     "tally_metrics",
     "tally_runtime_env",
 ]
@@ -123,25 +121,6 @@ def install_tally_handler(name: str | None = None) -> None:
     handler = TallyHandler(name)
     for logger_name in ("jin_data", logger.name):
         logging.getLogger(logger_name).addHandler(handler)
-
-
-def readable_shards(url: str) -> tuple[list[str], list[tuple[DataError, int]]]:
-    """The shards of ``url`` whose schema reads and is a jin-data one, and for each other its
-    error and its rows (from the manifest; a data set without one must have readable footers,
-    which jin-data reads to list the shards, so a truncated file there stops at listing)."""
-    fs, shards = list_shards(url)
-    good, bad = [], []
-    for shard in shards:
-        try:
-            with fs.open(shard.path, "rb") as f:
-                check_schema(pq.read_schema(f), shard.url)
-            good.append(shard.url)
-        except DataError as err:
-            bad.append((err, shard.num_rows))
-        except (OSError, pa.ArrowException) as err:
-            error = ShardError(f"cannot read the Parquet schema: {err}", url=shard.url)
-            bad.append((error, shard.num_rows))
-    return good, bad
 
 
 class FiniteCheck:
