@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faultjobs import start_job
+from faultjobs import ONE_STAGE, start_job
 from safetensors.torch import load_file
 
 from jin_orchestrate.checkpoint import load_checkpoint
@@ -103,3 +103,21 @@ def test_non_finite_losses_are_skipped_counted_then_stop_the_job(tmp_path, numbe
     last = output.split("Last good checkpoint: ")[1].split()[0]
     state = load_checkpoint(last, JinModel(cfg.model)).state
     assert state["global_step"] == 4 and state["nonfinite_total"] == 2
+
+
+def test_a_batch_larger_than_a_workers_shard_stops_the_job_instead_of_hanging(
+    tmp_path, numberworld_url
+):
+    # 200 samples, about 180 in the train split: one worker cannot fill a batch of 4096, and
+    # with drop_last every epoch would be empty, forever. The job must say so and end, without
+    # Ray Train retrying it (max_failures=2 here).
+    config = {**ONE_STAGE, "train": {**ONE_STAGE["train"], "batch_size": 4096}}
+    job = start_job(tmp_path, numberworld_url, config=config)
+    code, output = job.wait(timeout=600)
+    assert code == 1, output[-4000:]
+    assert "epoch 0 gave no full batch of 4096 samples on this worker" in output, output[-4000:]
+    assert "lower train.batch_size" in output
+    assert "Last good checkpoint: none yet" in output
+    assert output.count("gave no full batch") <= 2  # stated once (and echoed by Ray), not retried
+    _, run = job.stage_run()
+    assert run.info.status == "FAILED"

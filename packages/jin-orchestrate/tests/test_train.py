@@ -79,3 +79,22 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(test_config, bat
         straight.core.state_dict().items(), resumed.core.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_an_epoch_without_a_full_batch_is_an_error_not_an_endless_loop():
+    from jin_orchestrate.train import EmptyEpochError, _batches
+
+    epochs = {0: ["a", "b"], 1: []}
+    got = _batches(iter(range(3)), lambda e: iter(epochs[e]), skip_first=1, batch_size=8)
+    assert next(got) == (0, 2, "b")  # resumed after the first batch of epoch 0
+    with pytest.raises(EmptyEpochError, match="epoch 1 gave no full batch of 8 samples"):
+        next(got)
+
+
+def test_a_stop_recorded_by_the_workers_is_raised_as_its_own_type():
+    from jin_orchestrate.train import EmptyEpochError, JobStopped, stopped_error
+
+    for kind in (NonFiniteLossError, EmptyEpochError):
+        error = stopped_error(f"{kind.__name__}: why. Last good checkpoint: none yet")
+        assert type(error) is kind and str(error) == "why. Last good checkpoint: none yet"
+    assert type(stopped_error("something else")) is JobStopped

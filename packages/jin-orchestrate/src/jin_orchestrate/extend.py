@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=600, help="optimiser steps")
     p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="global batch, InfoNCE's negatives (default: the checkpoint's train.batch_size)",
+    )
     p.add_argument("--gamma", type=float, default=1.0, help="weight of InfoNCE (Eq. 6)")
     p.add_argument("--beta", type=float, default=0.25, help="weight of cross-modal prediction")
     add_job_arguments(p, experiment="jin-extend")
@@ -77,6 +82,7 @@ def build_extension_config(
     column: str,
     steps: int,
     lr: float,
+    batch_size: int | None = None,
     gamma: float = 1.0,
     beta: float = 0.25,
     align_with: list[str] | None = None,
@@ -134,6 +140,8 @@ def build_extension_config(
         }
     ]
     data["train"]["warmup_steps"] = min(cfg.train.warmup_steps, max(1, steps // 10))
+    if batch_size is not None:
+        data["train"]["batch_size"] = batch_size
     return JinConfig.model_validate(apply_overrides(data, overrides))
 
 
@@ -180,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             column=args.column,
             steps=args.steps,
             lr=args.lr,
+            batch_size=args.batch_size,
             gamma=args.gamma,
             beta=args.beta,
             align_with=args.align_with.split(",") if args.align_with else None,

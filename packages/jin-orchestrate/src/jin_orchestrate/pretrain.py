@@ -158,7 +158,7 @@ def run_pretraining(
     )
     from jin_orchestrate.evaluate import evaluate_checkpoint, format_summary
     from jin_orchestrate.tracking import flatten_params, resolve_tracking
-    from jin_orchestrate.train import STOPPED, NonFiniteLossError, train_stage_worker
+    from jin_orchestrate.train import STOPPED, stopped_error, train_stage_worker
 
     started = time.perf_counter()
     output.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def run_pretraining(
             _log_data_errors(client, record["run_id"], tally)
             if stopped.exists():
                 last = result.checkpoint.path if result.checkpoint else "none yet"
-                raise NonFiniteLossError(f"{stopped.read_text()} Last good checkpoint: {last}")
+                raise stopped_error(f"{stopped.read_text()} Last good checkpoint: {last}")
         except BaseException:
             client.set_terminated(record["run_id"], status="FAILED")
             client.set_terminated(parent_id, status="FAILED")
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, build the config, run the job and print the closing summary."""
     from jin_orchestrate.config import load_config
     from jin_orchestrate.evaluate import format_summary
-    from jin_orchestrate.train import NonFiniteLossError
+    from jin_orchestrate.train import JobStopped
 
     args = _parser().parse_args(argv)
     try:
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             experiment=args.experiment,
             ray_address=args.ray_address,
         )
-    except NonFiniteLossError as exc:
+    except JobStopped as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_summary(result.evaluation))

@@ -33,14 +33,39 @@ from jin_orchestrate.data_faults import tally_metrics
 from jin_orchestrate.faults import FaultPlan
 from jin_orchestrate.model import JinModel
 
-__all__ = ["STOPPED", "NonFiniteLossError", "StageTrainer", "lr_at", "train_stage_worker"]
+__all__ = [
+    "STOPPED",
+    "EmptyEpochError",
+    "JobStopped",
+    "NonFiniteLossError",
+    "StageTrainer",
+    "lr_at",
+    "stopped_error",
+    "train_stage_worker",
+]
 
-# Written into the stage's storage directory when the workers stop it (non-finite losses): why.
+# Written into the stage's storage directory when the workers stop the job (a `JobStopped`): why.
 STOPPED = "stopped.txt"
 
 
-class NonFiniteLossError(RuntimeError):
+class JobStopped(RuntimeError):
+    """A condition retrying cannot cure: the workers end and the driver raises it, so Ray Train
+    does not restart them from the same checkpoint into the same failure."""
+
+
+class NonFiniteLossError(JobStopped):
     """Too many consecutive steps produced a non-finite loss; the job stops."""
+
+
+class EmptyEpochError(JobStopped):
+    """An epoch of a worker's data shard gave no full batch: the job would wait forever."""
+
+
+def stopped_error(text: str) -> JobStopped:
+    """The `JobStopped` a worker recorded as ``"<TypeName>: <message>"`` in `STOPPED`."""
+    name, _, message = text.partition(": ")
+    kinds = {k.__name__: k for k in (NonFiniteLossError, EmptyEpochError)}
+    return kinds[name](message) if name in kinds else JobStopped(text)
 
 
 def lr_at(step: int, total: int, base_lr: float, warmup: int, min_ratio: float) -> float:
@@ -211,13 +236,20 @@ def _progress_line(stage: StageConfig, step: int, metrics: dict[str, float]) -> 
 
 
 def _batches(
-    epochs: Iterable[int], make_epoch: Any, skip_first: int
+    epochs: Iterable[int], make_epoch: Any, skip_first: int, batch_size: int | None = None
 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     for epoch in epochs:
-        for i, batch in enumerate(make_epoch(epoch)):
-            if skip_first and i < skip_first:
+        count = 0
+        for count, batch in enumerate(make_epoch(epoch), start=1):
+            if skip_first and count <= skip_first:
                 continue
-            yield epoch, i + 1, batch
+            yield epoch, count, batch
+        if count == 0:
+            raise EmptyEpochError(
+                f"epoch {epoch} gave no full batch of {batch_size or '?'} samples on this worker "
+                "(batches drop the last partial one): lower train.batch_size or give the job more "
+                "data"
+            )
         skip_first = 0
 
 
@@ -287,7 +319,8 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     last_metrics: dict[str, float] = {}
     epoch = batch_in_epoch = 0
     try:
-        for epoch, batch_in_epoch, batch in _batches(range(start_epoch, 10**9), make_epoch, skip):
+        epochs = range(start_epoch, 10**9)
+        for epoch, batch_in_epoch, batch in _batches(epochs, make_epoch, skip, per_worker_batch):
             if trainer.step >= stage.steps:
                 break
             result = trainer.train_step(batch)
@@ -319,11 +352,12 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
                         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
                     ray.train.report(report, checkpoint=checkpoint)
             trainer.faults.maybe_pause(step, rank)
-    except NonFiniteLossError as exc:
-        # Every rank raises at the same step (the skip decision is all-reduced). Ending the
-        # workers normally, with the reason left next to the checkpoints, keeps Ray Train from
-        # restarting them from the same checkpoint into the same divergence; the driver raises
-        # it (pretrain.py). Ray's result carries only metrics reported with a checkpoint.
+    except JobStopped as exc:
+        # Every rank raises at the same step: the skip decision is all-reduced, and Ray Train
+        # splits the data equally, so an empty epoch is empty on every rank. Ending the workers
+        # normally, with the reason left next to the checkpoints, keeps Ray Train from
+        # restarting them from the same checkpoint into the same failure; the driver raises it
+        # (pretrain.py). Ray's result carries only metrics reported with a checkpoint.
         if run is not None:
             mlflow.log_metric("nonfinite_steps", trainer.nonfinite_total, step=trainer.global_step)
             mlflow.end_run(status="FAILED")
@@ -332,7 +366,7 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             stopped = Path(loop_config["stage_storage"]) / STOPPED
             stopped.parent.mkdir(parents=True, exist_ok=True)
-            stopped.with_suffix(".tmp").write_text(str(exc))
+            stopped.with_suffix(".tmp").write_text(f"{type(exc).__name__}: {exc}")
             os.replace(stopped.with_suffix(".tmp"), stopped)
         return
     except BaseException:
