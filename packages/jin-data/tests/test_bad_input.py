@@ -34,6 +34,24 @@ def test_truncated_shard_is_skipped_and_counted(dataset, caplog):
     assert "skipped 16 rows" in caplog.text and "shard-00002.parquet" in caplog.text
 
 
+def test_truncated_shard_without_a_manifest_is_named_or_skipped(dataset, caplog):
+    # Without a manifest the shards are listed from their footers; a truncated file has none.
+    Path(f"{dataset}/manifest.json").unlink()
+    path = f"{dataset}/shard-00001.parquet"
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ShardError, match=r"url='[^']*shard-00001.parquet'.*Parquet footer"):
+        ShardDataset(dataset, batch_size=8)
+    with caplog.at_level(logging.WARNING, logger="jin_data"):
+        _, ids = _read_all(dataset, on_error="skip")
+    assert len(ids) == 44  # 60 samples, the 16 of shard 1 lost
+    assert "no manifest counts this shard's" in caplog.text and "shard-00001.parquet" in caplog.text
+    for shard in Path(dataset).glob("*.parquet"):
+        shard.write_bytes(b"junk")
+    with pytest.raises(ShardError, match="left no readable shard"):
+        ShardDataset(dataset, batch_size=8, on_error="skip")
+
+
 def _corrupt_row_group(url, shard, row_group):
     path = f"{url}/shard-{shard:05d}.parquet"
     meta = pq.ParquetFile(path).metadata.row_group(row_group)

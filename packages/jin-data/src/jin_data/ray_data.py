@@ -102,7 +102,7 @@ def read_ray_dataset(
     unknown = sorted(set(modalities or []) - set(MODALITIES))
     if unknown:
         raise ValueError(f"modalities: unknown {unknown}; expected a subset of {MODALITIES}")
-    fs, shards = list_shards(url)
+    fs, shards = list_shards(url, on_error)
     shards = _readable_shards(fs, shards, on_error)
     if not shards:
         raise ShardError(f"on_error='skip' left no readable shard of {url!r}", url=url)

@@ -101,10 +101,14 @@ class _Shard:
     num_rows: int
 
 
-def list_shards(url: str) -> tuple[fsspec.AbstractFileSystem, list[_Shard]]:
+def list_shards(
+    url: str, on_error: OnError = "raise"
+) -> tuple[fsspec.AbstractFileSystem, list[_Shard]]:
     """The shards of the data set at ``url``: from its manifest, else ``*.parquet`` footers.
 
-    ``url`` may also name a single Parquet file.
+    ``url`` may also name a single Parquet file. Without a manifest, a file whose footer does not
+    read raises `ShardError`, or with ``on_error="skip"`` is logged and left out (its row count is
+    unknown: the footer holds it); `ShardError` if none is left.
     """
     fs, root = fsspec.core.url_to_fs(url)
     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
@@ -131,9 +135,17 @@ def list_shards(url: str) -> tuple[fsspec.AbstractFileSystem, list[_Shard]]:
             with fs.open(path, "rb") as f:
                 metadata = pq.ParquetFile(f).metadata
         except (OSError, pa.ArrowException) as err:
-            raise ShardError(f"cannot read the Parquet footer: {err}", url=full(path)) from None
+            error = ShardError(f"cannot read the Parquet footer: {err}", url=full(path))
+            if on_error == "raise":
+                raise error from None
+            logger.warning(
+                "jin_data: skipped %d rows known (no manifest counts this shard's): %s", 0, error
+            )
+            continue
         sizes = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
         shards.append(_Shard(full(path), path, sizes, metadata.num_rows))
+    if not shards:
+        raise ShardError(f"on_error='skip' left no readable shard of {url!r}", url=url)
     return fs, shards
 
 
@@ -264,7 +276,7 @@ class ShardDataset(IterableDataset):
         )
         self.url = url
         self.epoch = epoch
-        self.fs, self.shards = list_shards(url)
+        self.fs, self.shards = list_shards(url, on_error)
         self.last_report: EpochReport | None = None
         load_lazy_modules()  # here, before the DataLoader forks its workers
 

@@ -257,7 +257,7 @@ class ShardEmbedder:
 
 def _plan(cfg: EmbedConfig, card: ModelCard) -> tuple[list[str], list[str]]:
     """Input shards to embed, and those whose complete output of this model already exists."""
-    _, shards = list_shards(cfg.input)
+    _, shards = list_shards(cfg.input, cfg.on_error)
     out_fs, out_root = fsspec.core.url_to_fs(cfg.output)
     todo, done = [], []
     for shard in shards:

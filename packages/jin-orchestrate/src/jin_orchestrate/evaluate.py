@@ -89,7 +89,7 @@ def load_model(checkpoint: str | Path) -> JinModel:
 
 
 def _train_labels(url: str, on_error: str = "raise") -> set[int]:
-    fs, shards = list_shards(url)
+    fs, shards = list_shards(url, on_error)
     labels: set[int] = set()
     for shard in shards:
         try:
