@@ -236,7 +236,7 @@ def _progress_line(stage: StageConfig, step: int, metrics: dict[str, float]) -> 
 
 
 def _batches(
-    epochs: Iterable[int], make_epoch: Any, skip_first: int, batch_size: int | None = None
+    epochs: Iterable[int], make_epoch: Any, skip_first: int, batch_size: int
 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     for epoch in epochs:
         count = 0
@@ -246,7 +246,7 @@ def _batches(
             yield epoch, count, batch
         if count == 0:
             raise EmptyEpochError(
-                f"epoch {epoch} gave no full batch of {batch_size or '?'} samples on this worker "
+                f"epoch {epoch} gave no full batch of {batch_size} samples on this worker "
                 "(batches drop the last partial one): lower train.batch_size or give the job more "
                 "data"
             )
