@@ -6,6 +6,7 @@ import torch
 
 from jin_orchestrate.evaluate import (
     _retrieval,
+    _zero_shot,
     evaluate_model,
     format_summary,
     main,
@@ -33,6 +34,28 @@ def test_evaluate_model_reports_zero_shot_and_retrieval(test_config, corpus_url)
         if f"{prefix}_top1" in result:
             assert 0.0 <= result[f"{prefix}_top1"] <= result[f"{prefix}_top5"] <= 1.0
             assert f"zero-shot top-1, {what} of held-out numbers" in summary
+
+
+def test_text_reading_reference_is_perfect_for_the_prompts_and_low_when_shuffled(test_config):
+    torch.manual_seed(0)
+    model = JinModel(test_config.model).eval()
+    labels = torch.tensor([3, 42, 99, 7, 56, 3])
+    prompts = prompt_embeddings(model, list(range(100)))
+    seen = {3, 42, 99}  # 7 and 56 are held out
+    exact = _zero_shot(model, {"text": prompts[labels]}, labels, seen)
+    assert exact["zero_shot_text_top1_all_test"] == 1.0
+    assert exact["zero_shot_text_top1"] == 1.0 and exact["zero_shot_text_samples"] == 2.0
+    wrong = _zero_shot(model, {"text": prompts[labels.roll(1)]}, labels, seen)
+    assert wrong["zero_shot_text_top1_all_test"] < 0.5
+    summary = format_summary(
+        {
+            **exact,
+            "zero_shot_seven_segment_top1_all_test": 0.5,
+            "zero_shot_seven_segment_top10_all_test": 0.9,
+        }
+    )
+    assert "reference: text captions→text prompts, test samples, R@1 (100-way) | 100.0%" in summary
+    assert "zero-shot top-1, captions (reference" in summary
 
 
 def test_prompt_embeddings_are_one_normalised_vector_per_number(test_config):

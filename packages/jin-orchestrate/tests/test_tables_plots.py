@@ -36,7 +36,7 @@ def _metrics(value):
 def test_tables_show_each_model_and_label_the_papers_figures():
     results = {"Jin": _metrics(0.5), "two-tower": _metrics(0.25)}
     t2 = zero_shot_table(results)
-    assert "| Jin | 50.0 | 50.0 | — | — |" in t2 and "12 held-out" in t2
+    assert "| Jin | 50.0 | 50.0 | — | — | — | — |" in t2 and "12 held-out" in t2
     t3 = retrieval_table(results, "prototype")
     assert "| T→A (90-way) | 50.0 / 50.0 / 50.0 | 25.0 / 25.0 / 25.0 | 11.1 |" in t3
     assert "A→I" not in t3  # directions no model has are left out
