@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
+from jin_data._arrow import single_array, to_numpy, valid
 from jin_data.decode import AudioDtype, wave_into
 from jin_data.schema import MODALITIES
 
@@ -63,31 +63,16 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    if isinstance(column, pa.Array):
-        return column
-    # combine_chunks copies even a single chunk; keep that one as is (zero-copy).
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-
-
-def _valid(array: pa.Array) -> np.ndarray:
-    if array.null_count == 0:
-        return np.ones(len(array), bool)
-    return pc.is_valid(array).to_numpy(zero_copy_only=False)
-
-
 def _numeric(array: pa.Array) -> np.ndarray:
     """A zero-copy numpy view of a numeric array (nulls, e.g. under a null list slot, become 0)."""
-    if array.null_count:
-        array = pc.fill_null(array, 0)
-    return array.to_numpy(zero_copy_only=False)
+    return to_numpy(array, fill=0)
 
 
 def _ragged(array: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(starts (B,), lengths (B,), values) of a list, string or binary array; zero-copy views."""
     n = len(array)
     if pa.types.is_list(array.type):
-        offsets = array.offsets.to_numpy()
+        offsets = to_numpy(array.offsets)
         child = array.values
         if pa.types.is_fixed_size_list(child.type):
             width = child.type.list_size
@@ -101,7 +86,7 @@ def _ragged(array: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         offsets = np.frombuffer(offset_buffer, np.int32)[array.offset : array.offset + n + 1]
         values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
     starts = offsets[:-1].astype(np.int64)
-    lengths = np.where(_valid(array), np.diff(offsets), 0).astype(np.int64)
+    lengths = np.where(valid(array), np.diff(offsets), 0).astype(np.int64)
     return starts, lengths, values
 
 
@@ -216,7 +201,7 @@ def _image(images: list[np.ndarray | None] | np.ndarray, outputs: _Outputs) -> n
 
 def _arrow_images(pixels: pa.Array, shapes: pa.Array) -> list[np.ndarray | None] | np.ndarray:
     """Decoded Arrow images as (C, H, W) row views, or one zero-copy (B, C, H, W) view."""
-    present = _valid(pixels)
+    present = valid(pixels)
     starts, lengths, values = _ragged(pixels)
     shape = np.zeros((len(pixels), 3), np.int64)
     if present.any():
@@ -243,8 +228,8 @@ def _audio(waves: list[np.ndarray | None], dtype: AudioDtype, outputs: _Outputs)
 
 def _arrow_waves(array: pa.Array) -> list[np.ndarray | None]:
     starts, lengths, values = _ragged(array)
-    valid = _valid(array)
-    rows = zip(starts.tolist(), lengths.tolist(), valid.tolist(), strict=True)
+    present = valid(array)
+    rows = zip(starts.tolist(), lengths.tolist(), present.tolist(), strict=True)
     return [values[s : s + n] if v else None for s, n, v in rows]
 
 
@@ -282,13 +267,13 @@ def build_batch(
     """
     if audio_dtype not in ("float32", "int16"):
         raise ValueError(f"audio_dtype: expected 'float32' or 'int16', received {audio_dtype!r}")
-    label = _array(table["label"])
+    label = single_array(table["label"])
     batch: dict[str, Any] = {
-        "id": _array(table["id"]).to_pylist(),
-        "split": _array(table["split"]).to_pylist(),
+        "id": single_array(table["id"]).to_pylist(),
+        "split": single_array(table["split"]).to_pylist(),
     }
     outputs = _Outputs()
-    outputs.ready("label", pc.fill_null(label, -1).to_numpy(zero_copy_only=False).astype(np.int64))
+    outputs.ready("label", to_numpy(label, fill=-1).astype(np.int64))
     for modality in modalities:
         if modality == "image":
             assert images is not None
@@ -297,8 +282,8 @@ def build_batch(
             assert waves is not None
             present = _audio(waves, audio_dtype, outputs)
         else:
-            column = _array(table[modality])
-            present = _valid(column)
+            column = single_array(table[modality])
+            present = valid(column)
             if modality == "text":
                 batch["text"] = ["" if s is None else s for s in column.to_pylist()]
                 _padded(outputs, "text_bytes", "text_padding_mask", _ragged(column))
@@ -329,7 +314,9 @@ def collate(
             )
     images = waves = None
     if "image" in chosen:
-        images = _arrow_images(_array(table["image_pixels"]), _array(table["image_shape"]))
+        images = _arrow_images(
+            single_array(table["image_pixels"]), single_array(table["image_shape"])
+        )
     if "audio" in chosen:
-        waves = _arrow_waves(_array(table["audio_wave"]))
+        waves = _arrow_waves(single_array(table["audio_wave"]))
     return build_batch(table, chosen, images=images, waves=waves, audio_dtype=audio_dtype)

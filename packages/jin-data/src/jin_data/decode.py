@@ -34,6 +34,7 @@ import soundfile
 from PIL import Image
 from scipy.signal import resample_poly
 
+from jin_data._arrow import single_array, to_numpy, valid
 from jin_data.errors import DecodeError
 
 __all__ = [
@@ -78,12 +79,12 @@ class Media(NamedTuple):
 def load_lazy_modules() -> None:
     """Load what decoding would otherwise load on first use, in every process that decodes.
 
-    Pillow imports its format plugins on the first open, and pyarrow imports pandas (when
-    installed) on the first ``pa.array``; together ~0.1 s of CPU. Called before DataLoader workers
-    fork, it is paid once instead of once per worker per epoch.
+    Pillow imports its format plugins on the first open. Called before DataLoader workers fork,
+    it is paid once instead of once per worker per epoch. (pyarrow imports pandas, when installed,
+    on the first ``pa.array`` or ``to_numpy``: ~0.15 s of CPU; the read path uses neither, see
+    `jin_data._arrow`.)
     """
     Image.preinit()
-    pa.array(np.zeros(0, np.int32))
 
 
 def decode_image(data: Any, mode: str | None) -> np.ndarray:
@@ -160,31 +161,27 @@ def _binary_views(array: pa.Array) -> list[np.ndarray | None]:
     _, offset_buffer, data = array.buffers()[:3]
     offsets = np.frombuffer(offset_buffer, np.int32)[array.offset : array.offset + n + 1].tolist()
     values = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-    valid = pc.is_valid(array).to_numpy(zero_copy_only=False).tolist() if array.null_count else None
+    present = valid(array).tolist() if array.null_count else None
     return [
-        values[offsets[i] : offsets[i + 1]] if valid is None or valid[i] else None for i in range(n)
+        values[offsets[i] : offsets[i + 1]] if present is None or present[i] else None
+        for i in range(n)
     ]
 
 
 def _audio_views(array: pa.Array) -> list[AudioView | None]:
     data = _binary_views(pc.struct_field(array, "bytes"))
     samples = pc.struct_field(array, "samples")
-    offsets = samples.offsets.to_numpy().tolist()
-    flat = samples.values.to_numpy(zero_copy_only=False)
-    has_samples = pc.is_valid(samples).to_numpy(zero_copy_only=False).tolist()
+    offsets = to_numpy(samples.offsets).tolist()
+    flat = to_numpy(samples.values, fill=float("nan"))
+    has_samples = valid(samples).tolist()
     rates = pc.struct_field(array, "sample_rate").to_pylist()
-    valid = pc.is_valid(array).to_numpy(zero_copy_only=False).tolist()
+    present = valid(array).tolist()
     return [
         AudioView(data[i], flat[offsets[i] : offsets[i + 1]] if has_samples[i] else None, rates[i])
-        if valid[i]
+        if present[i]
         else None
         for i in range(len(array))
     ]
-
-
-def _column(table: pa.Table, name: str) -> pa.Array:
-    column = table[name]
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def media_views(table: pa.Table) -> tuple[list[np.ndarray | None] | None, list[Any] | None]:
@@ -193,8 +190,8 @@ def media_views(table: pa.Table) -> tuple[list[np.ndarray | None] | None, list[A
     ``None`` for a column the table does not have. The views keep ``table``'s buffers alive.
     """
     names = table.column_names
-    images = _binary_views(_column(table, "image")) if "image" in names else None
-    audio = _audio_views(_column(table, "audio")) if "audio" in names else None
+    images = _binary_views(single_array(table["image"])) if "image" in names else None
+    audio = _audio_views(single_array(table["audio"])) if "audio" in names else None
     return images, audio
 
 

@@ -29,6 +29,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from jin_data._arrow import bool_array, numeric_array, string_array
 from jin_data._config import StrictConfig
 from jin_data.collate import build_batch
 from jin_data.decode import AudioDtype, Decoder, OnError, load_lazy_modules, media_views
@@ -208,12 +209,15 @@ def read_row_group(
         ) from None
     n = table.num_rows
     table = table.append_column(
-        "__url", pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), [shard.url])
+        "__url",
+        pa.DictionaryArray.from_arrays(
+            numeric_array(np.zeros(n, np.int32)), string_array([shard.url])
+        ),
     )
-    table = table.append_column("__row_group", pa.array(np.full(n, row_group, np.int32)))
-    table = table.append_column("__row", pa.array(np.arange(n, dtype=np.int32)))
+    table = table.append_column("__row_group", numeric_array(np.full(n, row_group, np.int32)))
+    table = table.append_column("__row", numeric_array(np.arange(n, dtype=np.int32)))
     if split is not None:
-        table = table.filter(pc.is_in(table["split"], pa.array(list(split))))
+        table = table.filter(pc.is_in(table["split"], value_set=string_array(list(split))))
     return table
 
 
@@ -221,14 +225,15 @@ def _gather(tables: list[pa.Table], rows: np.ndarray) -> pa.Table:
     """The ``(slot, row)`` rows of ``tables``, as one table in the order given."""
     slots = np.unique(rows[:, 0])
     if len(slots) == 1:
-        return tables[slots[0]].take(rows[:, 1])
+        return tables[slots[0]].take(numeric_array(rows[:, 1]))
     parts, placed = [], []
     for slot in slots:
         mine = np.flatnonzero(rows[:, 0] == slot)
-        parts.append(tables[slot].take(rows[mine, 1]))
+        parts.append(tables[slot].take(numeric_array(rows[mine, 1])))
         placed.append(mine)
     # Grouped by row group above; one take of this small batch restores the shuffled order.
-    return pa.concat_tables(parts).combine_chunks().take(np.argsort(np.concatenate(placed)))
+    order = np.argsort(np.concatenate(placed))
+    return pa.concat_tables(parts).combine_chunks().take(numeric_array(order))
 
 
 class ShardDataset(IterableDataset):
@@ -407,7 +412,7 @@ class ShardDataset(IterableDataset):
                 self._fail(error, report, 1)
             pixels, waves = media.images, media.waves
             if not media.keep.all():
-                table = table.filter(pa.array(media.keep))
+                table = table.filter(bool_array(media.keep))
                 kept = np.flatnonzero(media.keep)
                 pixels = None if pixels is None else [pixels[i] for i in kept]
                 waves = None if waves is None else [waves[i] for i in kept]
