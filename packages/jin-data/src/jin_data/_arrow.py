@@ -16,15 +16,13 @@ import pyarrow as pa
 __all__ = ["bool_array", "numeric_array", "single_array", "string_array", "to_numpy", "valid"]
 
 
-def numeric_array(values: np.ndarray, type: pa.DataType | None = None) -> pa.Array:
-    """A 1-D numeric (not bool) numpy array as an Arrow array without nulls, zero-copy."""
+def numeric_array(values: np.ndarray) -> pa.Array:
+    """A 1-D numeric (not bool) numpy array as an Arrow array of its type, without nulls."""
     values = np.ascontiguousarray(values)
     if values.ndim != 1 or values.dtype == np.bool_:
         raise ValueError(f"numeric_array: expected a 1-D numeric array, received {values.dtype}")
-    own = pa.from_numpy_dtype(values.dtype)
-    if type is not None and type != own:
-        raise ValueError(f"numeric_array: {values.dtype} values for an Arrow {type} array")
-    return pa.Array.from_buffers(own, len(values), [None, pa.py_buffer(values)])
+    type = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(type, len(values), [None, pa.py_buffer(values)])
 
 
 def bool_array(values: np.ndarray) -> pa.Array:

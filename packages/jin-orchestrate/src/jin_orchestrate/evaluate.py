@@ -313,17 +313,16 @@ def format_summary(result: dict[str, float]) -> str:
         for k in result
         if k.endswith("_top1_all_test") and k not in ZERO_SHOT_BUILTIN_KEYS
     ]
-    for name in extra:  # runtime-added modalities: every test sample against 100 prompts
+    # Runtime-added modalities: every test sample against 100 prompts; beside them, what the
+    # anchor's own captions achieve against the same prompts (their reference).
+    rows = [(name, f"{name}→text prompts") for name in extra]
+    if extra and "zero_shot_text_top1_all_test" in result:
+        rows.append(("text", "reference: text captions→text prompts"))
+    for name, what in rows:
         for k in (1, 10):
             lines.append(
-                f"| {name}→text prompts, test samples, R@{k} (100-way) | "
+                f"| {what}, test samples, R@{k} (100-way) | "
                 f"{result[f'zero_shot_{name}_top{k}_all_test']:.1%} | {k / 100:.1%} |"
-            )
-    if extra and "zero_shot_text_top1_all_test" in result:
-        for k in (1, 10):  # what the anchor itself achieves: the new modality's reference
-            lines.append(
-                f"| reference: text captions→text prompts, test samples, R@{k} (100-way) | "
-                f"{result[f'zero_shot_text_top{k}_all_test']:.1%} | {k / 100:.1%} |"
             )
     for prefix, what in (
         ("zero_shot", "images"),
