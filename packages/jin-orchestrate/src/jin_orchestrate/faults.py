@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jin_orchestrate._worker_log import say
+
 __all__ = ["FaultPlan"]
 
 PAUSE_AT = "JIN_FAULT_PAUSE_AT"
@@ -99,7 +101,7 @@ class FaultPlan:
         tmp = self.fault_dir / "worker.pid.tmp"
         tmp.write_text(str(os.getpid()))
         os.replace(tmp, self.fault_dir / "worker.pid")
-        print(f"[jin] fault drill: worker pid {os.getpid()} paused after step {step}", flush=True)
+        say(f"[jin] fault drill: worker pid {os.getpid()} paused after step {step}")
         deadline = time.monotonic() + PAUSE_LIMIT_S
         while time.monotonic() < deadline:
             time.sleep(0.2)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from jin_orchestrate._worker_log import say
 from jin_orchestrate.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -294,7 +295,7 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
         with ray_ckpt.as_directory() as d:
             start_epoch, skip = trainer.restore(d)
     if rank == 0 and (resume or ray_ckpt):
-        print(f"[jin] {stage.name} resumes after step {trainer.step}", flush=True)
+        say(f"[jin] {stage.name} resumes after step {trainer.step}")
     trainer.model = ray.train.torch.prepare_model(
         trainer.model, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
@@ -327,7 +328,7 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
             window_tokens += result.tokens
             if result.skipped:
                 if rank == 0:
-                    print(_skip_line(stage, trainer), flush=True)
+                    say(_skip_line(stage, trainer))
                 if run is not None:
                     mlflow.log_metrics(result.metrics, step=trainer.global_step)
                 continue
@@ -342,7 +343,7 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
                 if run is not None:
                     mlflow.log_metrics(last_metrics, step=trainer.global_step)
                 if rank == 0:
-                    print(_progress_line(stage, step, last_metrics), flush=True)
+                    say(_progress_line(stage, step, last_metrics))
             if step % cfg.train.checkpoint_every == 0 or step == stage.steps:
                 report = {"stage_step": step, "global_step": trainer.global_step, **last_metrics}
                 with tempfile.TemporaryDirectory() as tmp:
@@ -391,6 +392,6 @@ def _note_data_errors(
     """Add the job's skipped-data counts to ``metrics``; print them when they have grown."""
     if sum(totals.values()) > sum(trainer.data_errors.values()):
         shown = ", ".join(f"{kind} {n}" for kind, n in sorted(totals.items()))
-        print(f"[jin] data: {sum(totals.values())} rows skipped so far ({shown})", flush=True)
+        say(f"[jin] data: {sum(totals.values())} rows skipped so far ({shown})")
     trainer.data_errors = totals
     metrics.update(tally_metrics(totals))
