@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed.nn
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
@@ -647,7 +646,26 @@ def _gather(x: Tensor) -> Tensor:
         ]
         torch.distributed.all_gather(parts, x.to(torch.uint8))
         return torch.cat(parts).bool()
-    return torch.cat(torch.distributed.nn.functional.all_gather(x))
+    return _AllGather.apply(x)
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along dim 0; the backward gives each rank the sum, over ranks, of the gradient
+    for its own rows (the semantics of ``torch.distributed.nn.functional.all_gather``, which
+    torch 2.13 deprecates with a warning on every call)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.rank, ctx.rows = torch.distributed.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def _masked_mean(x_BTD: Tensor, padding_mask: Tensor | None) -> Tensor:
