@@ -8,9 +8,11 @@ Ray started here.
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from typing import Any
 
-__all__ = ["init_ray", "use_gpu"]
+__all__ = ["init_ray", "prefer_loopback", "use_gpu"]
 
 
 def init_ray(
@@ -18,16 +20,22 @@ def init_ray(
 ) -> None:
     """Connect to ``address`` (or ``$RAY_ADDRESS``), else start Ray here with ``extra_cpus``.
 
-    A Ray started here serves this machine alone, so it is kept on loopback; and ``"local"`` is
-    passed explicitly so a stale or unrelated cluster on the machine is never joined by accident.
+    A Ray started here serves this machine alone, so its node address is 127.0.0.1 and its
+    servers (GCS, raylet, workers, dashboard) listen on loopback only, provided Ray was first
+    imported after `prefer_loopback` (every ``python -m jin_orchestrate...`` entry point calls it
+    first); otherwise the node takes the machine's address, behind Ray's token authentication.
+    ``"local"`` is passed explicitly so a stale or unrelated cluster on the machine is never
+    joined by accident. The dashboard runs (its URL is printed) and ``RAY_API_SERVER_ADDRESS``
+    points every worker at its State API, which Ray Train's placement-group cleaner polls;
+    without them the cleaner's thread printed a traceback in every training stage.
     ``extra_cpus`` adds logical CPUs beyond the cores, for jobs whose actors each hold one CPU
     while Ray Data's tasks still need some. ``runtime_env`` is this job's (Ray merges it into
     the one a submitted job already has).
     """
-    import ray
-
     address = address or os.environ.get("RAY_ADDRESS")
     if address is not None:
+        import ray
+
         ray.init(
             address=address,
             include_dashboard=False,
@@ -35,14 +43,40 @@ def init_ray(
             runtime_env=runtime_env,
         )
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(
+    prefer_loopback(None)
+    import ray
+
+    port = _free_loopback_port()
+    # The raylet and every worker inherit this process's environment.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    context = ray.init(
         address="local",
         num_cpus=(os.cpu_count() or 1) + extra_cpus,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
         configure_logging=False,
         runtime_env=runtime_env,
     )
+    print(f"[jin] local Ray started; dashboard at http://{context.dashboard_url}", flush=True)
+
+
+def prefer_loopback(address: str | None) -> None:
+    """Call before Ray is first imported: a Ray that `init_ray` starts later binds to 127.0.0.1.
+
+    Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once, at import; at "0" a node started in this
+    process takes the loopback address. Nothing changes when a cluster is named (``address`` or
+    ``$RAY_ADDRESS``: a driver joining one must advertise a reachable address), when Ray is
+    already imported, or when the variable is already set.
+    """
+    if (address or os.environ.get("RAY_ADDRESS")) is None and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def use_gpu(requested: bool | None) -> bool:

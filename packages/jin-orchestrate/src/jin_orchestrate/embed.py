@@ -281,10 +281,12 @@ def run_embedding_job(
     cfg: EmbedConfig, *, ray_address: str | None = None, progress: bool = True
 ) -> EmbedSummary:
     """Embed every shard of ``cfg.input`` not yet in ``cfg.output`` on Ray Data; returns counts."""
+    from jin_orchestrate.cluster import init_ray, prefer_loopback, use_gpu
+
+    prefer_loopback(ray_address)
     import ray
     import ray.data
 
-    from jin_orchestrate.cluster import init_ray, use_gpu
     from jin_orchestrate.tracking import local_checkpoint
 
     started = time.perf_counter()

@@ -143,6 +143,10 @@ def run_pretraining(
     to Ray. Where the caller connected to Ray already, skips are logged but not counted.
     """
     import mlflow
+
+    from jin_orchestrate.cluster import prefer_loopback
+
+    prefer_loopback(ray_address)
     import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

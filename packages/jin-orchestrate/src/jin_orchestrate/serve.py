@@ -105,9 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from ray import serve
+    from jin_orchestrate.cluster import init_ray, prefer_loopback
 
-    from jin_orchestrate.cluster import init_ray
+    prefer_loopback(args.ray_address)
+    from ray import serve
 
     init_ray(args.ray_address)
     # After ray.init, whose own SIGTERM handler aborts the process: stop cleanly instead, also
