@@ -21,12 +21,14 @@ class Probe:
 
 probe = Probe.remote()
 api_in_worker = ray.get(probe.api_server.remote())
-state = get_actor(probe._actor_id.hex(), timeout=30)
+state = get_actor(probe._actor_id.hex(), address=api_in_worker, timeout=30)
 print(json.dumps({
     "gcs": ray.get_runtime_context().gcs_address,
     "nodes": sorted({n["NodeManagerAddress"] for n in ray.nodes()}),
     "api_in_worker": api_in_worker,
-    "api_in_driver": os.environ["RAY_API_SERVER_ADDRESS"],
+    "driver_env": {k: os.environ.get(k) for k in (
+        "RAY_API_SERVER_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    )},
     "actor_state": state.state if state else None,
 }))
 ray.shutdown()
@@ -48,20 +50,29 @@ def test_private_ray_is_on_loopback_and_workers_reach_the_state_api(tmp_path):
         env=env,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "[jin] local Ray started; dashboard at http://127.0.0.1:" in run.stdout
+    banner = "[jin] local Ray started; dashboard at "
+    (dashboard,) = [line[len(banner) :] for line in run.stdout.splitlines() if banner in line]
+    assert dashboard.startswith("http://127.0.0.1:"), dashboard
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert found["gcs"].startswith("127.0.0.1:"), found
     assert found["nodes"] == ["127.0.0.1"], found
     # Workers (where Ray Train's placement-group cleaner runs) find the State API without
     # looking for a cluster file: what made each training stage print a traceback.
-    assert found["api_in_worker"] == found["api_in_driver"], found
-    assert found["api_in_driver"].startswith("http://127.0.0.1:"), found
+    assert found["api_in_worker"] == dashboard, found
     assert found["actor_state"] == "ALIVE", found
+    # Nothing leaks into the driver's environment, where RAY_API_SERVER_ADDRESS would override
+    # the address of a job client started from it later (`ray job submit --address ...`).
+    assert found["driver_env"] == {
+        "RAY_API_SERVER_ADDRESS": None,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": None,
+    }, found
 
 
 def test_prefer_loopback_only_when_no_cluster_is_named_and_ray_is_not_imported(monkeypatch):
+    from jin_orchestrate import cluster
     from jin_orchestrate.cluster import prefer_loopback
 
+    monkeypatch.setattr(cluster, "_flag_set_here", False)
     flag = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
     monkeypatch.delenv(flag, raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -78,3 +89,5 @@ def test_prefer_loopback_only_when_no_cluster_is_named_and_ray_is_not_imported(m
     monkeypatch.delitem(sys.modules, "ray")
     prefer_loopback(None)
     assert os.environ[flag] == "0"
+    cluster._forget_loopback_flag()  # what init_ray does once Ray has read it
+    assert flag not in os.environ

@@ -14,6 +14,9 @@ from typing import Any
 
 __all__ = ["init_ray", "prefer_loopback", "use_gpu"]
 
+_LOOPBACK_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_flag_set_here = False  # whether prefer_loopback set the flag (init_ray removes it once read)
+
 
 def init_ray(
     address: str | None = None, *, extra_cpus: int = 0, runtime_env: dict[str, Any] | None = None
@@ -25,9 +28,11 @@ def init_ray(
     imported after `prefer_loopback` (every ``python -m jin_orchestrate...`` entry point calls it
     first); otherwise the node takes the machine's address, behind Ray's token authentication.
     ``"local"`` is passed explicitly so a stale or unrelated cluster on the machine is never
-    joined by accident. The dashboard runs (its URL is printed) and ``RAY_API_SERVER_ADDRESS``
-    points every worker at its State API, which Ray Train's placement-group cleaner polls;
-    without them the cleaner's thread printed a traceback in every training stage.
+    joined by accident. The dashboard runs (its URL is printed) and ``RAY_API_SERVER_ADDRESS``,
+    in the job's ``runtime_env`` (not this process's environment, where it would override the
+    address of any job client started from here later), points every worker at its State API,
+    which Ray Train's placement-group cleaner polls; without them the cleaner's thread printed
+    a traceback in every training stage.
     ``extra_cpus`` adds logical CPUs beyond the cores, for jobs whose actors each hold one CPU
     while Ray Data's tasks still need some. ``runtime_env`` is this job's (Ray merges it into
     the one a submitted job already has).
@@ -46,9 +51,11 @@ def init_ray(
     prefer_loopback(None)
     import ray
 
+    # Ray has read the flag; subprocesses started from here later (another `ray start`) should not.
+    _forget_loopback_flag()
     port = _free_loopback_port()
-    # The raylet and every worker inherit this process's environment.
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    env_vars = {**(runtime_env or {}).get("env_vars", {})}
+    env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     context = ray.init(
         address="local",
         num_cpus=(os.cpu_count() or 1) + extra_cpus,
@@ -56,7 +63,7 @@ def init_ray(
         dashboard_host="127.0.0.1",
         dashboard_port=port,
         configure_logging=False,
-        runtime_env=runtime_env,
+        runtime_env={**(runtime_env or {}), "env_vars": env_vars},
     )
     print(f"[jin] local Ray started; dashboard at http://{context.dashboard_url}", flush=True)
 
@@ -69,8 +76,18 @@ def prefer_loopback(address: str | None) -> None:
     ``$RAY_ADDRESS``: a driver joining one must advertise a reachable address), when Ray is
     already imported, or when the variable is already set.
     """
-    if (address or os.environ.get("RAY_ADDRESS")) is None and "ray" not in sys.modules:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    global _flag_set_here
+    no_cluster = (address or os.environ.get("RAY_ADDRESS")) is None
+    if no_cluster and "ray" not in sys.modules and _LOOPBACK_FLAG not in os.environ:
+        os.environ[_LOOPBACK_FLAG] = "0"
+        _flag_set_here = True
+
+
+def _forget_loopback_flag() -> None:
+    global _flag_set_here
+    if _flag_set_here:
+        os.environ.pop(_LOOPBACK_FLAG, None)
+        _flag_set_here = False
 
 
 def _free_loopback_port() -> int:
