@@ -19,9 +19,12 @@ class Probe:
     def api_server(self):
         return os.environ.get("RAY_API_SERVER_ADDRESS")
 
+    def actor_id(self):
+        return ray.get_runtime_context().get_actor_id()
+
 probe = Probe.remote()
 api_in_worker = ray.get(probe.api_server.remote())
-state = get_actor(probe._actor_id.hex(), address=api_in_worker, timeout=30)
+state = get_actor(ray.get(probe.actor_id.remote()), address=api_in_worker, timeout=30)
 print(json.dumps({
     "gcs": ray.get_runtime_context().gcs_address,
     "nodes": sorted({n["NodeManagerAddress"] for n in ray.nodes()}),

@@ -54,8 +54,8 @@ def init_ray(
     # Ray has read the flag; subprocesses started from here later (another `ray start`) should not.
     _forget_loopback_flag()
     port = _free_loopback_port()
-    env_vars = {**(runtime_env or {}).get("env_vars", {})}
-    env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    api_server = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    env_vars = {**(runtime_env or {}).get("env_vars", {}), **api_server}
     context = ray.init(
         address="local",
         num_cpus=(os.cpu_count() or 1) + extra_cpus,

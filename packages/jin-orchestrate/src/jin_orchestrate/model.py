@@ -663,7 +663,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce works in place
         torch.distributed.all_reduce(grad)
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
