@@ -79,6 +79,9 @@ def test_absent_samples_may_be_empty(encoder):
     waves, _ = _batch([3200, 3200])
     out = encoder(waves, lengths=torch.tensor([3200, 0]), present=torch.tensor([True, False]))
     assert bool(out.padding_mask[1].all()) and not bool(out.padding_mask[0].any())
+    # Every row absent (and empty): all padding, no error.
+    out = encoder(waves, lengths=torch.tensor([0, 0]), present=torch.tensor([False, False]))
+    assert bool(out.padding_mask.all()) and not bool(out.tokens.any())
 
 
 def test_bad_input_names_modality_expected_and_received(encoder):
@@ -94,6 +97,13 @@ def test_bad_input_names_modality_expected_and_received(encoder):
         EncoderInputError, match=r"audio: batch rows \[1\]: expected at least one mel frame"
     ):
         encoder(torch.zeros(2, 1000), lengths=torch.tensor([1000, 100]))
+    # Every row shorter than one hop: no frame at all (the FFT used to fail inside MKL).
+    with pytest.raises(
+        EncoderInputError,
+        match=r"audio: batch rows \[0, 1\]: expected at least one mel frame \(a waveform of >= "
+        r"160 samples\), received 0 mel frames",
+    ):
+        encoder(torch.zeros(2, 100))
     with pytest.raises(
         EncoderInputError, match=r"audio: lengths: expected shape \(2,\) with values in \[0, 1000\]"
     ):

@@ -117,7 +117,10 @@ class AudioEncoder(ModalityEncoder):
         """Encode audio; arguments as ``mel_frames``, plus ``present (B,)`` for absent samples."""
         mel, frame_mask = self.mel_frames(x, padding_mask, lengths, sample_rate)
         frames = (~frame_mask).sum(dim=1)
-        self._check_not_empty(frames, present, f"mel frame ({self.config.hop_length} samples)")
+        hop = self.config.hop_length
+        self._check_not_empty(frames, present, "mel frame", f" (a waveform of >= {hop} samples)")
+        if mel.shape[1] == 0:  # every row absent: one padded frame keeps the stem's shapes valid
+            mel, frame_mask = F.pad(mel, (0, 0, 0, 1)), F.pad(frame_mask, (0, 1), value=True)
         mel = mel.to(self.conv1.weight.dtype)
         keep = (~frame_mask)[:, None, :].to(mel.dtype)  # (B, 1, T)
         hidden = F.gelu(self.conv1(mel.transpose(1, 2) * keep)) * keep

@@ -108,13 +108,15 @@ class ModalityEncoder(nn.Module):
                 what, f"bool tensor of shape {shape}", f"{mask.dtype} of shape {tuple(mask.shape)}"
             )
 
-    def _check_not_empty(self, lengths: Tensor, present: Tensor | None, unit: str) -> None:
+    def _check_not_empty(
+        self, lengths: Tensor, present: Tensor | None, unit: str, why: str = ""
+    ) -> None:
         empty = lengths <= 0
         if present is not None:
             empty = empty & present
         if bool(empty.any()):
             rows = empty.nonzero().flatten().tolist()
-            raise self._error(f"batch rows {rows}", f"at least one {unit}", f"0 {unit}s")
+            raise self._error(f"batch rows {rows}", f"at least one {unit}{why}", f"0 {unit}s")
 
     def _finish(
         self,

@@ -97,6 +97,9 @@ class LogMelSpectrogram(nn.Module):
         lengths = lengths.to(device=device, dtype=torch.long)
         frames_per_sample = self.num_frames(lengths)
         num_frames = int(frames_per_sample.max()) if batch else 0
+        if num_frames == 0:  # every waveform shorter than one hop: no frame (and no FFT to run)
+            empty = torch.zeros(batch, 0, self.n_mels, device=device)
+            return empty, torch.ones(batch, 0, dtype=torch.bool, device=device)
         starts = torch.arange(num_frames, device=device) * self.hop_length - self.n_fft // 2
         index = starts[:, None] + torch.arange(self.n_fft, device=device)[None, :]  # (T, n_fft)
         index = self._reflect(index[None], lengths.clamp(min=1)[:, None, None])
