@@ -3,10 +3,10 @@
     python benchmarks/paper_tables.py --json benchmarks/results/paper_tables.json \\
         [--budget-minutes 45] [--data URL] [--preset jin-tiny]
 
-Everything runs in this process (no Ray), seeded, on the cached NumberWorld corpus. Every model
-sees the same batches in the same order for the same number of optimiser steps at the same batch
-size and learning-rate schedule (the preset's; ``--budget-minutes`` scales the step counts, 45 =
-the preset's own curriculum):
+Everything runs in this process (no Ray), seeded, on the NumberWorld corpus (generated into
+``~/.cache/jin`` when missing). Every model sees the same batches in the same order for the same
+number of optimiser steps at the same batch size and learning-rate schedule (the preset's;
+``--budget-minutes`` scales the step counts, 45 = the preset's own curriculum):
 
 - Jin (MoE): the preset, its three curriculum stages (paper §4.2);
 - Jin (dense): the same with every backbone FFN dense (Table 6);
@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_DATA = "~/.cache/jin/numberworld-v2-n2400-seed0"
 FULL_BUDGET_MINUTES = 45.0
 THROUGHPUT_COLUMNS = ("text", "image", "audio", "points", "multi")
 
@@ -196,7 +195,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--budget-minutes", type=float, default=FULL_BUDGET_MINUTES)
-    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--data", help="jin-data URL (default: the preset's NumberWorld corpus)")
     parser.add_argument("--preset", default="jin-tiny")
     parser.add_argument("--markdown", type=Path, default=RESULTS / "paper_tables.md")
     parser.add_argument("--plots", type=Path, default=RESULTS / "paper_tables")
@@ -205,7 +204,12 @@ def main() -> int:
 
     started = time.perf_counter()
     load_start = os.getloadavg()
-    url = str(Path(args.data).expanduser())
+    if args.data is None:
+        from jin_orchestrate.data import default_corpus
+
+        url = default_corpus(load_config(args.preset).data, progress=False)
+    else:
+        url = str(Path(args.data).expanduser())
     if not Path(url).is_dir():
         print(f"error: --data {url} is not a directory of jin-data shards", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ def numberworld_url(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("numberworld")
     url = str(root / "nw")
-    generate_numberworld(url, 200, 0, progress=False, cache_dir=str(root / "speech"))
+    generate_numberworld(url, 200, 0, progress=False, cache_dir=str(root))
     return url
 
 

@@ -13,7 +13,7 @@ def corpus_url(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("numberworld")
     url = str(root / "nw")
-    generate_numberworld(url, 96, 0, progress=False, cache_dir=str(root / "speech"))
+    generate_numberworld(url, 96, 0, progress=False, cache_dir=str(root))
     return url
 
 

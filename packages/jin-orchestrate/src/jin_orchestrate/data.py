@@ -42,7 +42,7 @@ def default_corpus(cfg: DataConfig, *, progress: bool = True) -> str:
     print(f"[jin] generating NumberWorld ({cfg.samples} samples, seed {cfg.seed}) into {final}")
     try:
         generate_numberworld(
-            str(tmp), cfg.samples, cfg.seed, progress=progress, cache_dir=str(root / "speech")
+            str(tmp), cfg.samples, cfg.seed, progress=progress, cache_dir=str(root)
         )
         tmp.rename(final)
     except BaseException:
