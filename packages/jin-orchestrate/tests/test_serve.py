@@ -41,6 +41,7 @@ def client(ray_local, checkpoint):
         max_batch_size=16,
         batch_wait_timeout_s=0.05,
         max_items=16,
+        max_batch_items=24,
         max_request_bytes=MAX_BYTES,
     )
     url = start(cfg, port=_free_port())
@@ -108,6 +109,32 @@ def test_concurrent_requests_batched_together_equal_each_alone(client):
         answers = list(pool.map(lambda item: _post(client, [item]), items))
     np.testing.assert_allclose(np.stack([v[0] for v, _ in answers]), np.stack(alone), atol=1e-5)
     assert max(batch for _, batch in answers) > 1, "no two requests met in a batch"
+
+
+def test_a_batch_over_max_batch_items_is_embedded_in_passes_of_whole_requests(client):
+    # 9 text items per request (quick to decode, so concurrent requests meet in one batch);
+    # max_batch_items is 24, so a pass holds at most two of them.
+    requests = [[{"modality": "text", "data": f"{k} and {i}"} for i in range(9)] for k in range(4)]
+    alone = [_embed(client, items) for items in requests]
+
+    def post(items: list[dict]) -> tuple[np.ndarray, int, int]:
+        response = client.post("/v1/embed", json={"items": items})
+        assert response.status_code == 200, response.text
+        vectors = np.array([d["embedding"] for d in response.json()["data"]], np.float32)
+        headers = response.headers
+        return vectors, int(headers["X-Jin-Batch-Requests"]), int(headers["X-Jin-Batch-Items"])
+
+    shared = 0
+    for _ in range(5):  # until two requests meet in a pass; every round checks the limit
+        with ThreadPoolExecutor(len(requests)) as pool:
+            answers = list(pool.map(post, requests))
+        for (vectors, _, _), expected in zip(answers, alone, strict=True):
+            np.testing.assert_allclose(vectors, expected, atol=1e-5)
+        assert all(items <= 24 and items == 9 * batch for _, batch, items in answers)
+        shared = max(batch for _, batch, _ in answers)
+        if shared == 2:
+            break
+    assert shared == 2, "no two requests met in a pass in 5 rounds"
 
 
 def test_served_vectors_equal_the_training_path(client, checkpoint, corpus_url):

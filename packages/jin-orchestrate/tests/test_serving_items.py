@@ -123,6 +123,8 @@ def test_serve_config_rejects_unknown_keys_and_unfillable_batches():
         ServeConfig.model_validate(
             {"checkpoint": "x", "max_batch_size": 16, "model": {"max_ongoing_requests": 8}}
         )
+    with pytest.raises(ValueError, match=r"max_batch_items: 8 is below max_items \(16\)"):
+        ServeConfig(checkpoint="x", max_items=16, max_batch_items=8)
     cfg = ServeConfig(checkpoint="x", max_batch_size=24)
     assert cfg.model_options(num_gpus=1) == {
         "num_replicas": 1,
@@ -158,3 +160,17 @@ def test_the_cli_refuses_a_missing_or_damaged_checkpoint_before_starting_ray(
     (damaged / "model.safetensors").write_bytes(b"garbage")
     assert main(["--checkpoint", str(damaged)]) == 2
     assert "model.safetensors does not match its sha256" in capsys.readouterr().err
+
+
+def test_forward_passes_hold_whole_requests_in_order_within_the_item_limit():
+    from jin_orchestrate.serving.app import forward_passes
+
+    def runs(sizes, limit):
+        return [sizes[p] for p in forward_passes(sizes, limit)]
+
+    assert runs([3, 4, 5, 1, 2], None) == [[3, 4, 5, 1, 2]]
+    assert runs([3, 4, 5, 1, 2], 8) == [[3, 4], [5, 1, 2]]
+    assert runs([3, 4, 5, 1, 2], 7) == [[3, 4], [5, 1], [2]]
+    assert runs([8, 8, 8], 8) == [[8], [8], [8]]
+    assert runs([9, 1], 8) == [[9], [1]]  # a request over the limit alone (the ingress stops it)
+    assert runs([1] * 5, 100) == [[1] * 5]

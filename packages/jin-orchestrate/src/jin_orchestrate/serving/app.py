@@ -6,8 +6,10 @@
 and answers client mistakes itself, so a bad request never reaches, or fails, a batch. ``Embedder``
 merges the tables of up to ``max_batch_size`` concurrent requests (waiting at most
 ``batch_wait_timeout_s`` for them), embeds each modality once over the merged rows and hands every
-request its own rows back. The two scale apart: many CPU ingress replicas can feed one GPU model
-replica. ``build_app`` is the application builder that ``serve run`` / ``serve deploy`` import.
+request its own rows back; with ``max_batch_items`` a batch holding more items is embedded in
+consecutive passes of whole requests (`forward_passes`), which bounds a pass's memory. The two
+scale apart: many CPU ingress replicas can feed one GPU model replica. ``build_app`` is the
+application builder that ``serve run`` / ``serve deploy`` import.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route methods' annotations at
 run time, and Serve's ingress wrapper hides the module namespace it would resolve strings in.
@@ -46,7 +48,7 @@ from jin_orchestrate.serving.api import (
 from jin_orchestrate.serving.config import ServeConfig
 from jin_orchestrate.serving.items import InputError, items_table
 
-__all__ = ["BodyLimit", "Embedder", "Ingress", "RequestEmbeddings", "build_app"]
+__all__ = ["BodyLimit", "Embedder", "Ingress", "RequestEmbeddings", "build_app", "forward_passes"]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "too many items, or an item or body too large"},
@@ -156,6 +158,24 @@ class RequestEmbeddings:
     batch_items: int
 
 
+def forward_passes(sizes: list[int], max_items: int | None) -> list[slice]:
+    """Consecutive runs of whole requests (of ``sizes`` items) of at most ``max_items`` items.
+
+    In arrival order, so no request waits behind a later one; a request alone over the limit gets
+    a pass of its own (the ingress's ``max_items`` keeps requests under it).
+    """
+    if max_items is None:
+        return [slice(0, len(sizes))]
+    passes, start, items = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and items + size > max_items:
+            passes.append(slice(start, i))
+            start, items = i, 0
+        items += size
+    passes.append(slice(start, len(sizes)))
+    return passes
+
+
 @serve.deployment
 class Embedder:
     """The model replica: batches concurrent requests with ``@serve.batch`` into one pass."""
@@ -166,6 +186,7 @@ class Embedder:
         )
         self.embed.set_max_batch_size(cfg.max_batch_size)
         self.embed.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.max_batch_items = cfg.max_batch_items
 
     def card(self) -> ModelCard:
         """The loaded checkpoint's identity and modalities."""
@@ -173,7 +194,14 @@ class Embedder:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)  # reset from the config
     async def embed(self, tables: list[pa.Table]) -> list[RequestEmbeddings]:
-        """Each request's decoded items (a table) -> its embeddings; one forward per modality."""
+        """Each request's decoded items (a table) -> its embeddings; one forward per modality
+        and pass (`forward_passes`)."""
+        answers = []
+        for run in forward_passes([t.num_rows for t in tables], self.max_batch_items):
+            answers += await self._embed_pass(tables[run])
+        return answers
+
+    async def _embed_pass(self, tables: list[pa.Table]) -> list[RequestEmbeddings]:
         merged = pa.concat_tables(tables)
         # The forward runs in a thread so the replica keeps queueing the next batch meanwhile.
         result = await asyncio.to_thread(self.model.embed_table, merged)

@@ -67,6 +67,12 @@ class ServeConfig(StrictConfig):
         0.005, ge=0, description="longest wait for a batch to fill after its first request"
     )
     max_items: int = Field(64, gt=0, description="items in one request (413 beyond)")
+    max_batch_items: int | None = Field(
+        None,
+        gt=0,
+        description="items in one forward pass: a batch holding more is embedded in consecutive "
+        "passes of whole requests (default: no limit but max_batch_size x max_items)",
+    )
     max_request_bytes: int = Field(16 * 2**20, gt=0, description="request body size (413 beyond)")
     max_image_pixels: int = Field(
         2048 * 2048, gt=0, description="H*W of one decoded image (413 beyond)"
@@ -88,6 +94,11 @@ class ServeConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _check_concurrency(self) -> ServeConfig:
+        if self.max_batch_items is not None and self.max_batch_items < self.max_items:
+            raise ValueError(
+                f"max_batch_items: {self.max_batch_items} is below max_items ({self.max_items}), "
+                "so a full request could not fit in one forward pass"
+            )
         # A replica that may hold fewer requests than a batch never fills one.
         limit = self.model.max_ongoing_requests
         if limit is not None and limit < self.max_batch_size:
