@@ -8,6 +8,8 @@ Measured side by side in one run, each case in a fresh subprocess (so peak RSS i
   new names), to show that peak RSS does not grow with the data set (streaming);
 - ``jin-int16`` — the reader (2 workers) with ``audio_dtype="int16"`` (16-bit PCM audio batches for
   the consumer to convert), for reference: the other cases deliver float32 audio;
+- ``jin-inline`` — the reader (0 and 2 workers) with ``read_ahead=0``: row groups read on the
+  decoding thread, as before jin-data 0.5.0, to show what reading ahead on a thread gives;
 - ``ray`` — `jin_data.ray_data.read_ray_dataset` + ``iter_torch_batches`` on a private local Ray
   (2 CPUs; `ray.init` excluded, the first tasks' worker start-up and imports included; RSS is the
   driver's only, Ray's worker processes are not counted);
@@ -89,6 +91,10 @@ def case_jin(url: str, workers: int, **options) -> tuple[int, tuple[float, float
 
 def case_jin_int16(url: str, workers: int) -> tuple[int, tuple[float, float]]:
     return case_jin(url, workers, audio_dtype="int16")
+
+
+def case_jin_inline(url: str, workers: int) -> tuple[int, tuple[float, float]]:
+    return case_jin(url, workers, read_ahead=0)
 
 
 def case_ray(url: str, workers: int) -> tuple[int, tuple[float, float]]:
@@ -174,6 +180,7 @@ CASES = {
     "jin": case_jin,
     "jin-10x": case_jin,
     "jin-int16": case_jin_int16,
+    "jin-inline": case_jin_inline,
     "ray": case_ray,
     "per-file": case_per_file,
 }
@@ -297,6 +304,8 @@ def main() -> None:
             run_case("jin", url, 2),
             run_case("jin-10x", str(work / "numberworld-10x"), 2),
             run_case("jin-int16", url, 2),
+            run_case("jin-inline", url, 0),
+            run_case("jin-inline", url, 2),
             run_case("ray", url, 2),
         ]
     by = {(c["impl"], c["workers"]): c for c in cases if "error" not in c}
@@ -305,6 +314,12 @@ def main() -> None:
         base = by[("per-file", 2)]["samples_per_s"]
         ratios["jin(0)/per-file"] = by[("jin", 0)]["samples_per_s"] / base
         ratios["jin(2)/per-file"] = by[("jin", 2)]["samples_per_s"] / base
+    for workers in (0, 2):
+        if ("jin-inline", workers) in by and ("jin", workers) in by:
+            inline = by[("jin-inline", workers)]["samples_per_s"]
+            ratios[f"jin({workers})/jin-inline({workers})"] = (
+                by[("jin", workers)]["samples_per_s"] / inline
+            )
     if ("jin-10x", 2) in by and ("jin", 2) in by:
         big, small = by[("jin-10x", 2)], by[("jin", 2)]
         ratios["rss jin-10x/jin"] = big["peak_rss_mb"] / small["peak_rss_mb"]

@@ -133,3 +133,46 @@ def test_shuffle_pool_is_bounded_and_rows_move_at_most_a_buffer(dataset, groups)
     assert largest <= 1.5 * (buffer + rows + size)
     arrival = {f"{g}-{r}": g * rows + r for g in range(groups) for r in range(rows)}
     assert max(i - arrival[row_id] for i, row_id in enumerate(emitted)) <= buffer + rows + size
+
+
+@pytest.mark.parametrize("read_ahead", [1, 3])
+def test_reading_ahead_gives_the_batches_of_reading_inline(dataset, read_ahead):
+    def batches(depth):
+        return list(ShardDataset(dataset, batch_size=6, seed=4, read_ahead=depth))
+
+    inline, ahead = batches(0), batches(read_ahead)
+    assert [b["id"] for b in ahead] == [b["id"] for b in inline]
+    for a, b in zip(ahead, inline, strict=True):
+        for key, value in b.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(a[key], value), key
+
+
+def test_read_ahead_keeps_order_raises_in_place_and_stops_when_abandoned():
+    import threading
+
+    from jin_data.reader import _read_ahead
+
+    assert list(_read_ahead(iter(range(50)), 2)) == list(range(50))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("row group 3 is bad")
+
+    reader = _read_ahead(failing(), 2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="row group 3 is bad"):
+        next(reader)
+
+    produced = []
+
+    def endless():
+        for i in itertools.count():
+            produced.append(i)
+            yield i
+
+    reader = _read_ahead(endless(), 2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()  # what a consumer's break or garbage collection does
+    assert not any(t.name == "jin-data-read-ahead" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1  # at most the queue's depth (and one in hand) ahead

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import fsspec
 import numpy as np
@@ -48,6 +50,10 @@ __all__ = [
 
 logger = logging.getLogger("jin_data")
 _MAX_REPORTED_ERRORS = 20
+# Guards the counts of an `EpochReport`, which the read-ahead thread and the decoding thread both
+# add to (module-level: a dataset is pickled into DataLoader workers, a lock could not be).
+_REPORT_LOCK = threading.Lock()
+_T = TypeVar("_T")
 
 
 class LoaderConfig(StrictConfig):
@@ -66,6 +72,12 @@ class LoaderConfig(StrictConfig):
     audio_sample_rate: int = Field(default=16000, ge=1)
     audio_dtype: AudioDtype = "float32"
     image_mode: Literal["L", "RGB"] | None = None
+    read_ahead: int = Field(
+        default=2,
+        ge=0,
+        description="row groups read ahead on a background thread while the current ones are "
+        "decoded (Arrow reads without the GIL); 0 reads them inline",
+    )
 
     @field_validator("modalities")
     @classmethod
@@ -236,6 +248,52 @@ def _gather(tables: list[pa.Table], rows: np.ndarray) -> pa.Table:
     return pa.concat_tables(parts).combine_chunks().take(numeric_array(order))
 
 
+def _read_ahead(items: Iterator[_T], depth: int) -> Iterator[_T]:
+    """``items``, produced on a background thread up to ``depth`` ahead of the consumer.
+
+    An exception raised producing an item is raised here, in its place. When the consumer stops
+    early (``break``, an error, garbage collection), the thread is told to stop and joined.
+    ``depth=0``: ``items`` itself, produced inline.
+    """
+    if depth == 0:
+        yield from items
+        return
+    slots: queue.Queue[tuple[bool, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def offer(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((True, item)):
+                    return
+            offer((False, None))
+        except BaseException as error:  # raised again in the consumer
+            offer((False, error))
+
+    thread = threading.Thread(target=produce, name="jin-data-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, value = slots.get()
+            if not more:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join()
+
+
 class ShardDataset(IterableDataset):
     """Batches of collated tensors streamed from the jin-data set at ``url``.
 
@@ -316,9 +374,10 @@ class ShardDataset(IterableDataset):
     def _fail(self, error: DataError, report: EpochReport, rows: int) -> None:
         if self.config.on_error == "raise":
             raise error
-        report.skipped_rows += rows
-        if len(report.errors) < _MAX_REPORTED_ERRORS:
-            report.errors.append(str(error))
+        with _REPORT_LOCK:
+            report.skipped_rows += rows
+            if len(report.errors) < _MAX_REPORTED_ERRORS:
+                report.errors.append(str(error))
 
     def _row_groups(self, units: list[tuple[int, int]], report: EpochReport) -> Iterator[pa.Table]:
         """Read this consumer's row groups, with provenance columns, split-filtered."""
@@ -334,7 +393,8 @@ class ShardDataset(IterableDataset):
                     self._fail(err, report, 0)
             parquet = opened[1]
             if parquet is None:  # unreadable shard, already reported once
-                report.skipped_rows += expected
+                with _REPORT_LOCK:
+                    report.skipped_rows += expected
                 continue
             try:
                 yield read_row_group(parquet, shard, g, self.columns, self.config.split)
@@ -402,7 +462,8 @@ class ShardDataset(IterableDataset):
         shared = get_worker_info() is not None
         units = self.plan(epoch)[consumer::consumers]
         rng = np.random.default_rng([self.config.seed, epoch, consumer])
-        for pool, rows in self._batches(self._row_groups(units, report), rng):
+        tables = _read_ahead(self._row_groups(units, report), self.config.read_ahead)
+        for pool, rows in self._batches(tables, rng):
             table = _gather([slot.small for slot in pool], rows)
             pairs = rows.tolist()
             images = [pool[s].images[r] for s, r in pairs] if "image" in modalities else None
