@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from jin_orchestrate._worker_log import say
+from jin_orchestrate._worker_log import quiet_report_dumps, say
 
 
 @pytest.fixture
@@ -38,3 +38,17 @@ def test_with_a_root_handler_the_line_is_logged_once_and_not_printed(bare_root, 
     bare_root.setLevel(logging.WARNING)
     say("[jin] stage resumes after step 1")
     assert capsys.readouterr().out == "[jin] stage resumes after step 1\n"
+
+
+def test_ray_trains_report_dumps_are_kept_to_warnings():
+    from ray.train.v2._internal.execution import context
+
+    reports = logging.getLogger(context.__file__)
+    saved = reports.level
+    try:
+        reports.setLevel(logging.NOTSET)
+        quiet_report_dumps()
+        assert not reports.isEnabledFor(logging.INFO)
+        assert reports.isEnabledFor(logging.WARNING)
+    finally:
+        reports.setLevel(saved)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from jin_orchestrate._worker_log import say
+from jin_orchestrate._worker_log import quiet_report_dumps, say
 from jin_orchestrate.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -263,6 +263,7 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     from jin_orchestrate.data import ray_collate, rename_columns
     from jin_orchestrate.extension import model_from_checkpoint
 
+    quiet_report_dumps()
     cfg = JinConfig.model_validate(loop_config["config"])
     stage = cfg.stages[loop_config["stage_index"]]
     ctx = ray.train.get_context()
