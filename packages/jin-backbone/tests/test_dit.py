@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from jin_backbone import DiTBlock, FeedForward, MoE, MoEConfig, TimestepEmbedder
+from jin_backbone import DiTBlock, FeedForward, KVCache, MoE, MoEConfig, TimestepEmbedder
 
 
 def _block(conditioning: str = "adaln_zero", moe: bool = False) -> DiTBlock:
@@ -90,3 +90,29 @@ def test_timestep_embedder_distinguishes_timesteps_and_takes_floats():
     sinusoid = embedder.sinusoidal(torch.tensor([0.0]))
     assert sinusoid.shape == (1, 33)
     torch.testing.assert_close(sinusoid[0, :16], torch.ones(16))  # cos(0)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_decoding_with_a_kv_cache_equals_a_causal_pass_over_the_whole_sequence(moe):
+    """A prefix of 5 tokens, then 4 tokens one at a time through the cache: the outputs of a
+    full pass under the matching prefix-LM mask, to float tolerance."""
+    block = _block(moe=moe).eval()
+    torch.manual_seed(1)
+    x = torch.randn(2, 9, 32)
+    prefix = 5
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    allowed = (j < prefix) | ((j <= i) & (i >= prefix))  # the prefix sees itself; then causal
+    with torch.no_grad():
+        full, _ = block(x, attn_mask=allowed[None, None])
+        cache = KVCache()
+        first, _ = block(x[:, :prefix], cache=cache)
+        steps = [first]
+        for t in range(prefix, 9):
+            step, _ = block(
+                x[:, t : t + 1], attn_mask=allowed[None, None, t : t + 1, : t + 1], cache=cache
+            )
+            steps.append(step)
+    assert cache.length == 9
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs an explicit attn_mask"):
+        block(x[:, :1], cache=cache)

@@ -123,6 +123,28 @@ def _image_prefix(model, batch):
     return enc.tokens, torch.zeros(enc.tokens.shape[:2], dtype=torch.bool)
 
 
+def test_kv_cache_decoding_gives_the_logits_of_full_passes(gen_model, batch):
+    from jin_backbone import KVCache
+    from jin_encoders import ByteTokenizer
+    from jin_orchestrate.generation import _next_byte_logits
+
+    tokens, padding = _image_prefix(gen_model, batch)
+    padding[1, -5:] = True  # a shorter condition in the batch: its padded keys stay unseen
+    torch.manual_seed(0)
+    ids = torch.randint(ByteTokenizer.NUM_SPECIAL, 200, (3, 7))
+    ids[:, 0] = ByteTokenizer.BOS
+    caches = [KVCache() for _ in gen_model.encoder.backbone.blocks]
+    with torch.no_grad():
+        for length in range(1, 8):
+            cached = _next_byte_logits(gen_model, tokens, padding, ids[:, :length], caches)
+            full = _next_byte_logits(gen_model, tokens, padding, ids[:, :length], None)
+            torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    assert caches[0].length == tokens.shape[1] + 7
+    assert decode_captions(gen_model, tokens, padding, max_bytes=6) == decode_captions(
+        gen_model, tokens, padding, max_bytes=6, kv_cache=False
+    )
+
+
 def test_greedy_and_seeded_sampled_decoding_are_deterministic(gen_model, batch):
     tokens, padding = _image_prefix(gen_model, batch)
     greedy = decode_captions(gen_model, tokens, padding, max_bytes=6)

@@ -12,7 +12,7 @@ from jin_backbone.diffusion import (
     cosine_betas,
     linear_betas,
 )
-from jin_backbone.dit import DiTBlock, TimestepEmbedder
+from jin_backbone.dit import DiTBlock, KVCache, TimestepEmbedder
 from jin_backbone.experts import Experts, FeedForward, feed_forward
 from jin_backbone.moe import MoE, MoEAux, MoEConfig, MoEOutput
 from jin_backbone.params import ParameterCount, count_parameters
@@ -25,7 +25,7 @@ from jin_backbone.router import (
 )
 from jin_backbone.samplers import ddim_sample, ddim_timesteps, ddpm_sample, guided_prediction
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Backbone",
@@ -37,6 +37,7 @@ __all__ = [
     "Experts",
     "FeedForward",
     "GaussianDiffusion",
+    "KVCache",
     "MoE",
     "MoEAux",
     "MoEConfig",

@@ -8,6 +8,10 @@ Two conditionings of a block on ``c`` (the timestep embedding, plus an optional 
 - ``additive`` (the paper's §3.4 listing): ``x + MLP(c)`` after the sub-layers; the last layer is
   zero-initialised, so a fresh block ignores the timestep.
 With ``c=None`` either block is a plain pre-norm transformer block (representation learning).
+
+For autoregressive decoding a block takes a `KVCache`: the keys and values of the tokens it has
+already seen are kept, so each new token is one query against them instead of a pass over the
+whole sequence (the caller passes the new tokens' ``attn_mask`` over all keys).
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from torch import Tensor, nn
 from jin_backbone.experts import FeedForward
 from jin_backbone.moe import MoE, MoEAux
 
-__all__ = ["Conditioning", "DiTBlock", "TimestepEmbedder", "attention_mask", "modulate"]
+__all__ = [
+    "Conditioning",
+    "DiTBlock",
+    "KVCache",
+    "TimestepEmbedder",
+    "attention_mask",
+    "modulate",
+]
 
 Conditioning = Literal["adaln_zero", "additive"]
 
@@ -74,6 +85,26 @@ def attention_mask(padding_mask_BT: Tensor | None) -> Tensor | None:
     return attend_BT[:, None, None, :]
 
 
+class KVCache:
+    """The keys and values ``(B, H, T, Hd)`` one attention layer has seen, for decoding."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens cached."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new tokens' keys and values; return all of them."""
+        if self.k is not None and self.v is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``."""
 
@@ -83,11 +114,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_BTD: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        """Self-attention over ``T``; ``attn_mask`` as built by :func:`attention_mask`."""
+    def forward(
+        self, x_BTD: Tensor, attn_mask: Tensor | None = None, cache: KVCache | None = None
+    ) -> Tensor:
+        """Self-attention over ``T``; ``attn_mask`` as built by :func:`attention_mask`.
+
+        With ``cache``, ``x`` holds the new tokens only: they attend to the cached keys and to
+        themselves (``attn_mask`` is then ``(B, 1, T, cached + T)``), and join the cache.
+        """
         q, k, v = rearrange(
             self.qkv(x_BTD), "b t (three h hd) -> three b h t hd", three=3, h=self.num_heads
         )
+        if cache is not None:
+            k, v = cache.extend(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(rearrange(out, "b h t hd -> b t (h hd)"))
 
@@ -144,21 +183,25 @@ class DiTBlock(nn.Module):
         c_BD: Tensor | None = None,
         padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[Tensor, MoEAux | None]:
         """Apply the block; returns the new ``(B, T, D)`` and the MoE aux (``None`` if dense).
 
         ``attn_mask`` defaults to :func:`attention_mask` of ``padding_mask``; a stack builds it
-        once and passes it to every block.
+        once and passes it to every block. With ``cache`` (decoding), ``x`` and ``padding_mask``
+        are the new tokens only, and ``attn_mask`` covers the cached keys too (see `Attention`).
         """
         if attn_mask is None:
+            if cache is not None and cache.length:
+                raise ValueError("DiTBlock: decoding with a KVCache needs an explicit attn_mask")
             attn_mask = attention_mask(padding_mask)
         if c_BD is not None and self.conditioning == "adaln_zero":
             shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c_BD).chunk(6, -1)
-            h = self.attn(modulate(self.norm1(x_BTD), shift1, scale1), attn_mask)
+            h = self.attn(modulate(self.norm1(x_BTD), shift1, scale1), attn_mask, cache)
             x_BTD = x_BTD + gate1[:, None] * h
             h, aux = self._ffn(modulate(self.norm2(x_BTD), shift2, scale2), padding_mask)
             return x_BTD + gate2[:, None] * h, aux
-        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), attn_mask)
+        x_BTD = x_BTD + self.attn(self.norm1(x_BTD), attn_mask, cache)
         h, aux = self._ffn(self.norm2(x_BTD), padding_mask)
         x_BTD = x_BTD + h
         if c_BD is not None:  # additive conditioning, as in the paper's §3.4 listing

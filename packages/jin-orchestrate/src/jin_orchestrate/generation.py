@@ -34,7 +34,7 @@ from einops import rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from jin_backbone import DiffusionConfig, GaussianDiffusion, ddim_sample
+from jin_backbone import DiffusionConfig, GaussianDiffusion, KVCache, ddim_sample
 from jin_encoders import ByteTokenizer
 from jin_orchestrate._config import StrictConfig
 from jin_orchestrate.griffin_lim import mel_to_waveform
@@ -276,19 +276,61 @@ def caption_logits(
     Runs the backbone's blocks under `prefix_lm_mask` (the backbone's own ``forward`` only takes
     a padding mask), without a timestep, so the blocks are the plain transformer of §3.1.
     """
-    space, backbone = model.space, model.encoder.backbone
-    ids_padding = ids_BL == ByteTokenizer.PAD
-    text = space.encode({"text": {"x": ids_BL, "padding_mask": ids_padding}})["text"]
-    x_BTD = torch.cat([cond_BTcD, text.tokens], dim=1)
+    text_BLD, ids_padding = _caption_tokens(model, ids_BL)
+    x_BTD = torch.cat([cond_BTcD, text_BLD], dim=1)
     padding_BT = torch.cat([cond_padding_BTc, ids_padding], dim=1)
     attn_mask = prefix_lm_mask(padding_BT, cond_BTcD.shape[1])
+    hidden, aux = _caption_blocks(model, x_BTD, padding_BT, attn_mask)
+    return model.space.heads["text"](hidden[:, cond_BTcD.shape[1] :]), aux
+
+
+def _caption_tokens(model: JinModel, ids_BL: Tensor) -> tuple[Tensor, Tensor]:
+    """The text encoder's tokens ``(B, L, D)`` of caption ids, and their padding mask."""
+    ids_padding = ids_BL == ByteTokenizer.PAD
+    text = model.space.encode({"text": {"x": ids_BL, "padding_mask": ids_padding}})["text"]
+    return text.tokens, ids_padding
+
+
+def _caption_blocks(
+    model: JinModel,
+    x_BTD: Tensor,
+    padding_BT: Tensor | None,
+    attn_mask: Tensor,
+    caches: list[KVCache] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The backbone's blocks (no timestep) and final norm over ``x``, and the MoE aux loss;
+    with ``caches`` (one per block) ``x`` is the new tokens only."""
+    backbone = model.encoder.backbone
     aux = x_BTD.new_zeros((), dtype=torch.float32)
-    for block in backbone.blocks:
-        x_BTD, block_aux = block(x_BTD, None, padding_BT, attn_mask)
+    for index, block in enumerate(backbone.blocks):
+        cache = None if caches is None else caches[index]
+        x_BTD, block_aux = block(x_BTD, None, padding_BT, attn_mask, cache)
         if block_aux is not None:
             aux = aux + block_aux.weighted(block.ffn.cfg)
-    hidden = backbone.norm_final(x_BTD)[:, cond_BTcD.shape[1] :]
-    return space.heads["text"](hidden), aux
+    return backbone.norm_final(x_BTD), aux
+
+
+def _next_byte_logits(
+    model: JinModel,
+    cond_BTcD: Tensor,
+    cond_padding_BTc: Tensor,
+    ids_BL: Tensor,
+    caches: list[KVCache] | None,
+) -> Tensor:
+    """Logits ``(B, V)`` of the byte after ``ids`` under the prefix-LM attention of
+    `caption_logits`. With ``caches`` filled, only the newest id is run, attending to the cached
+    keys; otherwise the prefix and every id are (filling ``caches`` when given)."""
+    if caches is not None and caches[0].length:
+        x_BTD = _caption_tokens(model, ids_BL)[0][:, -1:]
+        keys_BT = torch.cat([~cond_padding_BTc, ids_BL != ByteTokenizer.PAD], dim=1)
+        padding_BT, attn_mask = None, keys_BT[:, None, None, :]
+    else:
+        text_BLD, ids_padding = _caption_tokens(model, ids_BL)
+        x_BTD = torch.cat([cond_BTcD, text_BLD], dim=1)
+        padding_BT = torch.cat([cond_padding_BTc, ids_padding], dim=1)
+        attn_mask = prefix_lm_mask(padding_BT, cond_BTcD.shape[1])
+    hidden, _ = _caption_blocks(model, x_BTD, padding_BT, attn_mask, caches)
+    return model.space.heads["text"](hidden[:, -1:])[:, 0]
 
 
 @torch.no_grad()
@@ -301,10 +343,13 @@ def decode_captions(
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    kv_cache: bool = True,
 ) -> list[str]:
     """Autoregressive byte decoding: greedy (``temperature=0``) or sampled from the softmax at
     ``temperature``, restricted to the ``top_k`` likeliest bytes when given, seeded by
-    ``generator``. Stops at EOS or after ``max_bytes`` bytes; no KV cache (captions are short)."""
+    ``generator``. Stops at EOS or after ``max_bytes`` bytes. With ``kv_cache`` each step runs
+    the newest byte only, against the blocks' cached keys and values (`KVCache`); without, it
+    runs the whole prefix and caption again (the same result, to float rounding)."""
     if temperature < 0:
         raise ValueError(f"temperature: expected >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -313,8 +358,9 @@ def decode_captions(
     ids = torch.full((batch, 1), ByteTokenizer.BOS, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     never = [ByteTokenizer.PAD, ByteTokenizer.BOS, ByteTokenizer.MASK]
+    caches = [KVCache() for _ in model.encoder.backbone.blocks] if kv_cache else None
     for _ in range(max_bytes):
-        logits_BV = caption_logits(model, cond_BTcD, cond_padding_BTc, ids)[0][:, -1].float()
+        logits_BV = _next_byte_logits(model, cond_BTcD, cond_padding_BTc, ids, caches).float()
         logits_BV[:, never] = float("-inf")
         if temperature == 0:
             next_B = logits_BV.argmax(dim=-1)
