@@ -276,12 +276,20 @@ def caption_logits(
     Runs the backbone's blocks under `prefix_lm_mask` (the backbone's own ``forward`` only takes
     a padding mask), without a timestep, so the blocks are the plain transformer of §3.1.
     """
-    text_BLD, ids_padding = _caption_tokens(model, ids_BL)
-    x_BTD = torch.cat([cond_BTcD, text_BLD], dim=1)
-    padding_BT = torch.cat([cond_padding_BTc, ids_padding], dim=1)
-    attn_mask = prefix_lm_mask(padding_BT, cond_BTcD.shape[1])
-    hidden, aux = _caption_blocks(model, x_BTD, padding_BT, attn_mask)
+    hidden, aux = _caption_blocks(
+        model, *_prefix_lm_inputs(model, cond_BTcD, cond_padding_BTc, ids_BL)
+    )
     return model.space.heads["text"](hidden[:, cond_BTcD.shape[1] :]), aux
+
+
+def _prefix_lm_inputs(
+    model: JinModel, cond_BTcD: Tensor, cond_padding_BTc: Tensor, ids_BL: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``[condition; caption]`` tokens, their padding mask and their `prefix_lm_mask`."""
+    text_BLD, ids_padding = _caption_tokens(model, ids_BL)
+    padding_BT = torch.cat([cond_padding_BTc, ids_padding], dim=1)
+    x_BTD = torch.cat([cond_BTcD, text_BLD], dim=1)
+    return x_BTD, padding_BT, prefix_lm_mask(padding_BT, cond_BTcD.shape[1])
 
 
 def _caption_tokens(model: JinModel, ids_BL: Tensor) -> tuple[Tensor, Tensor]:
@@ -300,14 +308,13 @@ def _caption_blocks(
 ) -> tuple[Tensor, Tensor]:
     """The backbone's blocks (no timestep) and final norm over ``x``, and the MoE aux loss;
     with ``caches`` (one per block) ``x`` is the new tokens only."""
-    backbone = model.encoder.backbone
+    blocks = model.encoder.backbone.blocks
     aux = x_BTD.new_zeros((), dtype=torch.float32)
-    for index, block in enumerate(backbone.blocks):
-        cache = None if caches is None else caches[index]
+    for block, cache in zip(blocks, caches or [None] * len(blocks), strict=True):
         x_BTD, block_aux = block(x_BTD, None, padding_BT, attn_mask, cache)
         if block_aux is not None:
             aux = aux + block_aux.weighted(block.ffn.cfg)
-    return backbone.norm_final(x_BTD), aux
+    return model.encoder.backbone.norm_final(x_BTD), aux
 
 
 def _next_byte_logits(
@@ -325,10 +332,7 @@ def _next_byte_logits(
         keys_BT = torch.cat([~cond_padding_BTc, ids_BL != ByteTokenizer.PAD], dim=1)
         padding_BT, attn_mask = None, keys_BT[:, None, None, :]
     else:
-        text_BLD, ids_padding = _caption_tokens(model, ids_BL)
-        x_BTD = torch.cat([cond_BTcD, text_BLD], dim=1)
-        padding_BT = torch.cat([cond_padding_BTc, ids_padding], dim=1)
-        attn_mask = prefix_lm_mask(padding_BT, cond_BTcD.shape[1])
+        x_BTD, padding_BT, attn_mask = _prefix_lm_inputs(model, cond_BTcD, cond_padding_BTc, ids_BL)
     hidden, _ = _caption_blocks(model, x_BTD, padding_BT, attn_mask, caches)
     return model.space.heads["text"](hidden[:, -1:])[:, 0]
 
