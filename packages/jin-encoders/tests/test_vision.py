@@ -100,3 +100,64 @@ def test_absent_images_may_have_zero_size():
     out = enc(images, sizes=sizes, present=torch.tensor([True, False]))
     assert bool(out.padding_mask[1].all()) and not bool(out.padding_mask[0].any())
     assert_row_matches(out, 0, enc(images[:1]))
+
+
+def test_conv_stem_gives_the_patch_grid_and_keeps_padding_invariance_in_eval():
+    enc = _encoder(patch_size=8, in_channels=1, pos_grid=4, stem="conv").eval()
+    assert enc.target_dim == 64  # regression targets are still the pixels of each patch
+    gen = torch.Generator().manual_seed(2)
+    sizes = torch.tensor([[40, 33], [17, 9], [24, 40], [8, 8]])
+    images = torch.randint(0, 256, (4, 1, 40, 40), dtype=torch.uint8, generator=gen)
+    with torch.no_grad():
+        batched = enc(images, sizes=sizes)
+        assert batched.tokens.shape == (4, 25, DIM) and batched.grid is None
+        for row, (h, w) in enumerate(sizes.tolist()):
+            # Alone, the convolutions' zero padding surrounds the image; batched, the stem
+            # zeroes what lies beyond each image's patches after every stage, to the same effect.
+            assert_row_matches(batched, row, enc(images[row : row + 1, :, :h, :w].clone()))
+
+
+def test_conv_stem_batch_statistics_come_from_present_images_only():
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8, generator=gen)
+    with_absent = _encoder(patch_size=4, in_channels=1, pos_grid=4, stem="conv").train()
+    alone = _encoder(patch_size=4, in_channels=1, pos_grid=4, stem="conv").train()
+    present = torch.tensor([True, False, True])
+    out = with_absent(images, present=present)
+    ref = alone(images[present])
+    torch.testing.assert_close(out.tokens[present], ref.tokens)
+    assert bool((out.tokens[1] == 0).all()) and bool(out.padding_mask[1].all())
+    for a, b in zip(with_absent.buffers(), alone.buffers(), strict=True):
+        torch.testing.assert_close(a, b)  # running statistics saw the same two images
+    none = with_absent(images, present=torch.zeros(3, dtype=torch.bool))
+    assert bool(none.padding_mask.all()) and bool((none.tokens == 0).all())
+
+
+def test_conv_stem_learns_to_tell_images_apart_where_it_is_trained():
+    # Two classes that differ only in where a bright bar sits inside a patch; the gradient
+    # reaches every stage (a broken mask or pool would leave some parameter without one).
+    enc = _encoder(patch_size=4, in_channels=1, pos_grid=2, stem="conv").train()
+    images = torch.zeros(8, 1, 8, 8, dtype=torch.uint8)
+    images[:4, :, :, 1] = 255
+    images[4:, :, :, 2] = 255
+    labels = torch.tensor([0] * 4 + [1] * 4)
+    head = torch.nn.Linear(DIM, 2)
+    loss = F.cross_entropy(head(enc(images).tokens.mean(1)), labels)
+    loss.backward()
+    assert all(
+        p.grad is not None and bool(p.grad.abs().sum() > 0) for p in enc.x_embedder.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"patch_size": 14, "stem": "conv"}, "power of two"),
+        ({"patch_size": 8, "stem": "conv", "stem_channels": (8, 8)}, "expected 3 positive"),
+        ({"patch_size": 8, "stem_channels": (8, 8, 8)}, "only used with stem='conv'"),
+        ({"patch_size": 8, "stem": "cnn"}, "stem"),
+    ],
+)
+def test_conv_stem_config_errors_name_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        VisionEncoderConfig(dim=DIM, **fields)

@@ -20,7 +20,7 @@ from jin_encoders.text import TextEncoder, TextEncoderConfig
 from jin_encoders.tokenizer import ByteTokenizer
 from jin_encoders.vision import VisionEncoder, VisionEncoderConfig
 
-__version__ = "0.2.1"
+__version__ = "0.3.0"
 
 __all__ = [
     "AudioEncoder",
