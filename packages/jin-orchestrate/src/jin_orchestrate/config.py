@@ -226,6 +226,7 @@ def _model(
     top_k: int = 2,
     moe_every: int = 1,
     image: tuple[int, int, int] = (14, 3, 16),
+    image_stem: dict[str, Any] | None = None,
     point_groups: int = 64,
 ) -> dict[str, Any]:
     """Model dials -> a full model config; everything not named here is derived."""
@@ -238,7 +239,12 @@ def _model(
         "space": {
             "dim": dim,
             "text": {"max_len": context},
-            "image": {"patch_size": patch, "in_channels": channels, "pos_grid": grid},
+            "image": {
+                "patch_size": patch,
+                "in_channels": channels,
+                "pos_grid": grid,
+                **(image_stem or {}),
+            },
             "audio": {},
             "points": {"num_groups": point_groups, "group_size": 16, "hidden": max(64, dim // 2)},
         },
@@ -287,7 +293,12 @@ def jin_max() -> dict[str, Any]:
 
 def jin_tiny() -> dict[str, Any]:
     """The CPU demo: NumberWorld's 64x64 grayscale images in 8x8 patches, 4 experts."""
-    model = _model(128, 4, 4, 64, moe_every=2, image=(8, 1, 8), point_groups=32)
+    # A convolutional stem, not ViT's linear patches: from 2,400 images a ViT memorises the digits
+    # and never reads them; the stem puts held-out numbers' image zero-shot at 10% (0% with
+    # linear patches) and text->image R@10 at 39% (5%) in the same 340 steps.
+    model = _model(
+        128, 4, 4, 64, moe_every=2, image=(8, 1, 8), image_stem={"stem": "conv"}, point_groups=32
+    )
     # Two zoom levels (whole image, half-side crop), both resampled to 32 pixels: z-JEPA's equal
     # token budget per level (coarse whole, fine crop at its native resolution), and a quarter of
     # the tokens of full-size levels. z-JEPA at 64 pixels was 60% of a multimodal step.
@@ -312,7 +323,16 @@ def jin_tiny() -> dict[str, Any]:
 def jin_test() -> dict[str, Any]:
     """The smallest config the tests need: seconds per step on one core."""
     return {
-        "model": _model(32, 2, 4, 48, moe_every=2, image=(16, 1, 4), point_groups=8),
+        "model": _model(
+            32,
+            2,
+            4,
+            48,
+            moe_every=2,
+            image=(16, 1, 4),
+            image_stem={"stem": "conv", "stem_channels": (4, 8, 8, 16)},
+            point_groups=8,
+        ),
         "train": {
             "batch_size": 8,
             "num_workers": 1,
