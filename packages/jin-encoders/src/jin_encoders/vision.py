@@ -260,9 +260,7 @@ class VisionEncoder(ModalityEncoder):
             pixels = x
         else:
             raise self._error("images", "uint8 or float tensor", x.dtype)
-        rows = torch.arange(height, device=x.device)[None, :, None] < sizes[:, 0, None, None]
-        cols = torch.arange(width, device=x.device)[None, None, :] < sizes[:, 1, None, None]
-        pixels = pixels * (rows & cols)[:, None].to(pixels.dtype)
+        pixels = pixels * _inside(sizes, height, width)[:, None].to(pixels.dtype)
         p = self.patch_size
         pixels = F.pad(pixels, (0, (-width) % p, 0, (-height) % p))
         return pixels.to(self.pos_embed.dtype), sizes
@@ -277,11 +275,7 @@ class VisionEncoder(ModalityEncoder):
         extents = grids * p
         valid = None
         if bool((extents != extents.new_tensor(pixels.shape[2:])).any()):
-            rows = torch.arange(pixels.shape[2], device=pixels.device)
-            cols = torch.arange(pixels.shape[3], device=pixels.device)
-            valid = (rows[None, :, None] < extents[:, 0, None, None]) & (
-                cols[None, None, :] < extents[:, 1, None, None]
-            )
+            valid = _inside(extents, pixels.shape[2], pixels.shape[3])
         keep = None if present is None else present.to(device=pixels.device, dtype=torch.bool)
         if keep is None or bool(keep.all()):
             return self.x_embedder(pixels, valid)
@@ -320,9 +314,7 @@ class VisionEncoder(ModalityEncoder):
     ) -> tuple[list[Tensor], Tensor]:
         """Move each sample's valid patches (row-major) to the front; return them and the mask."""
         device = grids.device
-        rows = torch.arange(grid_h, device=device)[None, :, None] < grids[:, 0, None, None]
-        cols = torch.arange(grid_w, device=device)[None, None, :] < grids[:, 1, None, None]
-        valid = (rows & cols).flatten(1)  # (B, h*w)
+        valid = _inside(grids, grid_h, grid_w).flatten(1)  # (B, h*w)
         order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
         counts = valid.sum(dim=1)
         length = int(counts.max())
@@ -332,3 +324,10 @@ class VisionEncoder(ModalityEncoder):
         ]
         padding_mask = torch.arange(length, device=device)[None, :] >= counts[:, None]
         return packed, padding_mask
+
+
+def _inside(sizes: Tensor, height: int, width: int) -> Tensor:
+    """``(B, height, width)`` bool: True within each sample's top-left ``sizes[i]`` rectangle."""
+    rows = torch.arange(height, device=sizes.device)[None, :, None] < sizes[:, 0, None, None]
+    cols = torch.arange(width, device=sizes.device)[None, None, :] < sizes[:, 1, None, None]
+    return rows & cols
