@@ -33,7 +33,8 @@ def test_config_rejects_decreasing_momentum():
 
 def test_update_is_the_ema_of_parameters_and_copies_buffers():
     online = _net(0)
-    target = EMATarget(online, EMAConfig(momentum_start=0.9, momentum_end=0.9, total_steps=1))
+    cfg = EMAConfig(momentum_start=0.9, momentum_end=0.9, total_steps=1, norm_stats="copy")
+    target = EMATarget(online, cfg)
     before = {k: v.clone() for k, v in target.module.state_dict().items()}
     with torch.no_grad():
         for p in online.parameters():
@@ -51,7 +52,7 @@ def test_no_gradient_reaches_the_target_and_it_stays_in_eval():
     online = _net(0)
     target = EMATarget(online, EMAConfig(total_steps=10))
     target.train()
-    assert not target.module.training  # dropout / batch-norm updates never touch targets
+    assert not target.module.training and not target.module[2].training  # dropout is off
     x = torch.randn(5, 4)
     out = target(x)
     assert not out.requires_grad
@@ -59,7 +60,32 @@ def test_no_gradient_reaches_the_target_and_it_stays_in_eval():
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in target.parameters())
     assert all(p.grad is not None for p in online.parameters())
-    torch.testing.assert_close(target(x), target(x))  # deterministic: eval mode
+    torch.testing.assert_close(target(x), target(x))  # deterministic: dropout is off
+
+
+def test_batch_norm_stats_are_the_targets_own():
+    """norm_stats='batch': in training the target normalises with its batch's statistics, never
+    the online network's (which do not fit its lagging weights); in eval, with its own."""
+    online = _net(0)
+    target = EMATarget(online, EMAConfig(momentum_start=0.9, momentum_end=0.9, total_steps=1))
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        online[0].weight.mul_(10.0)  # online activations 10x the target's
+        online[1].running_var.fill_(100.0)
+        online[1].running_mean.fill_(3.0)
+    target.update(online, step=0)
+    target.train()
+    assert target.module[1].training and not target.module[2].training
+    h = target.module[1](target.module[0](x))  # the target's BN output on this batch
+    torch.testing.assert_close(h.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h.var(0, unbiased=False), torch.ones(8), atol=1e-3, rtol=0)
+    assert not torch.equal(target.module[1].running_mean, online[1].running_mean)
+    own = target.module[1].running_var.clone()
+    target.update(online, step=0)
+    assert torch.equal(target.module[1].running_var, own)  # not overwritten by the online's
+    target.eval()
+    assert not target.module[1].training
+    torch.testing.assert_close(target(x), target(x))
 
 
 def test_update_through_ddp_and_dataparallel_wrappers(tmp_path):

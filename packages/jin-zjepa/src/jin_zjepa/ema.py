@@ -5,6 +5,15 @@ The target is a frozen deep copy of the online module, updated after every optim
 ``momentum_end`` (I-JEPA: 0.996 -> 1.0, linear; BYOL: cosine). No gradient ever reaches it: its
 parameters have ``requires_grad=False`` and its forward runs under ``torch.no_grad``. It is kept in
 eval mode so dropout or stochastic depth never perturb the targets.
+
+Batch normalisation is the exception (``norm_stats="batch"``, the default): while the enclosing
+model trains, the target's batch-norm layers normalise with the statistics of the batch they see,
+as BYOL's and MoCo's target networks do, and keep running statistics of their own for eval. The
+target's weights lag the online network's, so the online running statistics do not fit them:
+copied (``norm_stats="copy"``), they shrank a slowly-averaged (m = 0.9995) convolutional stem's
+activations until the target's image tokens carried almost nothing but their position
+(across-sample spread 0.03 with the online's statistics against 0.62 with its own, measured on a
+jin-tiny checkpoint), and the JEPA terms then taught the online network to predict positions.
 """
 
 from __future__ import annotations
@@ -29,6 +38,12 @@ class EMAConfig(StrictConfig):
     momentum_end: float = Field(1.0, ge=0.0, le=1.0)
     schedule: Literal["cosine", "linear"] = "cosine"
     total_steps: int = Field(..., ge=1, description="optimiser steps over which m reaches its end")
+    norm_stats: Literal["batch", "copy"] = Field(
+        "batch",
+        description="the target's batch-norm layers: 'batch' normalises with the statistics of "
+        "the batch in training and keeps its own running statistics; 'copy' copies the online "
+        "network's running statistics at every update and always uses them",
+    )
 
     @model_validator(mode="after")
     def _check_order(self) -> EMAConfig:
@@ -67,12 +82,24 @@ class EMATarget(nn.Module):
         self.config = config
         self.module = copy.deepcopy(unwrap_module(online))
         self.module.requires_grad_(False)
-        self.module.eval()
+        self.train(self.training)
+
+    def _batch_norms(self) -> dict[str, nn.Module]:
+        return {
+            name: m
+            for name, m in self.module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        }
 
     def train(self, mode: bool = True) -> EMATarget:
-        """Keep the wrapped copy in eval mode whatever the mode of the enclosing model."""
+        """Keep the wrapped copy in eval mode whatever the mode of the enclosing model; with
+        ``norm_stats="batch"`` its batch-norm layers follow ``mode`` (batch statistics in
+        training)."""
         self.training = mode
         self.module.eval()
+        if self.config.norm_stats == "batch":
+            for norm in self._batch_norms().values():
+                norm.train(mode)
         return self
 
     @torch.no_grad()
@@ -91,10 +118,16 @@ class EMATarget(nn.Module):
         for name, target in target_params.items():
             # lerp_(x, w) = target + w (x - target) = m target + (1 - m) x for w = 1 - m.
             target.lerp_(source_params[name].detach().to(target.dtype), 1.0 - m)
-        # Buffers (e.g. normalisation statistics) are copied, not averaged, as in I-JEPA/BYOL code.
+        # Buffers are copied, not averaged, as in I-JEPA/BYOL code; the target's own batch-norm
+        # statistics are kept under norm_stats="batch".
+        own = (
+            tuple(f"{n}." for n in self._batch_norms()) if self.config.norm_stats == "batch" else ()
+        )
         for (name, target_buf), (_, source_buf) in zip(
             self.module.named_buffers(), source.named_buffers(), strict=True
         ):
+            if own and name.startswith(own):
+                continue
             if target_buf.shape != source_buf.shape:
                 raise ValueError(f"EMATarget.update: buffer {name!r} changed shape")
             target_buf.copy_(source_buf)
