@@ -13,7 +13,8 @@ target's weights lag the online network's, so the online running statistics do n
 copied (``norm_stats="copy"``), they shrank a slowly-averaged (m = 0.9995) convolutional stem's
 activations until the target's image tokens carried almost nothing but their position
 (across-sample spread 0.03 with the online's statistics against 0.62 with its own, measured on a
-jin-tiny checkpoint), and the JEPA terms then taught the online network to predict positions.
+jin-tiny checkpoint), so the image JEPA terms asked the online network for little more than
+positions.
 """
 
 from __future__ import annotations
