@@ -11,7 +11,7 @@ from jin_encoders.base import (
 from jin_encoders.custom import CustomEncoderConfig, CustomModalityEncoder
 from jin_encoders.frontends import collate_images, image_to_tensor, load_audio, normalize_points
 from jin_encoders.fusion import FusedSequence, FusionLayer, concat_modalities
-from jin_encoders.heads import RegressionHead, TextLMHead
+from jin_encoders.heads import PixelDiffusionHead, RegressionHead, TextLMHead
 from jin_encoders.mel import LogMelSpectrogram, mel_filterbank
 from jin_encoders.points import PointCloudEncoder, PointCloudEncoderConfig, farthest_point_sample
 from jin_encoders.resample import resample, resampled_length
@@ -20,7 +20,7 @@ from jin_encoders.text import TextEncoder, TextEncoderConfig
 from jin_encoders.tokenizer import ByteTokenizer
 from jin_encoders.vision import VisionEncoder, VisionEncoderConfig
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "AudioEncoder",
@@ -36,6 +36,7 @@ __all__ = [
     "JointEmbeddingSpaceConfig",
     "LogMelSpectrogram",
     "ModalityEncoder",
+    "PixelDiffusionHead",
     "PointCloudEncoder",
     "PointCloudEncoderConfig",
     "RegressionHead",
