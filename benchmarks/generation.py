@@ -68,7 +68,7 @@ def train(checkpoint: str, url: str, steps: int, lr: float, out: Path) -> dict[s
 
     def on_step(r: dict[str, Any]) -> None:
         if r["global_step"] % every == 0:
-            terms = {k.split("/")[1]: round(v, 3) for k, v in r.items() if "generation/" in k}
+            terms = {k.split("/")[1]: round(v, 3) for k, v in r.items() if _logged(k)}
             _log(f"step {r['global_step']} ({r['step_s']:.2f} s) {terms}")
 
     history = train_in_process(cfg, model, url, on_step=on_step)
@@ -87,8 +87,13 @@ def train(checkpoint: str, url: str, steps: int, lr: float, out: Path) -> dict[s
         "step_s_median": round(
             sorted(r["step_s"] for r in history.steps)[len(history.steps) // 2], 3
         ),
-        "final_losses": {k: round(v, 4) for k, v in last.items() if k.startswith("generation/")},
+        "final_losses": {k: round(v, 4) for k, v in last.items() if _logged(k)},
     }
+
+
+def _logged(key: str) -> bool:
+    """The generation stage's loss terms: diffusion and captions, and Eq. 6 alignment."""
+    return key.startswith(("generation/", "align/"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,9 @@ from jin_orchestrate.generation import (
     caption_logits,
     decode_captions,
     generation_losses,
+    images_from_tokens,
     prefix_lm_mask,
+    sample_tokens,
 )
 from jin_orchestrate.griffin_lim import griffin_lim, mel_to_waveform, spectral_convergence
 from jin_orchestrate.model import JinModel
@@ -30,11 +32,14 @@ def _config(**generation) -> JinConfig:
 
 
 def _wake_adaln(model: JinModel) -> JinModel:
-    """A fresh model's adaLN-Zero layers are zero, so the condition cannot matter yet: give them
-    small weights, as training would, for tests that need the condition to act."""
+    """A fresh model's adaLN-Zero layers (and the conv image head's last layer) are zero, so the
+    condition cannot matter yet: give them small weights, as training would, for tests that need
+    the condition to act."""
     with torch.no_grad():
         for block in model.encoder.backbone.blocks:
             block.adaLN_modulation[-1].weight.normal_(std=0.05)
+        if model.generation is not None and model.generation.image_head is not None:
+            model.generation.image_head.out.weight.normal_(std=0.05)
     return model
 
 
@@ -97,11 +102,11 @@ def test_guidance_changes_the_sample(gen_model):
 
 def test_condition_dropout_substitutes_the_learned_null(gen_model):
     heads = gen_model.generation
-    pooled = torch.randn(4, gen_model.cfg.dim)
+    z = torch.nn.functional.normalize(torch.randn(4, gen_model.space.retrieval_dim), dim=-1)
     drop = torch.tensor([True, False, True, False])
-    cond = heads.condition(pooled, drop)
+    cond = heads.condition(z, drop)
     assert torch.equal(cond[0], heads.null_cond.detach()) and torch.equal(cond[2], cond[0])
-    assert torch.allclose(cond[1], heads.cond_embedder(pooled[1:2])[0])
+    assert torch.allclose(cond[1], heads.cond_embedder(z[1:2])[0])
 
 
 @pytest.mark.parametrize(("dropout", "trained"), [(0.0, False), (0.99, True)])
@@ -113,6 +118,39 @@ def test_null_condition_is_trained_only_through_dropout(batch, dropout, trained)
     out["loss"].backward()
     grad = model.generation.null_cond.grad
     assert (grad is not None and bool(grad.abs().sum() > 0)) is trained
+
+
+def test_images_are_conditioned_on_the_joint_embedding(gen_model):
+    """generate() draws from the condition of the text's retrieval embedding (model.embed)."""
+    _wake_adaln(gen_model)
+    condition = {"text": ["the number 42", "seven"]}
+    images = gen_model.generate("image", condition, steps=3, guidance=2.0, seed=5)
+    with torch.no_grad():
+        cond = gen_model.generation.condition(gen_model.embed(condition)["text"])
+        tokens = sample_tokens(
+            gen_model,
+            "image",
+            cond,
+            num_samples=2,
+            steps=3,
+            guidance=2.0,
+            generator=torch.Generator().manual_seed(5),
+        )
+    assert torch.equal(images, images_from_tokens(gen_model, tokens))
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_the_stage_aligns_the_generation_modalities(batch, weight):
+    """align_weight > 0 adds Eq. 6 between the generation modalities: the text projection
+    learns from it, where the zero-initialised adaLN-Zero would give it no gradient yet."""
+    torch.manual_seed(0)
+    cfg = _config(align_weight=weight, text_from=[], audio_from=[], image_from=["text"])
+    model = JinModel(cfg.model).train()
+    out = generation_losses(model, batch, cfg.stages[0], torch.Generator().manual_seed(0))
+    assert ("align/image-text" in out) is (weight > 0)
+    out["loss"].backward()
+    grad = model.space.projections["text"].weight.grad
+    assert (grad is not None and bool(grad.abs().sum() > 0)) is (weight > 0)
 
 
 # -- captions ------------------------------------------------------------------------------

@@ -8,11 +8,19 @@ Two decoders share the DiT-MoE backbone, the encoders and the modality output he
   modality's `RegressionHead` regresses: normalised ``P x P`` pixel patches of an image at
   ``image_size`` pixels, or pairs of log-mel frames of ``audio_frames`` frames. Noisy tokens are
   embedded (``x_embedder``, a learned position table, the target's modality embedding) and the
-  backbone denoises them with the timestep and the condition entering through adaLN-Zero, DiT's
-  class conditioning (Peebles & Xie 2023, §3.2): the condition is the masked mean of the backbone's
-  representation of the conditioning input (the §3.1 encode-then-process path), passed through
-  ``cond_embedder``. For classifier-free guidance (Ho & Salimans 2022) the condition is replaced
-  by a learned ``null_cond`` with probability ``cond_dropout`` in training.
+  backbone denoises them with the timestep and the condition entering through adaLN-Zero (DiT,
+  Peebles & Xie 2023). The condition is the conditioning input's **joint embedding** (the
+  L2-normalised retrieval embedding of §3.1's encode-then-process path) through
+  ``cond_embedder``, as unCLIP (Ramesh et al. 2022) conditions on a CLIP embedding; the stage
+  keeps that embedding discriminative with Eq. 6's InfoNCE between the generation modalities
+  (``align_weight``). For classifier-free guidance (Ho & Salimans 2022) the condition is
+  replaced by a learned ``null_cond`` with probability ``cond_dropout`` in training. Images
+  have, by default (``image_head="conv"``), a convolutional embedder and output head instead of
+  linear ones: `jin_encoders.PixelDiffusionHead` turns the noisy image into the backbone's
+  tokens and the denoised tokens back into pixels through U-Net skips, so strokes can cross
+  patch borders. Two conditionings were tried and dropped (README, "Generation"): the pooled
+  backbone representation without the InfoNCE term, and the condition's tokens in context;
+  after 3,000 and 2,000 steps the noise rather than the caption decided which number was drawn.
 - **Autoregressive captions** for text: a prefix LM (Raffel et al. 2020) over the concatenation of
   the condition's encoder tokens and the caption's byte tokens, condition tokens attending to each
   other and caption tokens to the condition and the caption so far; the text LM head gives the
@@ -35,7 +43,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from jin_backbone import DiffusionConfig, GaussianDiffusion, KVCache, ddim_sample
-from jin_encoders import ByteTokenizer
+from jin_encoders import ByteTokenizer, PixelDiffusionHead
 from jin_orchestrate._config import StrictConfig
 from jin_orchestrate.griffin_lim import mel_to_waveform
 
@@ -66,6 +74,14 @@ class GenerationConfig(StrictConfig):
     audio_from: tuple[str, ...] = Field(("image", "text"), description="conditions of audio")
     text_from: tuple[str, ...] = Field(("image", "audio"), description="conditions of captions")
     image_size: int = Field(32, gt=0, description="side of generated images in pixels")
+    image_head: Literal["conv", "patch"] = Field(
+        "conv",
+        description="conv: PixelDiffusionHead around the backbone (U-Net skips); patch: linear "
+        "patch embedding in and the image RegressionHead out (DiT's)",
+    )
+    image_head_channels: tuple[int, ...] | None = Field(
+        None, description="conv stage widths of the conv image head (default 32, 64, 128, ...)"
+    )
     audio_frames: int = Field(128, gt=1, description="log-mel frames of generated audio (10 ms)")
     caption_template: str | None = Field(
         "the number {digits}",
@@ -74,6 +90,12 @@ class GenerationConfig(StrictConfig):
     )
     caption_max_bytes: int = Field(32, gt=0)
     cond_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="classifier-free guidance")
+    align_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Eq. 6 InfoNCE between the generation modalities in the stage, so the joint "
+        "embedding diffusion is conditioned on tells its inputs apart",
+    )
     diffusion: DiffusionConfig = DiffusionConfig(prediction="v")
     image_weight: float = Field(1.0, ge=0.0)
     audio_weight: float = Field(1.0, ge=0.0)
@@ -111,31 +133,44 @@ def canonical_caption(label: int, template: str) -> str:
 
 class GenerationHeads(nn.Module):
     """What generation adds to a model: for each diffused target a token embedder and a learned
-    position table, plus the condition embedder and the learned null condition (CFG). The output
-    heads are the joint embedding space's own (``space.heads``)."""
+    position table; the condition embedder and the null condition. The output heads are the
+    joint embedding space's own (``space.heads``), except for images with ``image_head="conv"``,
+    whose embedder and output head are one `PixelDiffusionHead`."""
 
-    def __init__(
-        self, cfg: GenerationConfig, token_shapes: Mapping[str, tuple[int, int]], dim: int
-    ) -> None:
+    def __init__(self, cfg: GenerationConfig, space: Any, dim: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.token_shapes = dict(token_shapes)  # target -> (tokens T, values per token P)
+        self.token_shapes = token_shapes(cfg, space)  # target -> (tokens T, values per token P)
         self.diffusion = GaussianDiffusion(cfg.diffusion)
+        self.image_head: PixelDiffusionHead | None = None
+        if cfg.image_from and cfg.image_head == "conv":
+            vision = space.encoders["image"]
+            self.image_head = PixelDiffusionHead(
+                vision.in_channels, dim, vision.patch_size, cfg.image_head_channels
+            )
         self.x_embedder = nn.ModuleDict(
-            {name: nn.Linear(values, dim) for name, (_, values) in token_shapes.items()}
+            {
+                name: nn.Linear(values, dim)
+                for name, (_, values) in self.token_shapes.items()
+                if not (name == "image" and self.image_head is not None)
+            }
         )
         self.pos_embed = nn.ParameterDict(
             {
                 name: nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
-                for name, (tokens, _) in token_shapes.items()
+                for name, (tokens, _) in self.token_shapes.items()
             }
         )
-        self.cond_embedder = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.null_cond = nn.Parameter(torch.randn(dim) * 0.02)
+        # unit-norm embeddings in, so std 1 gives the condition the timestep embedding's scale
+        self.cond_embedder = nn.Linear(space.retrieval_dim, dim)
+        nn.init.normal_(self.cond_embedder.weight, std=1.0)
+        nn.init.zeros_(self.cond_embedder.bias)
+        self.null_cond = nn.Parameter(torch.randn(dim))
 
-    def condition(self, pooled_BD: Tensor, drop_B: Tensor | None = None) -> Tensor:
-        """``cond_embedder(pooled)``, the learned null condition where ``drop_B`` is True."""
-        cond_BD = self.cond_embedder(pooled_BD)
+    def condition(self, z_BR: Tensor, drop_B: Tensor | None = None) -> Tensor:
+        """``cond_embedder(z)`` of joint embeddings ``(B, R)``, the learned null condition where
+        ``drop_B`` is True -> ``(B, D)``."""
+        cond_BD = self.cond_embedder(z_BR)
         if drop_B is None:
             return cond_BD
         return torch.where(drop_B[:, None], self.null_cond.to(cond_BD.dtype), cond_BD)
@@ -177,17 +212,24 @@ def image_tokens(model: JinModel, images: Tensor) -> Tensor:
     return tokens
 
 
+def patches_to_pixels(tokens_BTP: Tensor, patch_size: int) -> Tensor:
+    """Square images' patch tokens ``(B, T, P)`` (`VisionEncoder.regression_targets`' layout)
+    -> ``(B, C, side, side)``."""
+    grid = round(tokens_BTP.shape[1] ** 0.5)
+    return rearrange(
+        tokens_BTP, "b (h w) (p q c) -> b c (h p) (w q)", h=grid, p=patch_size, q=patch_size
+    )
+
+
+def pixels_to_patches(pixels_BCHW: Tensor, patch_size: int) -> Tensor:
+    """The inverse of `patches_to_pixels`."""
+    return rearrange(pixels_BCHW, "b c (h p) (w q) -> b (h w) (p q c)", p=patch_size, q=patch_size)
+
+
 def images_from_tokens(model: JinModel, tokens_BTP: Tensor) -> Tensor:
     """Normalised patches ``(B, T, P)`` back to uint8 images ``(B, C, side, side)``."""
     vision = model.space.encoders["image"]
-    grid = round(tokens_BTP.shape[1] ** 0.5)
-    pixels = rearrange(
-        tokens_BTP.float(),
-        "b (h w) (p q c) -> b c (h p) (w q)",
-        h=grid,
-        p=vision.patch_size,
-        q=vision.patch_size,
-    )
+    pixels = patches_to_pixels(tokens_BTP.float(), vision.patch_size)
     mean, std = vision.config.channel_stats()
     m = torch.tensor(mean, device=pixels.device)[:, None, None]
     s = torch.tensor(std, device=pixels.device)[:, None, None]
@@ -245,17 +287,36 @@ def caption_ids(texts: list[str], max_bytes: int, device: torch.device) -> tuple
 def denoise(
     model: JinModel, target: str, x_t_BTP: Tensor, t_B: Tensor, cond_BD: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """The backbone as ``target``'s denoiser: prediction ``(B, T, P)`` and the MoE aux loss."""
-    heads, space = _generation(model), model.space
+    """The backbone as ``target``'s denoiser: prediction ``(B, T, P)`` and the MoE aux loss.
+
+    The timestep and the condition ``(B, D)`` (`GenerationHeads.condition`, or ``null``) enter
+    through adaLN-Zero."""
+    heads, space, backbone = _generation(model), model.space, model.encoder.backbone
+    conv = heads.image_head if target == "image" else None
+    if conv is not None:
+        patch = space.encoders["image"].patch_size
+        embedded, skips = conv.encode(patches_to_pixels(x_t_BTP, patch))
+    else:
+        embedded = heads.x_embedder[target](x_t_BTP)
     tokens = (
-        heads.x_embedder[target](x_t_BTP)
+        embedded
         + heads.pos_embed[target][:, : x_t_BTP.shape[1]]
         + space.modality_embed[space.modality_ids[target]]
     )
-    out = model.encoder.backbone(tokens, timestep=t_B, cond=cond_BD)
+    c_BD = backbone.condition(x_t_BTP.shape[0], t_B, cond_BD)  # once for the blocks and the head
+    out = backbone(tokens, cond=c_BD)
     if model.encoder.router_log is not None:
         model.encoder.router_log.append(out)
+    if conv is not None:
+        return pixels_to_patches(conv.decode(out.hidden, skips, c_BD), patch), out.aux_loss
     return space.heads[target](out.hidden), out.aux_loss
+
+
+def joint_embedding(model: JinModel, name: str, encoded: Any) -> tuple[Tensor, Tensor]:
+    """The retrieval embedding ``(B, R)`` of one encoded modality (encoder, backbone, pooled
+    projection: `JinModel.embed`'s path) and the backbone's router aux loss."""
+    hidden, aux = model.encoder.process(encoded.tokens, encoded.padding_mask)
+    return model.space.project(name, hidden, encoded.padding_mask), aux
 
 
 def prefix_lm_mask(padding_mask_BT: Tensor, prefix: int) -> Tensor:
@@ -398,14 +459,14 @@ def sample_tokens(
     guidance: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DDIM (``eta=0``) samples of ``target``'s tokens ``(B, T, P)`` from the condition vectors
-    ``cond_BD`` (``None``: unconditional, the null condition), with classifier-free guidance."""
+    """DDIM (``eta=0``) samples of ``target``'s tokens ``(B, T, P)`` given the condition
+    ``(B, D)`` (``None``: unconditional), with classifier-free guidance against the null
+    condition."""
     heads = _generation(model)
     if target not in heads.token_shapes:
         raise ValueError(f"target {target!r}: this model diffuses {sorted(heads.token_shapes)}")
     tokens, values = heads.token_shapes[target]
-    null = heads.null(num_samples)
-    param = heads.null_cond
+    null_BD = heads.null(num_samples)
 
     def denoiser(x_t: Tensor, t_B: Tensor, c_BD: Tensor) -> Tensor:
         return denoise(model, target, x_t, t_B, c_BD)[0]
@@ -415,13 +476,13 @@ def sample_tokens(
         denoiser,
         (num_samples, tokens, values),
         steps=steps,
-        cond=null if cond_BD is None else cond_BD,
-        uncond=null,
+        cond=null_BD if cond_BD is None else cond_BD,
+        uncond=null_BD,
         guidance_scale=guidance,
         generator=generator,
         clip_x0=_clip(model, target),
-        device=param.device,
-        dtype=param.dtype,
+        device=null_BD.device,
+        dtype=null_BD.dtype,
     )
 
 
@@ -435,8 +496,9 @@ def generation_losses(
     generator: torch.Generator | None,
 ) -> dict[str, Tensor]:
     """Loss terms of a generation step: the diffusion losses of the image and audio tokens, the
-    caption cross-entropy, the router aux loss; ``loss`` is their weighted sum."""
-    from jin_orchestrate.model import _masked_mean, _present, _router_metrics
+    caption cross-entropy, Eq. 6's alignment between the modalities, the router aux loss;
+    ``loss`` is their weighted sum."""
+    from jin_orchestrate.model import _present, _router_metrics
 
     heads = _generation(model)
     cfg = heads.cfg
@@ -451,19 +513,27 @@ def generation_losses(
     out: dict[str, Tensor] = {}
     terms: list[Tensor] = []
     aux_terms: list[Tensor] = []
-    pooled: dict[str, Tensor] = {}
-    for name in sorted({m for t in ("image", "audio") for m in cfg.conditions(t)}):
-        hidden, aux = model.encoder.process(encoded[name].tokens, encoded[name].padding_mask)
-        pooled[name] = _masked_mean(hidden, encoded[name].padding_mask)
+    diffused = [t for t in ("image", "audio") if cfg.conditions(t)]
+    embedded = {m for t in diffused for m in cfg.conditions(t)}
+    if cfg.align_weight > 0:
+        embedded |= set(diffused) | ({"text", *cfg.text_from} if cfg.text_from else set())
+    hidden: dict[str, Tensor] = {}
+    for name in sorted(embedded):
+        hidden[name], aux = model.encoder.process(encoded[name].tokens, encoded[name].padding_mask)
         aux_terms.append(aux)
-    for target in ("image", "audio"):
-        if not cfg.conditions(target):
-            continue
+    if cfg.align_weight > 0 and len(hidden) > 1:
+        aligned = {n: encoded[n] for n in hidden}
+        align = model.alignment(hidden, aligned, {n: present[n] for n in hidden}, out)
+        terms.append(cfg.align_weight * align)
+    for target in diffused:
         names = cfg.conditions(target)
         choice_B, any_B = _choose([present[n] for n in names], generator)
-        pooled_BD = torch.stack([pooled[n] for n in names], dim=1)[_rows(choice_B), choice_B]
-        drop_B = (_uniform(choice_B.shape[0], generator, choice_B) < cfg.cond_dropout) | ~any_B
-        cond_BD = heads.condition(pooled_BD, drop_B)
+        z_BKR = torch.stack(
+            [model.space.project(n, hidden[n], encoded[n].padding_mask) for n in names], dim=1
+        )
+        z_BR = z_BKR[_rows(choice_B), choice_B]
+        drop_B = (_uniform(any_B.shape[0], generator, any_B) < cfg.cond_dropout) | ~any_B
+        cond_BD = heads.condition(z_BR, drop_B)
         x0 = (
             image_tokens(model, batch["image"]) if target == "image" else audio_tokens(model, batch)
         )
@@ -486,7 +556,11 @@ def generation_losses(
 
 
 def _diffusion_loss(
-    model: JinModel, target: str, x0_BTP: Tensor, cond_BD: Tensor, generator: torch.Generator | None
+    model: JinModel,
+    target: str,
+    x0_BTP: Tensor,
+    cond_BD: Tensor,
+    generator: torch.Generator | None,
 ) -> tuple[Tensor, Tensor]:
     """One denoising loss of ``target``'s tokens (`GaussianDiffusion.training_loss`), and the
     denoiser's MoE aux loss."""
@@ -512,13 +586,11 @@ def _caption_loss(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Cross-entropy of the captions given each sample's condition (one of ``text_from``)."""
     cfg = _generation(model).cfg
-    names = cfg.text_from
-    choice_B, any_B = _choose([present[n] for n in names], generator)
-    cond_BTcD, cond_padding = _select_sequences([encoded[n] for n in names], choice_B)
+    cond_BTcD, cond_padding_BTc, any_B = _context(encoded, present, cfg.text_from, generator)
     texts = captions_of(batch, cfg)
     inputs, targets = caption_ids(texts, cfg.caption_max_bytes, cond_BTcD.device)
     targets = targets.masked_fill(~(any_B & present["text"])[:, None], -100)
-    logits, aux = caption_logits(model, cond_BTcD, cond_padding, inputs)
+    logits, aux = caption_logits(model, cond_BTcD, cond_padding_BTc, inputs)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     counted = targets != -100
     accuracy = ((logits.argmax(dim=-1) == targets) & counted).sum() / counted.sum().clamp(min=1)
@@ -606,11 +678,8 @@ def generate(
         )
     cond_BD = None
     if encoded is not None:
-        from jin_orchestrate.model import _masked_mean
-
-        (enc,) = encoded.values()
-        hidden, _ = model.encoder.process(enc.tokens, enc.padding_mask)
-        cond_BD = heads.condition(_masked_mean(hidden, enc.padding_mask))
+        ((name, enc),) = encoded.items()
+        cond_BD = heads.condition(joint_embedding(model, name, enc)[0])
     tokens = sample_tokens(
         model,
         target,
@@ -674,8 +743,17 @@ def _padding(enc: Any) -> Tensor:
     return torch.zeros(enc.tokens.shape[:2], dtype=torch.bool, device=enc.tokens.device)
 
 
-def _select_sequences(options: list[Any], choice_B: Tensor) -> tuple[Tensor, Tensor]:
-    """Per sample, the token sequence of the chosen option, right-padded to a common length."""
+def _context(
+    encoded: Mapping[str, Any],
+    present: Mapping[str, Tensor],
+    names: tuple[str, ...],
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per sample, the encoder tokens of one of ``names`` drawn among those present, right-padded
+    to a common length ``(B, Tc, D)``, their padding mask ``(B, Tc)`` and whether any was
+    present ``(B,)``."""
+    choice_B, any_B = _choose([present[n] for n in names], generator)
+    options = [encoded[n] for n in names]
     length = max(o.tokens.shape[1] for o in options)
     tokens = torch.stack(
         [F.pad(o.tokens, (0, 0, 0, length - o.tokens.shape[1])) for o in options], dim=1
@@ -684,7 +762,7 @@ def _select_sequences(options: list[Any], choice_B: Tensor) -> tuple[Tensor, Ten
         [F.pad(_padding(o), (0, length - o.tokens.shape[1]), value=True) for o in options], dim=1
     )
     rows = _rows(choice_B)
-    return tokens[rows, choice_B], padding[rows, choice_B]
+    return tokens[rows, choice_B], padding[rows, choice_B], any_B
 
 
 def _clip(model: JinModel, target: str) -> float | None:

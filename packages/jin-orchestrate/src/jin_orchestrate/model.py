@@ -45,7 +45,7 @@ from jin_encoders import (
     JointEmbeddingSpaceConfig,
 )
 from jin_orchestrate._config import StrictConfig
-from jin_orchestrate.generation import GenerationConfig, GenerationHeads, Target, token_shapes
+from jin_orchestrate.generation import GenerationConfig, GenerationHeads, Target
 from jin_zjepa import (
     AdaptiveZoom,
     CrossScalePredictor,
@@ -236,9 +236,7 @@ class JinModel(nn.Module):
         # Modalities an extension stage trains (freeze_except); empty: everything trains.
         self.trainable: tuple[str, ...] = ()
         self.generation = (
-            None
-            if cfg.generation is None
-            else GenerationHeads(cfg.generation, token_shapes(cfg.generation, self.space), cfg.dim)
+            None if cfg.generation is None else GenerationHeads(cfg.generation, self.space, cfg.dim)
         )
 
     @property
@@ -276,7 +274,7 @@ class JinModel(nn.Module):
         model_cfg = JinModelConfig.model_validate(
             {**self.cfg.model_dump(), "generation": cfg.model_dump()}
         )
-        heads = GenerationHeads(cfg, token_shapes(cfg, self.space), self.cfg.dim)
+        heads = GenerationHeads(cfg, self.space, self.cfg.dim)
         self.generation = heads.to(self.space.modality_embed[0].device)
         self.cfg = model_cfg
 
