@@ -514,24 +514,19 @@ def generation_losses(
     terms: list[Tensor] = []
     aux_terms: list[Tensor] = []
     diffused = [t for t in ("image", "audio") if cfg.conditions(t)]
-    embedded = {m for t in diffused for m in cfg.conditions(t)}
-    if cfg.align_weight > 0:
-        embedded |= set(diffused) | ({"text", *cfg.text_from} if cfg.text_from else set())
+    conditions = {m for t in diffused for m in cfg.conditions(t)}
+    aligned = cfg.align_weight > 0 and len(encoded) > 1
     hidden: dict[str, Tensor] = {}
-    for name in sorted(embedded):
+    for name in sorted(encoded if aligned else conditions):
         hidden[name], aux = model.encoder.process(encoded[name].tokens, encoded[name].padding_mask)
         aux_terms.append(aux)
-    if cfg.align_weight > 0 and len(hidden) > 1:
-        aligned = {n: encoded[n] for n in hidden}
-        align = model.alignment(hidden, aligned, {n: present[n] for n in hidden}, out)
-        terms.append(cfg.align_weight * align)
+    if aligned:
+        terms.append(cfg.align_weight * model.alignment(hidden, encoded, present, out))
+    z = {n: model.space.project(n, hidden[n], encoded[n].padding_mask) for n in conditions}
     for target in diffused:
         names = cfg.conditions(target)
         choice_B, any_B = _choose([present[n] for n in names], generator)
-        z_BKR = torch.stack(
-            [model.space.project(n, hidden[n], encoded[n].padding_mask) for n in names], dim=1
-        )
-        z_BR = z_BKR[_rows(choice_B), choice_B]
+        z_BR = torch.stack([z[n] for n in names], dim=1)[_rows(choice_B), choice_B]
         drop_B = (_uniform(any_B.shape[0], generator, any_B) < cfg.cond_dropout) | ~any_B
         cond_BD = heads.condition(z_BR, drop_B)
         x0 = (
@@ -556,11 +551,7 @@ def generation_losses(
 
 
 def _diffusion_loss(
-    model: JinModel,
-    target: str,
-    x0_BTP: Tensor,
-    cond_BD: Tensor,
-    generator: torch.Generator | None,
+    model: JinModel, target: str, x0_BTP: Tensor, cond_BD: Tensor, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
     """One denoising loss of ``target``'s tokens (`GaussianDiffusion.training_loss`), and the
     denoiser's MoE aux loss."""
