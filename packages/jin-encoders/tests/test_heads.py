@@ -72,3 +72,28 @@ def test_bad_configuration_is_named(kwargs, match):
 def test_an_image_off_the_patch_grid_is_rejected():
     with pytest.raises(ValueError, match=r"multiples of 4, got \(1, 1, 8, 10\)"):
         _head().encode(torch.randn(1, 1, 8, 10))
+
+
+def test_frames_one_token_per_patch_of_frames_and_back():
+    torch.manual_seed(0)
+    head = PixelDiffusionHead(in_channels=5, dim=16, patch_size=4, channels=(8, 8), spatial_dims=1)
+    with torch.no_grad():
+        head.out.weight.normal_(std=0.1)
+    frames = torch.randn(3, 5, 12)  # (B, mel bins, frames)
+    tokens, skips = head.encode(frames)
+    assert tokens.shape == (3, 3, 16)
+    assert [tuple(s.shape) for s in skips] == [(3, 8, 12), (3, 8, 6)]
+    c = torch.randn(3, 16)
+    out = head.decode(tokens, skips, c)
+    assert out.shape == frames.shape
+    assert not torch.allclose(out, head.decode(tokens, skips, c + 1.0))
+    out.square().mean().backward()
+    assert [n for n, p in head.named_parameters() if p.grad is None or not p.grad.any()] == []
+
+
+def test_frames_off_the_patch_grid_or_bad_dims_are_rejected():
+    head = PixelDiffusionHead(in_channels=4, dim=8, patch_size=4, spatial_dims=1)
+    with pytest.raises(ValueError, match=r"\(B, C, L\) with L multiples of 4, got \(1, 4, 10\)"):
+        head.encode(torch.randn(1, 4, 10))
+    with pytest.raises(ValueError, match=r"spatial_dims: expected 1 or 2, got 3"):
+        PixelDiffusionHead(in_channels=4, dim=8, patch_size=4, spatial_dims=3)

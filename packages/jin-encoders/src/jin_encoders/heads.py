@@ -5,10 +5,12 @@
 - ``RegressionHead``: continuous per-token targets for generation: image patches (``P*P*C``),
   mel frames (``2*80`` per token), point groups (``3*K``), custom features. The encoders' own
   ``target_dim`` / ``regression_targets`` give the matching sizes and targets.
-- ``PixelDiffusionHead``: the image side of a token denoiser for pixel diffusion: convolutions
-  from the noisy image to the backbone's token grid and back, with skip connections.
+- ``PixelDiffusionHead``: the signal side of a token denoiser for diffusion: convolutions from
+  the noisy image (2-D) or log-mel frames (1-D, mel bins as channels) to the backbone's token
+  sequence and back, with skip connections.
 
-Shape legend: B batch, T tokens, D width, V vocabulary, C channels, H x W pixels, P patch side.
+Shape legend: B batch, T tokens, D width, V vocabulary, C channels, H x W pixels, L frames,
+P patch side (pixels or frames per token).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = ["PixelDiffusionHead", "RegressionHead", "TextLMHead"]
@@ -79,43 +80,51 @@ class RegressionHead(nn.Module):
         return self.proj(self.norm(tokens))
 
 
-def _conv_block(source: int, width: int, stride: int) -> nn.Sequential:
-    """Two 3x3 conv + GroupNorm + SiLU, the first with ``stride``."""
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d}
+
+
+def _conv_block(source: int, width: int, stride: int, spatial_dims: int) -> nn.Sequential:
+    """Two size-3 conv + GroupNorm + SiLU, the first with ``stride``."""
     groups = math.gcd(8, width)
+    conv = _CONV[spatial_dims]
     return nn.Sequential(
-        nn.Conv2d(source, width, 3, stride, 1),
+        conv(source, width, 3, stride, 1),
         nn.GroupNorm(groups, width),
         nn.SiLU(),
-        nn.Conv2d(width, width, 3, 1, 1),
+        conv(width, width, 3, 1, 1),
         nn.GroupNorm(groups, width),
         nn.SiLU(),
     )
 
 
 class PixelDiffusionHead(nn.Module):
-    """Convolutional input and output of a token denoiser for pixel diffusion (U-ViT style).
+    """Convolutional input and output of a token denoiser for diffusion (U-ViT style).
 
-    ``encode``: a noisy image ``(B, C, H, W)`` -> tokens ``(B, T, D)`` on the ``(H/P, W/P)`` grid,
-    through ``log2(P)`` conv stages (the first at full resolution, each later one halving it) and
-    a strided projection, keeping each stage's features for ``decode``.
+    ``encode``: a noisy signal -- an image ``(B, C, H, W)``, or with ``spatial_dims=1`` log-mel
+    frames ``(B, C, L)`` with the mel bins as channels -- -> tokens ``(B, T, D)``, one per
+    ``P x P`` pixels or ``P`` frames, through ``log2(P)`` conv stages (the first at full
+    resolution, each later one halving it) and a strided projection, keeping each stage's
+    features for ``decode``.
     ``decode``: the denoised tokens, those features and the denoiser's conditioning vector
-    ``(B, D)`` (timestep plus condition) -> a prediction ``(B, C, H, W)``: upsample, concatenate
-    the stage's features (U-Net skips), conv, and a FiLM scale and shift from the conditioning
-    vector, back to full resolution; the last convolution is zero-initialised, so a fresh head
-    predicts zeros.
+    ``(B, D)`` (timestep plus condition) -> a prediction of the input's shape: upsample,
+    concatenate the stage's features (U-Net skips), conv, and a FiLM scale and shift from the
+    conditioning vector, back to full resolution; the last convolution is zero-initialised, so a
+    fresh head predicts zeros.
 
     Why not linear patches in and out (ViT/DiT): with ~2,000 training images and a CPU budget a
     4-block DiT on 8x8-pixel patch tokens drew patch-sized fragments after 2,000 steps (4% of its
     digits read by a probe classifier), while these convolutions around the same blocks drew
     legible digits (38% read after 1,000 steps): the transformer decides what goes where, the
     convolutions draw strokes that cross patch borders (Bao et al. 2023, U-ViT; Hoogeboom et al.
-    2023, "simple diffusion"). GroupNorm, not BatchNorm: a batch mixes every noise level.
+    2023, "simple diffusion"). GroupNorm, not BatchNorm: a batch mixes every noise level. Over
+    frames the convolutions run along time, as in Whisper's stem and mel decoders of TTS.
 
     Args:
-        in_channels: image channels ``C``.
+        in_channels: image channels, or mel bins with ``spatial_dims=1``, ``C``.
         dim: token width ``D``.
-        patch_size: side ``P`` of the pixels behind one token; a power of two >= 2.
+        patch_size: side ``P`` of the pixels (or frames) behind one token; a power of two >= 2.
         channels: width of each conv stage (``log2(P)`` of them); default ``32, 64, 128, ...``.
+        spatial_dims: 2 for images, 1 for frame sequences.
     """
 
     def __init__(
@@ -124,8 +133,11 @@ class PixelDiffusionHead(nn.Module):
         dim: int,
         patch_size: int,
         channels: tuple[int, ...] | None = None,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        if spatial_dims not in _CONV:
+            raise ValueError(f"spatial_dims: expected 1 or 2, got {spatial_dims}")
         if patch_size < 2 or patch_size & (patch_size - 1):
             raise ValueError(f"patch_size: expected a power of two >= 2, got {patch_size}")
         stages = patch_size.bit_length() - 1
@@ -137,43 +149,49 @@ class PixelDiffusionHead(nn.Module):
             )
         self.patch_size = patch_size
         self.channels = channels
+        self.spatial_dims = spatial_dims
         sources = (in_channels, *channels[:-1])
         self.down = nn.ModuleList(
-            _conv_block(source, width, 1 if i == 0 else 2)
+            _conv_block(source, width, 1 if i == 0 else 2, spatial_dims)
             for i, (source, width) in enumerate(zip(sources, channels, strict=True))
         )
-        self.to_tokens = nn.Conv2d(channels[-1], dim, 3, 2, 1)
+        self.to_tokens = _CONV[spatial_dims](channels[-1], dim, 3, 2, 1)
         self.up = nn.ModuleList(
-            _conv_block(above + width, width, 1)
+            _conv_block(above + width, width, 1, spatial_dims)
             for above, width in zip((*channels[1:], dim), channels, strict=True)
         )
         self.film = nn.Linear(dim, 2 * sum(channels))
-        self.out = nn.Conv2d(channels[0], in_channels, 3, 1, 1)
+        self.out = _CONV[spatial_dims](channels[0], in_channels, 3, 1, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def encode(self, pixels_BCHW: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """``(tokens (B, T, D), skip features)`` of a noisy image whose sides are multiples of P."""
-        if pixels_BCHW.dim() != 4 or any(side % self.patch_size for side in pixels_BCHW.shape[-2:]):
+    def encode(self, signal: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``(tokens (B, T, D), skip features)`` of a noisy ``(B, C, H, W)`` image (or ``(B, C,
+        L)`` frames) whose sides are multiples of P."""
+        sides = signal.shape[2:]
+        if signal.dim() != 2 + self.spatial_dims or any(n % self.patch_size for n in sides):
+            layout = "(B, C, H, W) with H and W" if self.spatial_dims == 2 else "(B, C, L) with L"
             raise ValueError(
-                f"PixelDiffusionHead.encode: expected (B, C, H, W) with H and W multiples of "
-                f"{self.patch_size}, got {tuple(pixels_BCHW.shape)}"
+                f"PixelDiffusionHead.encode: expected {layout} multiples of "
+                f"{self.patch_size}, got {tuple(signal.shape)}"
             )
         skips = []
-        x = pixels_BCHW
+        x = signal
         for stage in self.down:
             x = stage(x)
             skips.append(x)
-        return rearrange(self.to_tokens(x), "b d h w -> b (h w) d"), skips
+        return self.to_tokens(x).flatten(2).transpose(1, 2), skips
 
     def decode(self, tokens_BTD: Tensor, skips: list[Tensor], c_BD: Tensor) -> Tensor:
-        """The prediction ``(B, C, H, W)`` from denoised tokens, `encode`'s skips and ``c``."""
-        height, width = skips[-1].shape[-2:]
-        x = rearrange(tokens_BTD, "b (h w) d -> b d h w", h=(height + 1) // 2, w=(width + 1) // 2)
+        """The prediction, shaped as `encode`'s input, from denoised tokens, `encode`'s skips and
+        the conditioning vector ``c``."""
+        grid = [(n + 1) // 2 for n in skips[-1].shape[2:]]
+        x = tokens_BTD.transpose(1, 2).unflatten(2, grid)
         film = self.film(F.silu(c_BD)).split([w for w in self.channels for _ in (0, 1)], dim=-1)
+        expand = (slice(None), slice(None)) + (None,) * self.spatial_dims
         for i in reversed(range(len(self.up))):
-            x = F.interpolate(x, size=skips[i].shape[-2:], mode="nearest")
+            x = F.interpolate(x, size=skips[i].shape[2:], mode="nearest")
             x = self.up[i](torch.cat([x, skips[i]], dim=1))
             scale, shift = film[2 * i], film[2 * i + 1]
-            x = x * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+            x = x * (1 + scale[expand]) + shift[expand]
         return self.out(x)
