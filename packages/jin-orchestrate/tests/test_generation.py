@@ -32,14 +32,16 @@ def _config(**generation) -> JinConfig:
 
 
 def _wake_adaln(model: JinModel) -> JinModel:
-    """A fresh model's adaLN-Zero layers (and the conv image head's last layer) are zero, so the
+    """A fresh model's adaLN-Zero layers (and the conv heads' last layers) are zero, so the
     condition cannot matter yet: give them small weights, as training would, for tests that need
     the condition to act."""
     with torch.no_grad():
         for block in model.encoder.backbone.blocks:
             block.adaLN_modulation[-1].weight.normal_(std=0.05)
-        if model.generation is not None and model.generation.image_head is not None:
-            model.generation.image_head.out.weight.normal_(std=0.05)
+        for target in ("image", "audio"):
+            head = model.generation.conv_head(target) if model.generation is not None else None
+            if head is not None:
+                head.out.weight.normal_(std=0.05)
     return model
 
 
@@ -80,6 +82,34 @@ def test_audio_generation_is_a_seeded_waveform(gen_model, batch):
     b = gen_model.generate("audio", condition, steps=3, seed=1, griffin_lim_iterations=4)
     assert a.shape == (2, 128 * 160) and torch.equal(a, b)
     assert float(a.abs().max()) <= 1.0
+
+
+def test_the_conv_audio_head_denoises_log_mel_frames(batch):
+    """audio_head="conv": a 1-D PixelDiffusionHead over the frames replaces the linear embedder
+    and the RegressionHead; a step trains all of it; audio stays a seeded waveform."""
+    from jin_orchestrate.generation import _signal, _tokens_of_signal, denoise
+
+    torch.manual_seed(0)
+    cfg = _config(audio_head="conv", audio_head_channels=[16], text_from=[], image_from=[])
+    model = _wake_adaln(JinModel(cfg.model)).train()
+    heads = model.generation
+    assert heads.audio_head is not None and heads.audio_head.spatial_dims == 1
+    assert "audio" not in heads.x_embedder and heads.image_head is None
+    x_BTP = torch.randn(2, 64, 160)
+    frames = _signal(model, "audio", x_BTP)
+    assert frames.shape == (2, 80, 128)  # (B, mel bins, frames)
+    assert torch.equal(frames[:, :, 3], x_BTP[:, 1, 80:])  # token 1 holds frames 2 and 3
+    assert torch.equal(_tokens_of_signal(model, "audio", frames), x_BTP)
+    prediction, _ = denoise(model, "audio", x_BTP, torch.tensor([5, 50]), heads.null(2))
+    assert prediction.shape == x_BTP.shape
+    out = generation_losses(model, batch, cfg.stages[0], torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    untrained = [n for n, p in heads.audio_head.named_parameters() if p.grad is None]
+    assert untrained == []
+    model.eval()
+    a = model.generate("audio", {"image": batch["image"][:2]}, steps=2, griffin_lim_iterations=2)
+    b = model.generate("audio", {"image": batch["image"][:2]}, steps=2, griffin_lim_iterations=2)
+    assert a.shape == (2, 128 * 160) and torch.equal(a, b)
 
 
 def test_generate_rejects_a_condition_it_was_not_trained_on(gen_model, batch):
@@ -261,6 +291,8 @@ def test_generation_configs_are_validated():
         JinModel(_config(image_size=40).model)
     with pytest.raises(ValueError, match="cannot condition itself"):
         _config(text_from=["text"])
+    with pytest.raises(ValueError, match="audio_head_channels: expected one positive width"):
+        _config(audio_head_channels=[8, 16])
     data = preset("jin-test")
     data["stages"] = [{"name": "g", "steps": 1, "alpha": 0.0, "generation": 1.0}]
     with pytest.raises(ValueError, match="no generation heads"):
@@ -393,7 +425,22 @@ def test_evaluate_generation_scores_every_trained_direction(gen_checkpoint, corp
             assert scores[f"probe_fd/{key}"] >= 0.0
             assert 0.0 <= scores[f"conditioning_accuracy/{key}"] <= 1.0
     assert len(list(tmp_path.glob("text_to_image_*.png"))) == min(4, scores["samples"])
+    clips = sorted(tmp_path.glob("image_to_audio_*.wav"))
+    assert len(clips) == min(4, scores["samples"])
+    with wave.open(str(clips[0])) as w:
+        assert w.getframerate() == 16000 and w.getnframes() == 128 * 160
+    assert len(list(tmp_path.glob("text_to_audio_*_mel.png"))) == len(clips)
     assert "not Inception-FID" in format_generation(scores)
+
+
+def test_spectrogram_image_puts_low_frequencies_at_the_bottom():
+    from jin_orchestrate.generation_eval import spectrogram_image
+
+    mel = torch.full((6, 4), -1.0)
+    mel[:, 0] = 1.5  # loud lowest bin
+    picture = spectrogram_image(mel)
+    assert picture.shape == (1, 4, 6) and picture.dtype == torch.uint8
+    assert picture[0, -1].tolist() == [255] * 6 and picture[0, 0].tolist() == [0] * 6
 
 
 def test_evaluate_generation_flag_needs_generation_heads(checkpoint, corpus_url, capsys):

@@ -18,7 +18,8 @@ Two decoders share the DiT-MoE backbone, the encoders and the modality output he
   have, by default (``image_head="conv"``), a convolutional embedder and output head instead of
   linear ones: `jin_encoders.PixelDiffusionHead` turns the noisy image into the backbone's
   tokens and the denoised tokens back into pixels through U-Net skips, so strokes can cross
-  patch borders. Two conditionings were tried and dropped (``benchmarks/results/generation.md``):
+  patch borders; ``audio_head="conv"`` gives audio the 1-D counterpart over its log-mel frames.
+  Two conditionings were tried and dropped (``benchmarks/results/generation.md``):
   the pooled backbone representation without the InfoNCE term, and the condition's tokens in
   context; after 3,000 and 2,000 steps they drew the number asked for 4% and 1% of the time.
 - **Autoregressive captions** for text: a prefix LM (Raffel et al. 2020) over the concatenation of
@@ -83,6 +84,14 @@ class GenerationConfig(StrictConfig):
         None, description="conv stage widths of the conv image head (default 32, 64, 128, ...)"
     )
     audio_frames: int = Field(128, gt=1, description="log-mel frames of generated audio (10 ms)")
+    audio_head: Literal["linear", "conv"] = Field(
+        "linear",
+        description="linear: linear embedding of frame pairs in and the audio RegressionHead out; "
+        "conv: a 1-D PixelDiffusionHead over the frames (mel bins as channels, U-Net skip)",
+    )
+    audio_head_channels: tuple[int, ...] = Field(
+        (256,), description="conv stage width of the conv audio head (one stage: 2 frames a token)"
+    )
     caption_template: str | None = Field(
         "the number {digits}",
         description="caption a labelled sample is trained towards ({digits}, {words}); None: "
@@ -107,6 +116,11 @@ class GenerationConfig(StrictConfig):
             raise ValueError(
                 f"generation.audio_frames: expected an even count (two frames a token), "
                 f"got {self.audio_frames}"
+            )
+        if len(self.audio_head_channels) != 1 or self.audio_head_channels[0] <= 0:
+            raise ValueError(
+                f"generation.audio_head_channels: expected one positive width (two frames a "
+                f"token is one conv stage), got {self.audio_head_channels}"
             )
         for target in TARGETS:
             if target in self.conditions(target):
@@ -135,7 +149,8 @@ class GenerationHeads(nn.Module):
     """What generation adds to a model: for each diffused target a token embedder and a learned
     position table; the condition embedder and the null condition. The output heads are the
     joint embedding space's own (``space.heads``), except for images with ``image_head="conv"``,
-    whose embedder and output head are one `PixelDiffusionHead`."""
+    whose embedder and output head are one `PixelDiffusionHead`, and for audio with
+    ``audio_head="conv"``, a 1-D one over the log-mel frames."""
 
     def __init__(self, cfg: GenerationConfig, space: Any, dim: int) -> None:
         super().__init__()
@@ -148,11 +163,17 @@ class GenerationHeads(nn.Module):
             self.image_head = PixelDiffusionHead(
                 vision.in_channels, dim, vision.patch_size, cfg.image_head_channels
             )
+        self.audio_head: PixelDiffusionHead | None = None
+        if cfg.audio_from and cfg.audio_head == "conv":
+            n_mels = space.encoders["audio"].n_mels
+            self.audio_head = PixelDiffusionHead(
+                n_mels, dim, 2, cfg.audio_head_channels, spatial_dims=1
+            )
         self.x_embedder = nn.ModuleDict(
             {
                 name: nn.Linear(values, dim)
                 for name, (_, values) in self.token_shapes.items()
-                if not (name == "image" and self.image_head is not None)
+                if self.conv_head(name) is None
             }
         )
         self.pos_embed = nn.ParameterDict(
@@ -166,6 +187,10 @@ class GenerationHeads(nn.Module):
         nn.init.normal_(self.cond_embedder.weight, std=1.0)
         nn.init.zeros_(self.cond_embedder.bias)
         self.null_cond = nn.Parameter(torch.randn(dim))
+
+    def conv_head(self, target: str) -> PixelDiffusionHead | None:
+        """``target``'s convolutional embedder and output head, if it has one."""
+        return self.image_head if target == "image" else self.audio_head
 
     def condition(self, z_BR: Tensor, drop_B: Tensor | None = None) -> Tensor:
         """``cond_embedder(z)`` of joint embeddings ``(B, R)``, the learned null condition where
@@ -292,10 +317,9 @@ def denoise(
     The timestep and the condition ``(B, D)`` (`GenerationHeads.condition`, or ``null``) enter
     through adaLN-Zero."""
     heads, space, backbone = _generation(model), model.space, model.encoder.backbone
-    conv = heads.image_head if target == "image" else None
+    conv = heads.conv_head(target)
     if conv is not None:
-        patch = space.encoders["image"].patch_size
-        embedded, skips = conv.encode(patches_to_pixels(x_t_BTP, patch))
+        embedded, skips = conv.encode(_signal(model, target, x_t_BTP))
     else:
         embedded = heads.x_embedder[target](x_t_BTP)
     tokens = (
@@ -308,8 +332,23 @@ def denoise(
     if model.encoder.router_log is not None:
         model.encoder.router_log.append(out)
     if conv is not None:
-        return pixels_to_patches(conv.decode(out.hidden, skips, c_BD), patch), out.aux_loss
+        signal = conv.decode(out.hidden, skips, c_BD)
+        return _tokens_of_signal(model, target, signal), out.aux_loss
     return space.heads[target](out.hidden), out.aux_loss
+
+
+def _signal(model: JinModel, target: str, tokens_BTP: Tensor) -> Tensor:
+    """Target tokens as the conv head's input: pixels ``(B, C, H, W)`` or frames ``(B, M, L)``."""
+    if target == "image":
+        return patches_to_pixels(tokens_BTP, model.space.encoders["image"].patch_size)
+    return mel_from_tokens(tokens_BTP, model.space.encoders["audio"].n_mels).transpose(1, 2)
+
+
+def _tokens_of_signal(model: JinModel, target: str, signal: Tensor) -> Tensor:
+    """The inverse of `_signal`."""
+    if target == "image":
+        return pixels_to_patches(signal, model.space.encoders["image"].patch_size)
+    return signal.transpose(1, 2).reshape(signal.shape[0], -1, 2 * signal.shape[1])
 
 
 def joint_embedding(model: JinModel, name: str, encoded: Any) -> tuple[Tensor, Tensor]:

@@ -47,6 +47,7 @@ __all__ = [
     "exact_match",
     "format_generation",
     "frechet_distance",
+    "spectrogram_image",
     "train_probe",
 ]
 
@@ -265,6 +266,13 @@ class _Inputs:
         return torch.cat(parts)
 
 
+def spectrogram_image(mel_TM: Tensor) -> Tensor:
+    """Normalised log-mel frames ``(T, M)`` as a uint8 picture ``(1, M, T)``, low frequencies at
+    the bottom; the range ``[-1, 1.5]`` of Whisper's normalisation maps to black..white."""
+    scaled = ((mel_TM.float() + 1.0) / 2.5).clamp(0, 1) * 255
+    return scaled.round().to(torch.uint8).T.flip(0)[None]
+
+
 @torch.no_grad()
 def evaluate_generation(
     model: JinModel,
@@ -283,9 +291,10 @@ def evaluate_generation(
     Trains the two probes on the train split, then generates from the first ``samples`` test
     items of seen numbers in every direction of `DIRECTIONS` the model was trained for. With
     ``image_dir``, the first eight generated images of each image direction are written there as
-    PNGs, named by the number asked for.
+    PNGs, and the first four clips of each audio direction as WAVs with a PNG of their log-mel
+    (what the audio probe reads; `spectrogram_image`), named by the number asked for.
     """
-    from jin_orchestrate.generate import write_png
+    from jin_orchestrate.generate import write_png, write_wav
 
     if model.generation is None:
         raise ValueError("evaluate_generation: the model has no generation heads")
@@ -366,8 +375,15 @@ def evaluate_generation(
                     for i in range(min(8, len(outputs))):
                         write_png(Path(image_dir) / f"{key}_{i}_{int(labels[i])}.png", outputs[i])
             else:
-                features, predicted = _probe_outputs(audio_probe, inputs.mels(outputs))
+                mels = inputs.mels(outputs)
+                features, predicted = _probe_outputs(audio_probe, mels)
                 reference = real_audio[0]
+                if image_dir is not None:
+                    rate = inputs.audio.config.sample_rate
+                    for i in range(min(4, len(outputs))):
+                        stem = Path(image_dir) / f"{key}_{i}_{int(labels[i])}"
+                        write_wav(f"{stem}.wav", outputs[i], rate)
+                        write_png(f"{stem}_mel.png", spectrogram_image(mels[i]))
             result[f"probe_fd/{key}"] = frechet_distance(features, reference)
             result[f"conditioning_accuracy/{key}"] = conditioning_accuracy(predicted, labels)
     return result

@@ -7,6 +7,7 @@ is validated by the pydantic model afterwards, which names any unknown or ill-ty
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import re
@@ -62,6 +63,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads "3e-4" (no dot) as a string
     return path, value
+
+
+def add_override_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, for `apply_overrides`."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jin_orchestrate.overrides import add_override_argument
+
 __all__ = [
     "PretrainResult",
     "add_job_arguments",
@@ -72,13 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def add_job_arguments(p: argparse.ArgumentParser, *, experiment: str) -> None:
     """The flags every Ray Train job of this package takes (pretraining, extension)."""
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config key, e.g. --set train.lr=3e-4 (repeatable; applied last)",
+    add_override_argument(
+        p, "override one config key, e.g. --set train.lr=3e-4 (repeatable; applied last)"
     )
     p.add_argument(
         "--num-workers",

@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from jin_orchestrate.overrides import add_override_argument
+
 __all__ = ["load_serve_config", "main", "start"]
 
 APP_NAME = "jin"
@@ -36,13 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="Serve config file (as for `serve run`) or a YAML/JSON mapping of ServeConfig keys",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one ServeConfig key, e.g. --set max_batch_size=8 (repeatable)",
+    add_override_argument(
+        p, "override one ServeConfig key, e.g. --set max_batch_size=8 (repeatable)"
     )
     p.add_argument("--host", help="HTTP address (default: the config's, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default: the config's, else 8000)")
