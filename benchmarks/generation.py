@@ -1,7 +1,8 @@
 """The paper's Table 4 in miniature: a generation fine-tune of the jin-tiny demo, then its scores.
 
     python benchmarks/generation.py --json benchmarks/results/generation.json \\
-        [--checkpoint CKPT] [--steps 900] [--threads 1] [--data URL] [--trained DIR]
+        [--checkpoint CKPT] [--steps 900] [--threads 1] [--data URL] [--trained DIR] \\
+        [--set model.generation.audio_head=conv ...]
 
 Starts from a pretrained checkpoint (``--checkpoint``; without one, the jin-tiny demo curriculum is
 first pretrained in this process, ~8 min on 2 cores, and saved beside the JSON), adds generation
@@ -54,14 +55,17 @@ def pretrain_demo(url: str, out: Path) -> str:
     return str(out)
 
 
-def train(checkpoint: str, url: str, steps: int, lr: float, out: Path) -> dict[str, Any]:
-    """Fine-tune ``checkpoint`` for generation; save the result to ``out``; return the history."""
+def train(
+    checkpoint: str, url: str, steps: int, lr: float, out: Path, overrides: list[str] = ()
+) -> dict[str, Any]:
+    """Fine-tune ``checkpoint`` for generation (``overrides``: ``--set`` of the generate job);
+    save the result to ``out``; return the history."""
     from jin_orchestrate.checkpoint import read_config, save_checkpoint
     from jin_orchestrate.extension import model_from_checkpoint
     from jin_orchestrate.generate import build_generation_config
     from jin_orchestrate.inprocess import train_in_process
 
-    cfg = build_generation_config(read_config(checkpoint), steps=steps, lr=lr)
+    cfg = build_generation_config(read_config(checkpoint), steps=steps, lr=lr, overrides=overrides)
     torch.manual_seed(cfg.train.seed)
     model, _ = model_from_checkpoint(checkpoint, cfg.model)
     every = max(1, steps // 20)
@@ -88,6 +92,7 @@ def train(checkpoint: str, url: str, steps: int, lr: float, out: Path) -> dict[s
             sorted(r["step_s"] for r in history.steps)[len(history.steps) // 2], 3
         ),
         "final_losses": {k: round(v, 4) for k, v in last.items() if _logged(k)},
+        "overrides": list(overrides),
     }
 
 
@@ -97,6 +102,8 @@ def _logged(key: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jin_orchestrate.overrides import add_override_argument
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True)
     p.add_argument(
@@ -110,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=100, help="generated samples per direction")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=3.0)
+    add_override_argument(
+        p, "config override of the generation fine-tune, as the generate job's --set"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.data is None:
@@ -129,9 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         if base is None:
             base = pretrain_demo(url, args.json.with_suffix("") / "pretrained")
         _log(f"training {args.steps} steps from {base}")
-        result["training"] = train(base, url, args.steps, args.lr, trained)
+        result["training"] = train(base, url, args.steps, args.lr, trained, args.overrides)
         state = json.loads((Path(base) / "state.json").read_text())
         result["training"]["base_pretraining_steps"] = state.get("global_step")
+        result["training"]["base_stage"] = state.get("stage")
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     from jin_orchestrate.evaluate import load_model
@@ -165,9 +176,17 @@ def markdown(result: dict[str, Any]) -> str:
     training = result.get("training")
     if training:
         losses = ", ".join(f"{k.split('/')[1]} {v}" for k, v in training["final_losses"].items())
+        base = (
+            f"a jin-tiny generation checkpoint of {training['base_pretraining_steps']} "
+            f"generation steps (continued)"
+            if training.get("base_stage") == "generation"
+            else f"a jin-tiny checkpoint pretrained for "
+            f"{training.get('base_pretraining_steps', 340)} steps"
+        )
+        sets = " ".join(f"--set {o}" for o in training.get("overrides", []))
         lines += [
-            f"Generation fine-tune of a jin-tiny checkpoint pretrained for "
-            f"{training.get('base_pretraining_steps', 340)} steps: {training['steps']} steps, "
+            f"Generation fine-tune of {base}: {training['steps']} steps"
+            f"{f' ({sets})' if sets else ''}, "
             f"batch {training['batch_size']}, lr {training['lr']}, {training['wall_s']:.0f} s "
             f"(median step {training['step_s_median']} s) on {result['machine']}, in process. "
             f"Last-step losses: {losses}.",
