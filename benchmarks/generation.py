@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def pretrain_demo(url: str, out: Path) -> str:
 
 
 def train(
-    checkpoint: str, url: str, steps: int, lr: float, out: Path, overrides: list[str] = ()
+    checkpoint: str, url: str, steps: int, lr: float, out: Path, overrides: Sequence[str] = ()
 ) -> dict[str, Any]:
     """Fine-tune ``checkpoint`` for generation (``overrides``: ``--set`` of the generate job);
     save the result to ``out``; return the history."""

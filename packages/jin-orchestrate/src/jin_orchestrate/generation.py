@@ -266,8 +266,7 @@ def audio_tokens(model: JinModel, batch: Mapping[str, Any]) -> Tensor:
     the audio `RegressionHead` regresses (`AudioEncoder.regression_targets`)."""
     encoder = model.space.encoders["audio"]
     mel, frame_mask = encoder.mel_frames(**encoder.batch_inputs(batch, "audio"))
-    mel = fit_frames(mel, frame_mask, _generation(model).cfg.audio_frames)
-    return mel.reshape(mel.shape[0], -1, 2 * mel.shape[-1])
+    return mel_to_tokens(fit_frames(mel, frame_mask, _generation(model).cfg.audio_frames))
 
 
 def fit_frames(mel_BTM: Tensor, padding_mask_BT: Tensor | None, frames: int) -> Tensor:
@@ -286,6 +285,11 @@ def fit_frames(mel_BTM: Tensor, padding_mask_BT: Tensor | None, frames: int) -> 
 def mel_from_tokens(tokens_BTP: Tensor, n_mels: int) -> Tensor:
     """Frame-pair tokens ``(B, T, 2M)`` to log-mel frames ``(B, 2T, M)``."""
     return tokens_BTP.reshape(tokens_BTP.shape[0], -1, n_mels)
+
+
+def mel_to_tokens(mel_BTM: Tensor) -> Tensor:
+    """The inverse of `mel_from_tokens`: log-mel frames ``(B, 2T, M)`` to ``(B, T, 2M)``."""
+    return mel_BTM.reshape(mel_BTM.shape[0], -1, 2 * mel_BTM.shape[-1])
 
 
 def caption_ids(texts: list[str], max_bytes: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -348,7 +352,7 @@ def _tokens_of_signal(model: JinModel, target: str, signal: Tensor) -> Tensor:
     """The inverse of `_signal`."""
     if target == "image":
         return pixels_to_patches(signal, model.space.encoders["image"].patch_size)
-    return signal.transpose(1, 2).reshape(signal.shape[0], -1, 2 * signal.shape[1])
+    return mel_to_tokens(signal.transpose(1, 2))
 
 
 def joint_embedding(model: JinModel, name: str, encoded: Any) -> tuple[Tensor, Tensor]:
