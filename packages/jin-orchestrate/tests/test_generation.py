@@ -282,6 +282,43 @@ def test_generation_heads_are_added_to_a_checkpoint_without_them(checkpoint):
     assert cfg.stages[0].generation == 1.0 and cfg.stages[0].alpha == 0.0
 
 
+def test_repeats_draw_each_target_at_several_timesteps(batch, monkeypatch):
+    import jin_orchestrate.generation as generation
+
+    seen = []
+    denoise = generation.denoise
+
+    def spy(model, target, x_t, t_B, cond_BD):
+        seen.append((target, x_t, t_B, cond_BD))
+        return denoise(model, target, x_t, t_B, cond_BD)
+
+    monkeypatch.setattr(generation, "denoise", spy)
+    torch.manual_seed(0)
+    cfg = _config(image_repeats=3, audio_repeats=2, text_from=[])
+    model = JinModel(cfg.model)
+    losses = generation_losses(model, batch, cfg.stages[0], torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses["loss"])
+    rows = len(batch["label"])
+    assert sorted(t for t, *_ in seen) == ["audio", "image"]
+    for target, x_t, t_B, cond_BD in seen:
+        repeats = {"image": 3, "audio": 2}[target]
+        assert x_t.shape[0] == t_B.shape[0] == cond_BD.shape[0] == repeats * rows
+        cond = cond_BD.view(rows, repeats, -1)
+        assert torch.equal(cond, cond[:, :1].expand_as(cond))  # one condition per sample
+        assert len(set(t_B.tolist())) > rows  # independent timesteps within a sample's rows
+
+
+def test_a_generation_checkpoint_continues_with_other_loss_weights(gen_checkpoint):
+    from jin_orchestrate.checkpoint import CheckpointError
+    from jin_orchestrate.extension import model_from_checkpoint
+
+    tuned = _config(image_weight=2.0, image_repeats=2, cond_dropout=0.2)
+    model, _ = model_from_checkpoint(gen_checkpoint, tuned.model)
+    assert model.cfg.generation == tuned.model.generation
+    with pytest.raises(CheckpointError, match="differs from this job's in \\['generation'\\]"):
+        model_from_checkpoint(gen_checkpoint, _config(image_size=16).model)
+
+
 def test_generation_configs_are_validated():
     data = _config().model_dump()
     data["stages"][0]["alpha"] = 1.0

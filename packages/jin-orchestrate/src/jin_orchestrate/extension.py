@@ -31,6 +31,7 @@ from torch import Tensor
 
 from jin_encoders import CustomModalityEncoder
 from jin_orchestrate.checkpoint import CheckpointError, load_checkpoint, read_config
+from jin_orchestrate.generation import GenerationConfig
 from jin_orchestrate.model import HUB, JinModel, JinModelConfig, _present, _router_metrics
 from jin_zjepa import cross_modal_jepa_loss, gather_tokens
 
@@ -45,10 +46,14 @@ def model_from_checkpoint(path: str | Path, cfg: JinModelConfig) -> tuple[JinMod
 
     The checkpoint may lack runtime-added modalities of ``cfg`` (an extension starting from a
     pretrained model) and its generation heads (a generation fine-tune): those are added after
-    loading, freshly initialised from torch's global RNG, in ``cfg``'s order. Any other
-    difference between the two configs is an error.
+    loading, freshly initialised from torch's global RNG, in ``cfg``'s order. A generation
+    checkpoint may be fine-tuned with other loss weights (`GenerationConfig.TRAINING_FIELDS`).
+    Any other difference between the two configs is an error.
     """
     saved = JinModelConfig.model_validate(read_config(path)["model"])
+    if cfg.generation is not None and saved.generation is not None:
+        tuned = {k: getattr(cfg.generation, k) for k in GenerationConfig.TRAINING_FIELDS}
+        saved = saved.model_copy(update={"generation": saved.generation.model_copy(update=tuned)})
     missing = [n for n in cfg.extra_modalities if n not in saved.extra_modalities]
     add_generation = cfg.generation is not None and saved.generation is None
     base = cfg.model_copy(

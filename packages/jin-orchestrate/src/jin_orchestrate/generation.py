@@ -35,7 +35,7 @@ Two decoders share the DiT-MoE backbone, the encoders and the modality output he
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,21 @@ TARGETS: tuple[Target, ...] = ("image", "audio", "text")
 
 class GenerationConfig(StrictConfig):
     """What the generation heads produce and from what; sizes of the generated tokens."""
+
+    # loss weights and sampling of the training step: no parameter depends on them, so a
+    # generation checkpoint can be fine-tuned further with other values
+    TRAINING_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "cond_dropout",
+            "align_weight",
+            "image_weight",
+            "audio_weight",
+            "text_weight",
+            "image_repeats",
+            "audio_repeats",
+            "caption_template",
+        }
+    )
 
     image_from: tuple[str, ...] = Field(("text", "audio"), description="conditions of images")
     audio_from: tuple[str, ...] = Field(("image", "text"), description="conditions of audio")
@@ -106,6 +121,14 @@ class GenerationConfig(StrictConfig):
         "embedding diffusion is conditioned on tells its inputs apart",
     )
     diffusion: DiffusionConfig = DiffusionConfig(prediction="v")
+    image_repeats: int = Field(
+        1,
+        ge=1,
+        description="noise levels drawn per image in a training step (MAR's diffusion batch "
+        "multiplier): the condition is embedded once, the denoiser sees each image this many "
+        "times at independent timesteps",
+    )
+    audio_repeats: int = Field(1, ge=1, description="image_repeats for audio")
     image_weight: float = Field(1.0, ge=0.0)
     audio_weight: float = Field(1.0, ge=0.0)
     text_weight: float = Field(1.0, ge=0.0)
@@ -596,8 +619,8 @@ def generation_losses(
 def _diffusion_loss(
     model: JinModel, target: str, x0_BTP: Tensor, cond_BD: Tensor, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
-    """One denoising loss of ``target``'s tokens (`GaussianDiffusion.training_loss`), and the
-    denoiser's MoE aux loss."""
+    """One denoising loss of ``target``'s tokens (`GaussianDiffusion.training_loss`, each sample
+    ``image_repeats`` or ``audio_repeats`` times), and the denoiser's MoE aux loss."""
     aux: list[Tensor] = []
 
     def denoiser(x_t: Tensor, t_B: Tensor, c_BD: Tensor) -> Tensor:
@@ -605,6 +628,10 @@ def _diffusion_loss(
         aux.append(aux_loss)
         return prediction
 
+    repeats = getattr(_generation(model).cfg, f"{target}_repeats")
+    if repeats > 1:  # each sample at `repeats` independent timesteps and noises
+        x0_BTP = x0_BTP.repeat_interleave(repeats, dim=0)
+        cond_BD = cond_BD.repeat_interleave(repeats, dim=0)
     loss = _generation(model).diffusion.training_loss(
         denoiser, x0_BTP, cond_BD, generator=generator
     )
