@@ -446,6 +446,26 @@ def test_image_probe_reads_two_digits():
     assert ImageProbe.predict(logits).tolist() == [42]
 
 
+def test_probe_weights_do_not_depend_on_the_global_rng():
+    # The probes score every generated sample: scoring a checkpoint straight after training it
+    # and scoring it alone later must use the same probe.
+    from jin_orchestrate.generation_eval import AudioProbe, ImageProbe, seeded
+
+    def weights(probe: torch.nn.Module) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in probe.parameters()]
+
+    torch.manual_seed(1)
+    first = weights(seeded(lambda: ImageProbe(3), seed=0))
+    torch.rand(1000)  # training or loading drew numbers
+    state = torch.get_rng_state()
+    again = weights(seeded(lambda: ImageProbe(3), seed=0))
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is left as it was
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    other = weights(seeded(lambda: ImageProbe(3), seed=1))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+    assert isinstance(seeded(lambda: AudioProbe(8), seed=0), AudioProbe)
+
+
 def test_evaluate_generation_scores_every_trained_direction(gen_checkpoint, corpus_url, tmp_path):
     from jin_orchestrate.evaluate import load_model
     from jin_orchestrate.generation_eval import DIRECTIONS, evaluate_generation, format_generation

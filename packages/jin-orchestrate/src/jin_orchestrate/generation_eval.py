@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +47,12 @@ __all__ = [
     "exact_match",
     "format_generation",
     "frechet_distance",
+    "seeded",
     "spectrogram_image",
     "train_probe",
 ]
+
+ProbeT = TypeVar("ProbeT", bound=nn.Module)
 
 DIRECTIONS = (
     ("text", "image"),
@@ -167,6 +170,18 @@ class AudioProbe(nn.Module):
     @staticmethod
     def predict(logits: Tensor) -> Tensor:
         return logits.argmax(-1)
+
+
+def seeded(factory: Callable[[], ProbeT], seed: int) -> ProbeT:
+    """``factory()`` with its initial weights drawn from ``seed``, not from the global RNG.
+
+    Without it a probe's initialisation, and so every probe-FD and conditioning accuracy, would
+    depend on whatever drew random numbers before scoring began (training, or loading only).
+    The global RNG state is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory()
 
 
 def train_probe(
@@ -305,14 +320,14 @@ def evaluate_generation(
     seen = set(train["label"].tolist())
     log("training the image and audio probes")
     image_probe = train_probe(
-        ImageProbe(inputs.vision.in_channels),
+        seeded(lambda: ImageProbe(inputs.vision.in_channels), seed),
         inputs.images(train["image"]),
         train["label"],
         augment=_shift,
         seed=seed,
     )
     audio_probe = train_probe(
-        AudioProbe(inputs.audio.n_mels),
+        seeded(lambda: AudioProbe(inputs.audio.n_mels), seed),
         inputs.mels(train["audio"], train["audio_lengths"]),
         train["label"],
         seed=seed,
