@@ -82,6 +82,7 @@ def train(
         model,
         config=cfg.model_dump(mode="json"),
         state={"global_step": steps, "stage": "generation", "stage_step": steps},
+        ema=history.ema.state() if history.ema is not None else None,
     )
     last = history.steps[-1]
     return {
@@ -103,6 +104,7 @@ def _logged(key: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jin_orchestrate.evaluate import add_weights_argument
     from jin_orchestrate.overrides import add_override_argument
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     add_override_argument(
         p, "config override of the generation fine-tune, as the generate job's --set"
     )
+    add_weights_argument(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.data is None:
@@ -146,10 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         result["training"]["base_stage"] = state.get("stage")
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
-    from jin_orchestrate.evaluate import load_model
+    from jin_orchestrate.checkpoint import EMA
+    from jin_orchestrate.evaluate import load_model, weights_choice
     from jin_orchestrate.generation_eval import evaluate_generation
 
-    model = load_model(trained)
+    ema = weights_choice(args)
+    model = load_model(trained, ema=ema)
+    result["weights"] = "ema" if ema or (ema is None and (trained / EMA).exists()) else "raw"
     started = time.perf_counter()
     scores = evaluate_generation(
         model,
@@ -193,6 +199,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"Last-step losses: {losses}.",
             "",
         ]
+    if result.get("weights") == "ema":
+        lines += ["Scored with the average of the trained weights (`train.weight_ema`).", ""]
     lines += [
         format_generation(result["evaluation"]),
         "",

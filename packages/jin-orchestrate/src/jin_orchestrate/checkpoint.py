@@ -5,6 +5,7 @@ Layout of one checkpoint directory::
     model.safetensors   weights (safetensors: loading never unpickles anything)
     optimizer.pt        optimiser state, read back with ``torch.load(weights_only=True)``
     rng.safetensors     torch (CPU and CUDA) RNG states
+    ema.safetensors     the average of the trained weights (``train.weight_ema``), if kept
     state.json          step, stage, data position and anything else JSON-serialisable
     config.json         the resolved JinConfig
     manifest.json       sha256 and size of every file above; written last
@@ -44,6 +45,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.pt"
 RNG = "rng.safetensors"
+EMA = "ema.safetensors"
 STATE = "state.json"
 CONFIG = "config.json"
 
@@ -61,6 +63,7 @@ class LoadedCheckpoint:
     config: dict[str, Any]
     optimizer_state: dict[str, Any] | None = None
     rng: dict[str, torch.Tensor] = field(default_factory=dict)
+    ema: dict[str, torch.Tensor] | None = None
 
 
 def _sha256(path: Path) -> str:
@@ -101,12 +104,14 @@ def save_checkpoint(
     state: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
     rng: dict[str, torch.Tensor] | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint to ``directory`` atomically and return its path.
 
     ``directory`` must not exist yet; its parent is created. Tied parameters are stored once
     (``safetensors.torch.save_model`` deduplicates shared storage). ``rng`` adds further RNG
-    states (e.g. a ``torch.Generator``'s) to the global ones.
+    states (e.g. a ``torch.Generator``'s) to the global ones; ``ema`` is a
+    :class:`~jin_orchestrate.ema.WeightEMA`'s state.
     """
     final = Path(directory)
     if final.exists():
@@ -120,6 +125,8 @@ def save_checkpoint(
         save_file({k: v.contiguous() for k, v in states.items()}, str(tmp / RNG))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        if ema is not None:
+            save_file(ema, str(tmp / EMA))
         (tmp / STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         files = sorted(p.name for p in tmp.iterdir())
@@ -199,12 +206,14 @@ def load_checkpoint(
                 f"containers, which only an unsafe unpickle would load {reason}"
             ) from None
     rng = load_file(str(path / RNG)) if RNG in manifest else {}
+    ema = load_file(str(path / EMA)) if EMA in manifest else None
     return LoadedCheckpoint(
         path=path,
         state=json.loads((path / STATE).read_text()),
         config=json.loads((path / CONFIG).read_text()),
         optimizer_state=optimizer_state,
         rng=rng,
+        ema=ema,
     )
 
 

@@ -116,6 +116,13 @@ class TrainConfig(StrictConfig):
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.05, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
+    weight_ema: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="decay of an average of the trained weights kept for sampling and evaluation "
+        "(jin_orchestrate.ema; DiT: 0.9999); 0 keeps none",
+    )
     seed: int = 0
     num_workers: int = Field(2, gt=0)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")

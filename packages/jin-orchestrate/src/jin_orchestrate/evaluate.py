@@ -41,8 +41,9 @@ import torch
 
 from jin_data import ShardDataset, ShardError, collate, list_shards
 from jin_data.numberworld.text import CAPTION_TEMPLATES, number_words
-from jin_orchestrate.checkpoint import load_checkpoint, read_config
+from jin_orchestrate.checkpoint import CheckpointError, load_checkpoint, read_config
 from jin_orchestrate.data import rename_columns
+from jin_orchestrate.ema import apply_ema
 from jin_orchestrate.metrics import (
     class_prototypes,
     linear_probe_accuracy,
@@ -54,6 +55,7 @@ from jin_orchestrate.model import JinModel, JinModelConfig
 __all__ = [
     "RETRIEVAL_PAIRS",
     "Evaluation",
+    "add_weights_argument",
     "embed_dataset",
     "evaluate",
     "evaluate_checkpoint",
@@ -62,6 +64,7 @@ __all__ = [
     "load_model",
     "main",
     "prompt_embeddings",
+    "weights_choice",
     "write_plots",
 ]
 
@@ -88,11 +91,41 @@ RETRIEVAL_PAIRS = (
 )
 
 
-def load_model(checkpoint: str | Path) -> JinModel:
-    """A JinModel built from a checkpoint's stored config, with its weights, in eval mode."""
+_WEIGHTS = {"auto": None, "ema": True, "raw": False}
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """``--weights auto|ema|raw``, read back by :func:`weights_choice` (evaluate, generate)."""
+    parser.add_argument(
+        "--weights",
+        choices=list(_WEIGHTS),
+        default="auto",
+        help="which weights to load: ema (the average of the trained weights, train.weight_ema), "
+        "raw (the last optimiser step's), auto (ema where the checkpoint kept one)",
+    )
+
+
+def weights_choice(args: argparse.Namespace) -> bool | None:
+    """The ``ema`` argument of :func:`load_model` for ``--weights``."""
+    return _WEIGHTS[args.weights]
+
+
+def load_model(checkpoint: str | Path, *, ema: bool | None = None) -> JinModel:
+    """A JinModel built from a checkpoint's stored config, with its weights, in eval mode.
+
+    ``ema``: None loads the average of the trained weights where the checkpoint kept one
+    (``train.weight_ema``; `jin_orchestrate.ema`), True requires it, False loads the last step's.
+    """
     cfg = JinModelConfig.model_validate(read_config(checkpoint)["model"])
     model = JinModel(cfg)
-    load_checkpoint(checkpoint, model, load_optimizer=False)
+    loaded = load_checkpoint(checkpoint, model, load_optimizer=False)
+    if ema and loaded.ema is None:
+        raise CheckpointError(
+            f"{checkpoint}: no averaged weights (ema.safetensors); it was trained with "
+            "train.weight_ema 0"
+        )
+    if ema is not False and loaded.ema is not None:
+        apply_ema(model, loaded.ema)
     return model.eval()
 
 
@@ -389,6 +422,7 @@ def _parser() -> argparse.ArgumentParser:
         help="MLflow run to log the figures, tables and plots to "
         "($MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
+    add_weights_argument(p)
     gen = p.add_argument_group(
         "generation", "--generation: the paper's Table 4 in miniature instead of Tables 2 and 3"
     )
@@ -457,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint = local_checkpoint(args.checkpoint)
         list_shards(args.data)
-        model = load_model(checkpoint)
+        model = load_model(checkpoint, ema=weights_choice(args))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

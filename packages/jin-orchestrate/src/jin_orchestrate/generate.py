@@ -175,6 +175,9 @@ def _sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="captions: 0 = greedy")
     p.add_argument("--top-k", type=int, help="captions: sample among the k likeliest bytes")
+    from jin_orchestrate.evaluate import add_weights_argument
+
+    add_weights_argument(p)
     return p
 
 
@@ -223,13 +226,13 @@ def _condition(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 def sample(argv: list[str]) -> int:
     """``--to ... --from-... --out ...``: one sample written to ``--out``."""
-    from jin_orchestrate.evaluate import load_model
+    from jin_orchestrate.evaluate import load_model, weights_choice
     from jin_orchestrate.tracking import local_checkpoint
 
     args = _sample_parser().parse_args(argv)
     try:
         _check_output(args)
-        model = load_model(local_checkpoint(args.checkpoint))
+        model = load_model(local_checkpoint(args.checkpoint), ema=weights_choice(args))
         condition = _condition(args, model)
         result = model.generate(
             args.target,

@@ -17,6 +17,7 @@ import torch
 
 from jin_data import ShardDataset
 from jin_orchestrate.config import JinConfig, StageConfig
+from jin_orchestrate.ema import WeightEMA
 from jin_orchestrate.train import StageTrainer
 
 __all__ = ["TrainHistory", "batches", "train_in_process", "validation_losses"]
@@ -29,6 +30,7 @@ class TrainHistory:
     steps: list[dict[str, Any]] = field(default_factory=list)
     validation: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
+    ema: WeightEMA | None = None  # the last stage's average (train.weight_ema > 0)
 
 
 def batches(
@@ -107,5 +109,6 @@ def train_in_process(
                 point = validation_losses(model, val_batches, stage, seed=cfg.train.seed)
                 history.validation.append({"global_step": trainer.global_step, **point})
         global_step = trainer.global_step
+        history.ema = trainer.ema
     history.wall_s = time.perf_counter() - started
     return history

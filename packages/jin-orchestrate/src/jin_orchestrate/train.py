@@ -31,6 +31,7 @@ from jin_orchestrate.checkpoint import (
 )
 from jin_orchestrate.config import JinConfig, StageConfig
 from jin_orchestrate.data_faults import tally_metrics
+from jin_orchestrate.ema import WeightEMA
 from jin_orchestrate.faults import FaultPlan
 from jin_orchestrate.model import JinModel
 
@@ -101,6 +102,7 @@ class StageTrainer:
     nonfinite_in_row: int = 0
     data_errors: dict[str, int] = field(default_factory=dict)
     faults: FaultPlan | None = None  # fault drills only (jin_orchestrate.faults)
+    ema: WeightEMA | None = None  # train.weight_ema > 0
 
     @property
     def total_steps(self) -> int:
@@ -132,7 +134,8 @@ class StageTrainer:
             betas=(0.9, 0.95),
         )
         generator = torch.Generator().manual_seed(seed)
-        return cls(cfg, stage, model, optimizer, generator)
+        ema = WeightEMA(core, cfg.train.weight_ema) if cfg.train.weight_ema > 0 else None
+        return cls(cfg, stage, model, optimizer, generator, ema=ema)
 
     def train_step(self, batch: dict[str, Any]) -> StepResult:
         """Forward, backward, clip, step, EMA update; a non-finite loss skips the update."""
@@ -170,6 +173,8 @@ class StageTrainer:
         self.step += 1
         self.global_step += 1
         self.core.update_target(self.global_step, self.total_steps)
+        if self.ema is not None:
+            self.ema.update(self.core)
         metrics = {k: float(v.detach()) for k, v in losses.items() if k != "tokens"}
         metrics.update(
             lr=lr, grad_norm=float(grad_norm), nonfinite_steps=float(self.nonfinite_total)
@@ -186,6 +191,7 @@ class StageTrainer:
             "batch_in_epoch": batch_in_epoch,
             "nonfinite_total": self.nonfinite_total,
             "data_errors": self.data_errors,
+            **({"ema_updates": self.ema.updates} if self.ema is not None else {}),
         }
 
     def save(self, directory: Path, epoch: int, batch_in_epoch: int) -> Path:
@@ -196,6 +202,7 @@ class StageTrainer:
             state=self.state(epoch, batch_in_epoch),
             optimizer=self.optimizer,
             rng={"mask_generator": self.generator.get_state()},
+            ema=self.ema.state() if self.ema is not None else None,
         )
 
     def restore(self, path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -209,6 +216,10 @@ class StageTrainer:
             self.generator.set_state(loaded.rng["mask_generator"])
         self.step = int(loaded.state["stage_step"])
         self.nonfinite_total = int(loaded.state.get("nonfinite_total", 0))
+        if self.ema is not None and loaded.ema is not None:
+            self.ema.load(loaded.ema, int(loaded.state.get("ema_updates", 0)))
+        elif self.ema is not None:  # saved without an average: start one from these weights
+            self.ema = WeightEMA(self.core, self.ema.decay)
         return int(loaded.state.get("epoch", 0)), int(loaded.state.get("batch_in_epoch", 0))
 
 
