@@ -3,11 +3,11 @@
 import pytest
 import torch
 from torch import nn
+from trainers import make_trainer as _trainer
+from trainers import straight_and_interrupted
 
 from jin_orchestrate.checkpoint import EMA, CheckpointError
 from jin_orchestrate.ema import WeightEMA, apply_ema
-from jin_orchestrate.model import JinModel
-from jin_orchestrate.train import StageTrainer
 
 
 def test_the_average_follows_the_warmed_up_decay():
@@ -42,11 +42,6 @@ def test_bad_decays_and_averages_that_do_not_fit_are_refused():
         apply_ema(net, {"weight": torch.zeros(2)})
 
 
-def _trainer(cfg, seed=0):
-    torch.manual_seed(0)
-    return StageTrainer.create(cfg, cfg.stages[2], JinModel(cfg.model), seed=seed)
-
-
 def test_checkpoints_keep_the_average_resume_it_and_evaluation_loads_it(
     test_config, batch, tmp_path
 ):
@@ -55,15 +50,8 @@ def test_checkpoints_keep_the_average_resume_it_and_evaluation_loads_it(
     cfg = test_config.model_copy(
         update={"train": test_config.train.model_copy(update={"weight_ema": 0.5})}
     )
-    straight = _trainer(cfg)
-    for _ in range(4):
-        straight.train_step(batch)
-    first = _trainer(cfg)
-    for _ in range(2):
-        first.train_step(batch)
-    path = first.save(tmp_path / "ckpt", epoch=0, batch_in_epoch=2)
+    straight, resumed, path = straight_and_interrupted(cfg, batch, tmp_path, resume_seed=5)
     assert (path / EMA).is_file()
-    resumed = _trainer(cfg, seed=5)
     resumed.restore(path)
     assert resumed.ema is not None and resumed.ema.updates == 2
     for _ in range(2):

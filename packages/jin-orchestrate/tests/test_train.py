@@ -4,14 +4,10 @@ import math
 
 import pytest
 import torch
+from trainers import make_trainer as _trainer
+from trainers import straight_and_interrupted
 
-from jin_orchestrate.model import JinModel
-from jin_orchestrate.train import NonFiniteLossError, StageTrainer, lr_at
-
-
-def _trainer(cfg, stage_index=2, seed=0):
-    torch.manual_seed(0)
-    return StageTrainer.create(cfg, cfg.stages[stage_index], JinModel(cfg.model), seed=seed)
+from jin_orchestrate.train import NonFiniteLossError, lr_at
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -62,15 +58,7 @@ def test_non_finite_loss_is_skipped_counted_then_stops(test_config, batch, monke
 
 
 def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(test_config, batch, tmp_path):
-    straight = _trainer(test_config)
-    for _ in range(4):
-        straight.train_step(batch)
-
-    first = _trainer(test_config)
-    for _ in range(2):
-        first.train_step(batch)
-    path = first.save(tmp_path / "ckpt", epoch=0, batch_in_epoch=2)
-    resumed = _trainer(test_config, seed=123)  # a different seed: the checkpoint must win
+    straight, resumed, path = straight_and_interrupted(test_config, batch, tmp_path, 123)
     assert resumed.restore(path) == (0, 2)
     assert resumed.step == 2
     for _ in range(2):

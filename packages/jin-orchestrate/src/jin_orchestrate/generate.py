@@ -155,6 +155,8 @@ def write_wav(path: str | Path, waveform_S: torch.Tensor, sample_rate: int) -> P
 
 
 def _sample_parser() -> argparse.ArgumentParser:
+    from jin_orchestrate.evaluate import add_weights_argument
+
     p = argparse.ArgumentParser(
         prog="python -m jin_orchestrate.generate",
         description="Generate an image, audio or a caption from another modality "
@@ -175,8 +177,6 @@ def _sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="captions: 0 = greedy")
     p.add_argument("--top-k", type=int, help="captions: sample among the k likeliest bytes")
-    from jin_orchestrate.evaluate import add_weights_argument
-
     add_weights_argument(p)
     return p
 
