@@ -120,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=100, help="generated samples per direction")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="the split generated from and scored (val: to choose guidance without the test set)",
+    )
     add_override_argument(
         p, "config override of the generation fine-tune, as the generate job's --set"
     )
@@ -164,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.ddim_steps,
         guidance=args.guidance,
         image_dir=RESULTS / "generation",
+        split=args.split,
     )
     result.update(checkpoint=str(trained), evaluation=scores)
     result["evaluation_s"] = round(time.perf_counter() - started, 1)

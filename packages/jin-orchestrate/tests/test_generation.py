@@ -308,6 +308,28 @@ def test_repeats_draw_each_target_at_several_timesteps(batch, monkeypatch):
         assert len(set(t_B.tolist())) > rows  # independent timesteps within a sample's rows
 
 
+def test_a_target_weighted_zero_is_not_computed(batch, monkeypatch):
+    import jin_orchestrate.generation as generation
+
+    denoised, captioned = [], []
+    denoise, caption = generation.denoise, generation._caption_loss
+    monkeypatch.setattr(
+        generation,
+        "denoise",
+        lambda model, target, *a: denoised.append(target) or denoise(model, target, *a),
+    )
+    monkeypatch.setattr(generation, "_caption_loss", lambda *a: captioned.append(1) or caption(*a))
+    torch.manual_seed(0)
+    cfg = _config(audio_weight=0.0, text_weight=0.0)
+    model = JinModel(cfg.model)
+    losses = generation_losses(model, batch, cfg.stages[0], torch.Generator().manual_seed(0))
+    assert denoised == ["image"] and not captioned
+    assert "generation/image" in losses and "generation/audio" not in losses
+    assert "generation/text" not in losses and torch.isfinite(losses["loss"])
+    with pytest.raises(ValueError, match="every generated target has loss weight 0"):
+        _config(image_weight=0.0, audio_weight=0.0, text_weight=0.0)
+
+
 def test_a_generation_checkpoint_continues_with_other_loss_weights(gen_checkpoint):
     from jin_orchestrate.checkpoint import CheckpointError
     from jin_orchestrate.extension import model_from_checkpoint
@@ -488,6 +510,37 @@ def test_evaluate_generation_scores_every_trained_direction(gen_checkpoint, corp
         assert w.getframerate() == 16000 and w.getnframes() == 128 * 160
     assert len(list(tmp_path.glob("text_to_audio_*_mel.png"))) == len(clips)
     assert "not Inception-FID" in format_generation(scores)
+
+
+def test_evaluate_generation_on_the_val_split(
+    gen_checkpoint, corpus_url, tmp_path, monkeypatch, capsys
+):
+    import json
+
+    import jin_orchestrate.generation_eval as generation_eval
+    from jin_data import ShardDataset
+    from jin_orchestrate.evaluate import load_model, main
+
+    generated = []
+    generate = generation_eval._generate
+
+    def spy(model, source, target, data, *args):
+        generated.extend(data["id"])
+        return generate(model, source, target, data, *args)
+
+    monkeypatch.setattr(generation_eval, "_generate", spy)
+    out = tmp_path / "val.json"
+    argv = ["--checkpoint", str(gen_checkpoint), "--data", corpus_url, "--generation"]
+    assert (
+        main([*argv, "--split", "val", "--samples", "2", "--ddim-steps", "1", "--json", str(out)])
+        == 0
+    )
+    val = {i for b in ShardDataset(corpus_url, batch_size=256, split="val") for i in b["id"]}
+    assert generated and set(generated) <= val
+    assert json.loads(out.read_text())["generation"]["split"] == "val"
+    assert "2 val samples of numbers seen in training" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="split: expected 'val' or 'test', got 'train'"):
+        generation_eval.evaluate_generation(load_model(gen_checkpoint), corpus_url, split="train")
 
 
 def test_spectrogram_image_puts_low_frequencies_at_the_bottom():

@@ -436,6 +436,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--ddim-steps", type=int, default=50)
     gen.add_argument("--guidance", type=float, default=3.0)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="the split generated from and scored; val chooses guidance or DDIM steps without "
+        "the test items (logged as eval/val/...)",
+    )
     gen.add_argument("--images", type=Path, help="directory for PNGs of generated images")
     return p
 
@@ -461,6 +468,7 @@ def _generation_main(args: argparse.Namespace, model: JinModel) -> int:
         guidance=args.guidance,
         seed=args.seed,
         image_dir=args.images,
+        split=args.split,
     )
     markdown = format_generation(scores)
     print(markdown)
@@ -472,10 +480,12 @@ def _generation_main(args: argparse.Namespace, model: JinModel) -> int:
         import mlflow
 
         client = mlflow.MlflowClient(tracking_uri=default_tracking_uri())
+        prefix = "eval/" if args.split == "test" else f"eval/{args.split}/"
         for key, value in scores.items():
             if isinstance(value, float):
-                client.log_metric(args.run_id, f"eval/{key}", value)
-        client.log_text(args.run_id, markdown, "evaluation/generation.md")
+                client.log_metric(args.run_id, prefix + key, value)
+        name = "generation.md" if args.split == "test" else f"generation_{args.split}.md"
+        client.log_text(args.run_id, markdown, f"evaluation/{name}")
         print(f"logged to MLflow run {args.run_id}")
     return 0
 

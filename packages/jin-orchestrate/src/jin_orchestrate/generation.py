@@ -150,11 +150,20 @@ class GenerationConfig(StrictConfig):
                 raise ValueError(f"generation.{target}_from: {target} cannot condition itself")
         if not any(self.conditions(t) for t in TARGETS):
             raise ValueError("generation: image_from, audio_from and text_from are all empty")
+        if not any(self.conditions(t) and self.weight(t) > 0 for t in TARGETS):
+            raise ValueError(
+                "generation: every generated target has loss weight 0 (image_weight, "
+                "audio_weight, text_weight); a step would train nothing"
+            )
         return self
 
     def conditions(self, target: str) -> tuple[str, ...]:
         """The modalities ``target`` is generated from (empty: not generated)."""
         return getattr(self, f"{target}_from")
+
+    def weight(self, target: str) -> float:
+        """``target``'s loss weight in a generation step (0: its loss is not computed)."""
+        return float(getattr(self, f"{target}_weight"))
 
     @property
     def targets(self) -> list[Target]:
@@ -579,7 +588,8 @@ def generation_losses(
     out: dict[str, Tensor] = {}
     terms: list[Tensor] = []
     aux_terms: list[Tensor] = []
-    diffused = [t for t in ("image", "audio") if cfg.conditions(t)]
+    # a target weighted 0 is not computed at all (a fine-tune that trains only some heads)
+    diffused = [t for t in ("image", "audio") if cfg.conditions(t) and cfg.weight(t) > 0]
     conditions = {m for t in diffused for m in cfg.conditions(t)}
     aligned = cfg.align_weight > 0 and len(encoded) > 1
     hidden: dict[str, Tensor] = {}
@@ -602,8 +612,8 @@ def generation_losses(
         loss, aux = _diffusion_loss(model, target, x0[rows], cond_BD[rows], generator)
         aux_terms.append(aux)
         out[f"generation/{target}"] = loss.detach()
-        terms.append(getattr(cfg, f"{target}_weight") * loss)
-    if cfg.text_from:
+        terms.append(cfg.weight(target) * loss)
+    if cfg.text_from and cfg.text_weight > 0:
         loss, accuracy, aux = _caption_loss(model, batch, encoded, present, generator)
         out["generation/text"] = loss.detach()
         out["generation/text_byte_accuracy"] = accuracy

@@ -300,11 +300,14 @@ def evaluate_generation(
     batch: int = 50,
     image_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Table 4 in miniature for ``model`` (with generation heads) on the corpus at ``url``.
 
-    Trains the two probes on the train split, then generates from the first ``samples`` test
-    items of seen numbers in every direction of `DIRECTIONS` the model was trained for. With
+    Trains the two probes on the train split, then generates from the first ``samples`` items of
+    ``split`` (``"test"``; ``"val"`` to choose guidance or steps without looking at the test
+    items) of seen numbers in every direction of `DIRECTIONS` the model was trained for; the
+    ``*_real_train_vs_test`` references compare with that split. With
     ``image_dir``, the first eight generated images of each image direction are written there as
     PNGs, and the first four clips of each audio direction as WAVs with a PNG of their log-mel
     (what the audio probe reads; `spectrogram_image`), named by the number asked for.
@@ -316,7 +319,9 @@ def evaluate_generation(
     model.eval()
     gen_cfg = model.generation.cfg
     inputs = _Inputs(model)
-    train, test = _split(url, "train"), _split(url, "test")
+    if split not in ("val", "test"):
+        raise ValueError(f"split: expected 'val' or 'test', got {split!r}")
+    train, test = _split(url, "train"), _split(url, split)
     seen = set(train["label"].tolist())
     log("training the image and audio probes")
     image_probe = train_probe(
@@ -342,6 +347,7 @@ def evaluate_generation(
     real_audio = _probe_outputs(audio_probe, inputs.mels(real["audio"], real["audio_lengths"]))
     result: dict[str, Any] = {
         "samples": len(real["label"]),
+        "split": split,
         "ddim_steps": steps,
         "guidance": guidance,
         "seed": seed,
@@ -436,7 +442,8 @@ def format_generation(result: dict[str, Any]) -> str:
     """Table 4 in miniature as Markdown."""
     lines = [
         "Feature space: " + str(result["feature_space"]) + ".",
-        f"{result['samples']} test samples of numbers seen in training per direction, "
+        f"{result['samples']} {result.get('split', 'test')} samples of numbers seen in training "
+        f"per direction, "
         f"DDIM {result['ddim_steps']} steps, guidance {result['guidance']}, seed {result['seed']}; "
         f"images {result['image_size']} px, audio {result['audio_frames']} frames.",
         "",
@@ -460,9 +467,10 @@ def format_generation(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Probe accuracy on real test samples (the ceiling of conditioning accuracy): image "
+        f"Probe accuracy on real {result.get('split', 'test')} samples (the ceiling of "
+        f"conditioning accuracy): image "
         f"{result['probe_accuracy/image']:.1%}, audio {result['probe_accuracy/audio']:.1%}. "
-        f"Probe-FD of real train vs real test samples (the floor): image "
+        f"Probe-FD of real train vs real {result.get('split', 'test')} samples (the floor): image "
         f"{result['probe_fd/image_real_train_vs_test']:.2f}, audio "
         f"{result['probe_fd/audio_real_train_vs_test']:.2f}.",
     ]
