@@ -150,7 +150,7 @@ class GenerationConfig(StrictConfig):
                 raise ValueError(f"generation.{target}_from: {target} cannot condition itself")
         if not any(self.conditions(t) for t in TARGETS):
             raise ValueError("generation: image_from, audio_from and text_from are all empty")
-        if not any(self.conditions(t) and self.weight(t) > 0 for t in TARGETS):
+        if not self.trained_targets:
             raise ValueError(
                 "generation: every generated target has loss weight 0 (image_weight, "
                 "audio_weight, text_weight); a step would train nothing"
@@ -168,6 +168,11 @@ class GenerationConfig(StrictConfig):
     @property
     def targets(self) -> list[Target]:
         return [t for t in TARGETS if self.conditions(t)]
+
+    @property
+    def trained_targets(self) -> list[Target]:
+        """The targets a generation step computes a loss for: generated, with a weight above 0."""
+        return [t for t in self.targets if self.weight(t) > 0]
 
 
 def canonical_caption(label: int, template: str) -> str:
@@ -589,7 +594,7 @@ def generation_losses(
     terms: list[Tensor] = []
     aux_terms: list[Tensor] = []
     # a target weighted 0 is not computed at all (a fine-tune that trains only some heads)
-    diffused = [t for t in ("image", "audio") if cfg.conditions(t) and cfg.weight(t) > 0]
+    diffused = [t for t in cfg.trained_targets if t != "text"]
     conditions = {m for t in diffused for m in cfg.conditions(t)}
     aligned = cfg.align_weight > 0 and len(encoded) > 1
     hidden: dict[str, Tensor] = {}
@@ -613,7 +618,7 @@ def generation_losses(
         aux_terms.append(aux)
         out[f"generation/{target}"] = loss.detach()
         terms.append(cfg.weight(target) * loss)
-    if cfg.text_from and cfg.text_weight > 0:
+    if "text" in cfg.trained_targets:
         loss, accuracy, aux = _caption_loss(model, batch, encoded, present, generator)
         out["generation/text"] = loss.detach()
         out["generation/text_byte_accuracy"] = accuracy

@@ -316,11 +316,11 @@ def evaluate_generation(
 
     if model.generation is None:
         raise ValueError("evaluate_generation: the model has no generation heads")
+    if split not in ("val", "test"):
+        raise ValueError(f"split: expected 'val' or 'test', got {split!r}")
     model.eval()
     gen_cfg = model.generation.cfg
     inputs = _Inputs(model)
-    if split not in ("val", "test"):
-        raise ValueError(f"split: expected 'val' or 'test', got {split!r}")
     train, test = _split(url, "train"), _split(url, split)
     seen = set(train["label"].tolist())
     log("training the image and audio probes")
@@ -440,9 +440,10 @@ def _generate(
 
 def format_generation(result: dict[str, Any]) -> str:
     """Table 4 in miniature as Markdown."""
+    split = result.get("split", "test")  # results before 0.14.0 have no split: test
     lines = [
         "Feature space: " + str(result["feature_space"]) + ".",
-        f"{result['samples']} {result.get('split', 'test')} samples of numbers seen in training "
+        f"{result['samples']} {split} samples of numbers seen in training "
         f"per direction, "
         f"DDIM {result['ddim_steps']} steps, guidance {result['guidance']}, seed {result['seed']}; "
         f"images {result['image_size']} px, audio {result['audio_frames']} frames.",
@@ -467,10 +468,10 @@ def format_generation(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Probe accuracy on real {result.get('split', 'test')} samples (the ceiling of "
+        f"Probe accuracy on real {split} samples (the ceiling of "
         f"conditioning accuracy): image "
         f"{result['probe_accuracy/image']:.1%}, audio {result['probe_accuracy/audio']:.1%}. "
-        f"Probe-FD of real train vs real {result.get('split', 'test')} samples (the floor): image "
+        f"Probe-FD of real train vs real {split} samples (the floor): image "
         f"{result['probe_fd/image_real_train_vs_test']:.2f}, audio "
         f"{result['probe_fd/audio_real_train_vs_test']:.2f}.",
     ]
