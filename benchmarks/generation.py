@@ -68,7 +68,7 @@ def train(
 
     cfg = build_generation_config(read_config(checkpoint), steps=steps, lr=lr, overrides=overrides)
     torch.manual_seed(cfg.train.seed)
-    model, _ = model_from_checkpoint(checkpoint, cfg.model)
+    model, base = model_from_checkpoint(checkpoint, cfg.model)
     every = max(1, steps // 20)
 
     def on_step(r: dict[str, Any]) -> None:
@@ -81,7 +81,12 @@ def train(
         out,
         model,
         config=cfg.model_dump(mode="json"),
-        state={"global_step": steps, "stage": "generation", "stage_step": steps},
+        state={
+            "global_step": int(base.get("global_step", 0)) + steps,
+            "stage": "generation",
+            "stage_step": steps,
+            "generation_steps": generation_steps(base) + steps,
+        },
         ema=history.ema.state() if history.ema is not None else None,
     )
     last = history.steps[-1]
@@ -96,6 +101,14 @@ def train(
         "final_losses": {k: round(v, 4) for k, v in last.items() if _logged(k)},
         "overrides": list(overrides),
     }
+
+
+def generation_steps(state: dict[str, Any]) -> int:
+    """Generation steps behind a checkpoint's weights, over all its continuations (checkpoints
+    of 0.14.1 and before record only their last run's, as ``stage_step``)."""
+    if "generation_steps" in state:
+        return int(state["generation_steps"])
+    return int(state.get("stage_step", 0)) if state.get("stage") == "generation" else 0
 
 
 def _logged(key: str) -> bool:
@@ -153,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         state = json.loads((Path(base) / "state.json").read_text())
         result["training"]["base_pretraining_steps"] = state.get("global_step")
         result["training"]["base_stage"] = state.get("stage")
+        result["training"]["base_generation_steps"] = generation_steps(state)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     from jin_orchestrate.checkpoint import EMA
@@ -191,7 +205,8 @@ def markdown(result: dict[str, Any]) -> str:
     if training:
         losses = ", ".join(f"{k.split('/')[1]} {v}" for k, v in training["final_losses"].items())
         base = (
-            f"a jin-tiny generation checkpoint of {training['base_pretraining_steps']} "
+            f"a jin-tiny generation checkpoint of "
+            f"{training.get('base_generation_steps', training['base_pretraining_steps'])} "
             f"generation steps (continued)"
             if training.get("base_stage") == "generation"
             else f"a jin-tiny checkpoint pretrained for "
