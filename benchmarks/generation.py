@@ -100,6 +100,9 @@ def train(
         ),
         "final_losses": {k: round(v, 4) for k, v in last.items() if _logged(k)},
         "overrides": list(overrides),
+        "base_pretraining_steps": base.get("global_step"),
+        "base_stage": base.get("stage"),
+        "base_generation_steps": generation_steps(base),
     }
 
 
@@ -163,10 +166,6 @@ def main(argv: list[str] | None = None) -> int:
             base = pretrain_demo(url, args.json.with_suffix("") / "pretrained")
         _log(f"training {args.steps} steps from {base}")
         result["training"] = train(base, url, args.steps, args.lr, trained, args.overrides)
-        state = json.loads((Path(base) / "state.json").read_text())
-        result["training"]["base_pretraining_steps"] = state.get("global_step")
-        result["training"]["base_stage"] = state.get("stage")
-        result["training"]["base_generation_steps"] = generation_steps(state)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     from jin_orchestrate.checkpoint import EMA
