@@ -3,6 +3,7 @@ generation stage and the Table 4 metrics, on the jin-test config."""
 
 from __future__ import annotations
 
+import itertools
 import wave
 
 import pytest
@@ -486,6 +487,43 @@ def test_probe_weights_do_not_depend_on_the_global_rng():
     other = weights(seeded(lambda: ImageProbe(3), seed=1))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
     assert isinstance(seeded(lambda: AudioProbe(8), seed=0), AudioProbe)
+
+
+def test_train_probe_decays_its_lr_learns_for_every_seed_and_is_deterministic(monkeypatch):
+    # The probe is the instrument behind every conditioning accuracy: whatever its seed, it must
+    # end trained (the learning rate decays to zero), and the same seed gives the same probe.
+    from jin_orchestrate.generation_eval import AudioProbe, seeded, train_probe
+
+    g = torch.Generator().manual_seed(0)
+    templates = torch.randn(10, 16, 8, generator=g)
+    labels = torch.arange(10).repeat(20)
+    inputs = templates[labels] + 0.5 * torch.randn(len(labels), 16, 8, generator=g)
+
+    def trained(seed: int) -> AudioProbe:
+        probe = seeded(lambda: AudioProbe(8), seed)
+        return train_probe(probe, inputs, labels, epochs=4, batch_size=32, seed=seed)
+
+    lrs: list[float] = []
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        lrs.append(self.param_groups[0]["lr"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    trained(0)
+    assert len(lrs) == 4 * 7  # 4 epochs of ceil(200 / 32) minibatches
+    assert lrs[0] == pytest.approx(3e-3)
+    assert all(b <= a for a, b in itertools.pairwise(lrs))
+    assert lrs[-1] < 0.01 * lrs[0]
+    monkeypatch.undo()
+    for seed in range(3):
+        probe = trained(seed)
+        assert not probe.training
+        with torch.no_grad():
+            assert (probe.predict(probe(inputs)[1]) == labels).float().mean() >= 0.97
+    a, b = trained(1), trained(1)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
 
 
 def test_evaluate_generation_scores_every_trained_direction(gen_checkpoint, corpus_url, tmp_path):

@@ -27,6 +27,7 @@ captions also on the held-out numbers (zero-shot, never seen in any modality in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -195,10 +196,19 @@ def train_probe(
     seed: int = 0,
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
 ) -> ImageProbe | AudioProbe:
-    """Adam on shuffled minibatches, seeded; returns the probe in eval mode."""
+    """Adam on shuffled minibatches with the learning rate cosine-decayed to zero, seeded;
+    returns the probe in eval mode.
+
+    The decay is what makes the probe a stable instrument: at a constant 3e-3 the last
+    minibatches leave the weights wherever they bounce, and on NumberWorld the image probe read
+    89% of real seen test images with seed 0 against 99% with seed 1; decayed, seeds 0-3 read
+    98-100% in the same 12 epochs.
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    total = epochs * math.ceil(len(inputs) / batch_size)
+    step = 0
     probe.train()
     with torch.enable_grad():  # callers evaluate under no_grad
         for _ in range(epochs):
@@ -209,7 +219,10 @@ def train_probe(
                 loss = probe.loss(probe(x)[1], labels[rows])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
                 optimizer.step()
+                step += 1
     return probe.eval()
 
 
