@@ -541,13 +541,15 @@ def test_evaluate_generation_scores_every_trained_direction(gen_checkpoint, corp
         else:
             assert scores[f"probe_fd/{key}"] >= 0.0
             assert 0.0 <= scores[f"conditioning_accuracy/{key}"] <= 1.0
+            assert 0.0 <= scores[f"condition_recognised/{key}"] <= 1.0
     assert len(list(tmp_path.glob("text_to_image_*.png"))) == min(4, scores["samples"])
     clips = sorted(tmp_path.glob("image_to_audio_*.wav"))
     assert len(clips) == min(4, scores["samples"])
     with wave.open(str(clips[0])) as w:
         assert w.getframerate() == 16000 and w.getnframes() == 128 * 160
     assert len(list(tmp_path.glob("text_to_audio_*_mel.png"))) == len(clips)
-    assert "not Inception-FID" in format_generation(scores)
+    table = format_generation(scores)
+    assert "not Inception-FID" in table and "| condition recognised |" in table
 
 
 def test_evaluate_generation_on_the_val_split(
@@ -596,3 +598,37 @@ def test_evaluate_generation_flag_needs_generation_heads(checkpoint, corpus_url,
 
     assert main(["--checkpoint", str(checkpoint), "--data", corpus_url, "--generation"]) == 2
     assert "no generation heads" in capsys.readouterr().err
+
+
+def test_nearest_centroid_classifies_by_the_mean_direction_of_each_label():
+    from jin_orchestrate.generation_eval import nearest_centroid
+
+    keys = torch.tensor([[1.0, 0.0], [0.0, 10.0], [0.2, 1.0], [0.4, 2.0]])
+    labels = torch.tensor([7, 7, 42, 42])
+    queries = torch.tensor([[1.0, 0.3], [0.1, 1.0], [2.0, -1.0]])
+    # keys are normalised first: label 7's mean is the diagonal, not dragged up by [0, 10]
+    # (unnormalised, the first query would be nearer label 42's mean)
+    assert nearest_centroid(queries, keys, labels).tolist() == [7, 42, 7]
+    with pytest.raises(ValueError, match="nearest_centroid: expected as many key labels"):
+        nearest_centroid(queries, keys, labels[:3])
+
+
+def test_condition_recognised_compares_conditions_with_the_train_split_of_the_target(monkeypatch):
+    import jin_orchestrate.generation_eval as generation_eval
+
+    train = {"label": torch.tensor([3, 5, 3, 5])}
+    data = {"label": torch.tensor([5, 3, 5])}
+    calls = []
+
+    def fake(model, modality, rows, batch):  # one-hot of the label; audio's swaps 3 and 5
+        calls.append((modality, len(rows["label"])))
+        labels = 8 - rows["label"] if modality == "audio" else rows["label"]
+        return torch.nn.functional.one_hot(labels, 8).float()
+
+    monkeypatch.setattr(generation_eval, "_joint_embeddings", fake)
+    keys: dict = {}
+    recognised = generation_eval._condition_recognised
+    assert recognised(None, "text", "image", data, train, keys, 2) == 1.0
+    assert recognised(None, "audio", "image", data, train, keys, 2) == 0.0
+    # the train embeddings of the target are computed once
+    assert calls == [("image", 4), ("text", 3), ("audio", 3)]

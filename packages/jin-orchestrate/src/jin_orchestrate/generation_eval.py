@@ -17,6 +17,13 @@ labelled so: **probe-FD, not Inception-FID / FAD**.
 - **Conditioning accuracy**: the share of generated samples in which the probe recognises the
   number that was asked for (its label); the probe's own accuracy on real test samples is
   reported beside it as the ceiling the measure can show.
+- **Condition recognised**: what the denoiser is given to go on. The share of conditions (the
+  text or audio an image is generated from, the image or text audio is generated from) whose
+  joint embedding, the one the diffusion is conditioned on, is nearest by cosine to the mean
+  joint embedding of the target modality's train samples of the number asked for, among the
+  numbers seen in training.
+  A condition that is not recognised points the denoiser at another number, so conditioning
+  accuracy is not expected to exceed it by much; the gap between the two is the denoiser's.
 - **Caption exact-match**: the share of captions equal, byte for byte, to the canonical caption
   the generation stage trains towards (``GenerationConfig.caption_template``, by default
   ``"the number {digits}"``: an image of 42 must be captioned exactly ``the number 42``).
@@ -37,8 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jin_data import ShardDataset
-from jin_orchestrate.generation import canonical_caption, fit_frames
+from jin_orchestrate.generation import canonical_caption, fit_frames, joint_embedding
 from jin_orchestrate.model import JinModel
+from jin_orchestrate.train import lr_at
 
 __all__ = [
     "AudioProbe",
@@ -48,6 +56,7 @@ __all__ = [
     "exact_match",
     "format_generation",
     "frechet_distance",
+    "nearest_centroid",
     "seeded",
     "spectrogram_image",
     "train_probe",
@@ -94,6 +103,22 @@ def conditioning_accuracy(predicted_N: Tensor, asked_N: Tensor) -> float:
             f"{tuple(predicted_N.shape)} and {tuple(asked_N.shape)}"
         )
     return float((predicted_N == asked_N).float().mean())
+
+
+def nearest_centroid(queries_NR: Tensor, keys_MR: Tensor, key_labels_M: Tensor) -> Tensor:
+    """For each query, the label whose keys' mean direction is nearest by cosine ``(N,)``: the
+    keys are L2-normalised, averaged per label and normalised again (a nearest-class-mean
+    classifier in the joint embedding space)."""
+    if len(keys_MR) != len(key_labels_M) or len(keys_MR) == 0:
+        raise ValueError(
+            f"nearest_centroid: expected as many key labels as keys (>0), got "
+            f"{len(key_labels_M)} labels for {len(keys_MR)} keys"
+        )
+    classes_C, index_M = torch.unique(key_labels_M, return_inverse=True)
+    keys_MR = F.normalize(keys_MR.float(), dim=-1)
+    sums_CR = torch.zeros(len(classes_C), keys_MR.shape[1]).index_add_(0, index_M, keys_MR)
+    scores_NC = F.normalize(queries_NR.float(), dim=-1) @ F.normalize(sums_CR, dim=-1).T
+    return classes_C[scores_NC.argmax(dim=1)]
 
 
 def exact_match(generated: list[str], references: list[str]) -> float:
@@ -220,7 +245,7 @@ def train_probe(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+                    group["lr"] = lr_at(step, total, lr, warmup=0, min_ratio=0.0)
                 optimizer.step()
                 step += 1
     return probe.eval()
@@ -323,7 +348,10 @@ def evaluate_generation(
     ``*_real_train_vs_test`` references compare with that split. With
     ``image_dir``, the first eight generated images of each image direction are written there as
     PNGs, and the first four clips of each audio direction as WAVs with a PNG of their log-mel
-    (what the audio probe reads; `spectrogram_image`), named by the number asked for.
+    (what the audio probe reads; `spectrogram_image`), named by the number asked for. Beside
+    each image and audio direction's conditioning accuracy, ``condition_recognised/*``: how often
+    the condition's joint embedding alone names the number (`nearest_centroid` over the train
+    split's joint embeddings of the target modality).
     """
     from jin_orchestrate.generate import write_png, write_wav
 
@@ -381,6 +409,7 @@ def evaluate_generation(
         _probe_outputs(audio_probe, inputs.mels(ref["audio"], ref["audio_lengths"]))[0],
         real_audio[0],
     )
+    train_embeddings: dict[str, Tensor] = {}  # modality -> joint embeddings of the train split
     for source, target in DIRECTIONS:
         if source not in gen_cfg.conditions(target):
             continue
@@ -420,6 +449,9 @@ def evaluate_generation(
                         write_png(f"{stem}_mel.png", spectrogram_image(mels[i]))
             result[f"probe_fd/{key}"] = frechet_distance(features, reference)
             result[f"conditioning_accuracy/{key}"] = conditioning_accuracy(predicted, labels)
+            result[f"condition_recognised/{key}"] = _condition_recognised(
+                model, source, target, data, train, train_embeddings, batch
+            )
     return result
 
 
@@ -438,17 +470,50 @@ def _generate(
     total = len(data["label"])
     for start in range(0, total, batch):
         rows = torch.arange(start, min(start + batch, total))
-        part = _take(data, rows)
-        if source == "text":
-            condition: dict[str, Any] = {"text": part["text"]}
-        elif source == "image":
-            condition = {"image": part["image"]}
-        else:
-            condition = {"audio": part["audio"], "audio_lengths": part["audio_lengths"]}
+        condition = _condition(_take(data, rows), source)
         parts.append(
             model.generate(target, condition, steps=steps, guidance=guidance, seed=seed + start)
         )
     return [t for p in parts for t in p] if target == "text" else torch.cat(parts)
+
+
+def _condition(data: dict[str, Any], modality: str) -> dict[str, Any]:
+    """One modality of ``data`` in jin-data batch form (what `JinModel.generate` takes)."""
+    if modality == "audio":
+        return {"audio": data["audio"], "audio_lengths": data["audio_lengths"]}
+    return {modality: data[modality]}
+
+
+@torch.no_grad()
+def _joint_embeddings(model: JinModel, modality: str, data: dict[str, Any], batch: int) -> Tensor:
+    """The joint embeddings ``(N, R)`` of ``modality`` for every row of ``data``, in batches:
+    what `generation.generate` conditions the diffusion on."""
+    parts = []
+    total = len(data["label"])
+    for start in range(0, total, batch):
+        part = _take(data, torch.arange(start, min(start + batch, total)))
+        encoded = model.space.encode_batch(_condition(part, modality))[modality]
+        parts.append(joint_embedding(model, modality, encoded)[0])
+    return torch.cat(parts)
+
+
+def _condition_recognised(
+    model: JinModel,
+    source: str,
+    target: str,
+    data: dict[str, Any],
+    train: dict[str, Any],
+    keys: dict[str, Tensor],
+    batch: int,
+) -> float:
+    """The share of ``data``'s ``source`` joint embeddings nearest to the class mean of the right
+    number among the ``target`` joint embeddings of the train split (`nearest_centroid`);
+    ``keys`` caches those train embeddings by modality."""
+    if target not in keys:
+        keys[target] = _joint_embeddings(model, target, train, batch)
+    queries = _joint_embeddings(model, source, data, batch)
+    predicted = nearest_centroid(queries, keys[target], train["label"])
+    return conditioning_accuracy(predicted, data["label"])
 
 
 def format_generation(result: dict[str, Any]) -> str:
@@ -461,13 +526,15 @@ def format_generation(result: dict[str, Any]) -> str:
         f"DDIM {result['ddim_steps']} steps, guidance {result['guidance']}, seed {result['seed']}; "
         f"images {result['image_size']} px, audio {result['audio_frames']} frames.",
         "",
-        "| Task | probe-FD | conditioning accuracy | caption exact-match (seen / held-out) |",
-        "|---|---|---|---|",
+        "| Task | probe-FD | conditioning accuracy | condition recognised "
+        "| caption exact-match (seen / held-out) |",
+        "|---|---|---|---|---|",
     ]
     for source, target in DIRECTIONS:
         key = f"{source}_to_{target}"
         fd = result.get(f"probe_fd/{key}")
         acc = result.get(f"conditioning_accuracy/{key}")
+        recognised = result.get(f"condition_recognised/{key}")  # absent before 0.15.0
         em = result.get(f"exact_match/{key}")
         if fd is None and em is None:
             continue
@@ -476,6 +543,7 @@ def format_generation(result: dict[str, Any]) -> str:
             f"{source.capitalize()} → {target.capitalize()}",
             "—" if fd is None else f"{fd:.2f}",
             "—" if acc is None else f"{acc:.1%}",
+            "—" if recognised is None else f"{recognised:.1%}",
             "—" if em is None else f"{em:.1%} / " + ("—" if held is None else f"{held:.1%}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -486,6 +554,8 @@ def format_generation(result: dict[str, Any]) -> str:
         f"{result['probe_accuracy/image']:.1%}, audio {result['probe_accuracy/audio']:.1%}. "
         f"Probe-FD of real train vs real {split} samples (the floor): image "
         f"{result['probe_fd/image_real_train_vs_test']:.2f}, audio "
-        f"{result['probe_fd/audio_real_train_vs_test']:.2f}.",
+        f"{result['probe_fd/audio_real_train_vs_test']:.2f}. Condition recognised: the share "
+        f"of conditions whose joint embedding is nearest to the train mean of the right "
+        f"number's target embeddings (what the denoiser is given to go on).",
     ]
     return "\n".join(lines)
