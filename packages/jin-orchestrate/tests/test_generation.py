@@ -600,19 +600,6 @@ def test_evaluate_generation_flag_needs_generation_heads(checkpoint, corpus_url,
     assert "no generation heads" in capsys.readouterr().err
 
 
-def test_nearest_centroid_classifies_by_the_mean_direction_of_each_label():
-    from jin_orchestrate.generation_eval import nearest_centroid
-
-    keys = torch.tensor([[1.0, 0.0], [0.0, 10.0], [0.2, 1.0], [0.4, 2.0]])
-    labels = torch.tensor([7, 7, 42, 42])
-    queries = torch.tensor([[1.0, 0.3], [0.1, 1.0], [2.0, -1.0]])
-    # keys are normalised first: label 7's mean is the diagonal, not dragged up by [0, 10]
-    # (unnormalised, the first query would be nearer label 42's mean)
-    assert nearest_centroid(queries, keys, labels).tolist() == [7, 42, 7]
-    with pytest.raises(ValueError, match="nearest_centroid: expected as many key labels"):
-        nearest_centroid(queries, keys, labels[:3])
-
-
 def test_condition_recognised_compares_conditions_with_the_train_split_of_the_target(monkeypatch):
     import jin_orchestrate.generation_eval as generation_eval
 

@@ -35,7 +35,7 @@ captions also on the held-out numbers (zero-shot, never seen in any modality in 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jin_data import ShardDataset
-from jin_orchestrate.generation import canonical_caption, fit_frames, joint_embedding
+from jin_orchestrate.generation import canonical_caption, fit_frames
+from jin_orchestrate.metrics import class_prototypes, recall_at_k
 from jin_orchestrate.model import JinModel
 from jin_orchestrate.train import lr_at
 
@@ -56,7 +57,6 @@ __all__ = [
     "exact_match",
     "format_generation",
     "frechet_distance",
-    "nearest_centroid",
     "seeded",
     "spectrogram_image",
     "train_probe",
@@ -103,22 +103,6 @@ def conditioning_accuracy(predicted_N: Tensor, asked_N: Tensor) -> float:
             f"{tuple(predicted_N.shape)} and {tuple(asked_N.shape)}"
         )
     return float((predicted_N == asked_N).float().mean())
-
-
-def nearest_centroid(queries_NR: Tensor, keys_MR: Tensor, key_labels_M: Tensor) -> Tensor:
-    """For each query, the label whose keys' mean direction is nearest by cosine ``(N,)``: the
-    keys are L2-normalised, averaged per label and normalised again (a nearest-class-mean
-    classifier in the joint embedding space)."""
-    if len(keys_MR) != len(key_labels_M) or len(keys_MR) == 0:
-        raise ValueError(
-            f"nearest_centroid: expected as many key labels as keys (>0), got "
-            f"{len(key_labels_M)} labels for {len(keys_MR)} keys"
-        )
-    classes_C, index_M = torch.unique(key_labels_M, return_inverse=True)
-    keys_MR = F.normalize(keys_MR.float(), dim=-1)
-    sums_CR = torch.zeros(len(classes_C), keys_MR.shape[1]).index_add_(0, index_M, keys_MR)
-    scores_NC = F.normalize(queries_NR.float(), dim=-1) @ F.normalize(sums_CR, dim=-1).T
-    return classes_C[scores_NC.argmax(dim=1)]
 
 
 def exact_match(generated: list[str], references: list[str]) -> float:
@@ -350,8 +334,8 @@ def evaluate_generation(
     PNGs, and the first four clips of each audio direction as WAVs with a PNG of their log-mel
     (what the audio probe reads; `spectrogram_image`), named by the number asked for. Beside
     each image and audio direction's conditioning accuracy, ``condition_recognised/*``: how often
-    the condition's joint embedding alone names the number (`nearest_centroid` over the train
-    split's joint embeddings of the target modality).
+    the condition's joint embedding alone names the number (its nearest class prototype among
+    the train split's joint embeddings of the target modality, `metrics.class_prototypes`).
     """
     from jin_orchestrate.generate import write_png, write_wav
 
@@ -466,15 +450,20 @@ def _generate(
     batch: int,
 ) -> Any:
     """``target`` generated from ``source`` for every row of ``data``, in batches."""
-    parts: list[Any] = []
+    parts = [
+        model.generate(
+            target, _condition(part, source), steps=steps, guidance=guidance, seed=seed + start
+        )
+        for start, part in _chunks(data, batch)
+    ]
+    return [t for p in parts for t in p] if target == "text" else torch.cat(parts)
+
+
+def _chunks(data: dict[str, Any], batch: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(first row, rows)`` of ``data`` in consecutive batches of ``batch`` rows."""
     total = len(data["label"])
     for start in range(0, total, batch):
-        rows = torch.arange(start, min(start + batch, total))
-        condition = _condition(_take(data, rows), source)
-        parts.append(
-            model.generate(target, condition, steps=steps, guidance=guidance, seed=seed + start)
-        )
-    return [t for p in parts for t in p] if target == "text" else torch.cat(parts)
+        yield start, _take(data, torch.arange(start, min(start + batch, total)))
 
 
 def _condition(data: dict[str, Any], modality: str) -> dict[str, Any]:
@@ -487,14 +476,10 @@ def _condition(data: dict[str, Any], modality: str) -> dict[str, Any]:
 @torch.no_grad()
 def _joint_embeddings(model: JinModel, modality: str, data: dict[str, Any], batch: int) -> Tensor:
     """The joint embeddings ``(N, R)`` of ``modality`` for every row of ``data``, in batches:
-    what `generation.generate` conditions the diffusion on."""
-    parts = []
-    total = len(data["label"])
-    for start in range(0, total, batch):
-        part = _take(data, torch.arange(start, min(start + batch, total)))
-        encoded = model.space.encode_batch(_condition(part, modality))[modality]
-        parts.append(joint_embedding(model, modality, encoded)[0])
-    return torch.cat(parts)
+    what `generation.generate` conditions the diffusion on (`JinModel.embed`)."""
+    return torch.cat(
+        [model.embed(_condition(part, modality))[modality] for _, part in _chunks(data, batch)]
+    )
 
 
 def _condition_recognised(
@@ -506,14 +491,14 @@ def _condition_recognised(
     keys: dict[str, Tensor],
     batch: int,
 ) -> float:
-    """The share of ``data``'s ``source`` joint embeddings nearest to the class mean of the right
-    number among the ``target`` joint embeddings of the train split (`nearest_centroid`);
-    ``keys`` caches those train embeddings by modality."""
+    """The share of ``data``'s ``source`` joint embeddings whose nearest class prototype (the
+    normalised mean per number, `metrics.class_prototypes`) among the ``target`` joint embeddings
+    of the train split is the right number; ``keys`` caches those train embeddings by modality."""
     if target not in keys:
         keys[target] = _joint_embeddings(model, target, train, batch)
+    prototypes, numbers = class_prototypes(keys[target], train["label"])
     queries = _joint_embeddings(model, source, data, batch)
-    predicted = nearest_centroid(queries, keys[target], train["label"])
-    return conditioning_accuracy(predicted, data["label"])
+    return recall_at_k(queries, prototypes, data["label"], numbers, ks=(1,))[1]
 
 
 def format_generation(result: dict[str, Any]) -> str:
