@@ -18,7 +18,12 @@ from jin_orchestrate.generation import (
     prefix_lm_mask,
     sample_tokens,
 )
-from jin_orchestrate.griffin_lim import griffin_lim, mel_to_waveform, spectral_convergence
+from jin_orchestrate.griffin_lim import (
+    griffin_lim,
+    log_mel_ceiling,
+    mel_to_waveform,
+    spectral_convergence,
+)
 from jin_orchestrate.model import JinModel
 
 GENERATION = {"diffusion": {"num_timesteps": 100, "prediction": "v"}}
@@ -367,6 +372,23 @@ def _chirp(seconds: float = 0.5, rate: int = 16000) -> torch.Tensor:
     return (
         0.5 * torch.sin(2 * torch.pi * 440 * t) + 0.3 * torch.sin(2 * torch.pi * 900 * t * (1 + t))
     )[None]
+
+
+def test_log_mel_ceiling_bounds_a_full_scale_signal_and_tames_strays():
+    """No [-1, 1] waveform's log-mel passes the ceiling (~1.76); a log-mel far above it (a
+    diffusion sample strays to +17 at guidance 5) still inverts to a finite waveform: unclamped,
+    +20 overflows float32 into NaN."""
+    from jin_encoders import LogMelSpectrogram
+    from jin_encoders.mel import mel_filterbank
+
+    g = torch.Generator().manual_seed(0)
+    loud = torch.cat([torch.sin(torch.arange(16000) * 0.3), torch.rand(16000, generator=g) * 2 - 1])
+    log_mel, _ = LogMelSpectrogram()(loud.sign()[None])
+    ceiling = log_mel_ceiling(mel_filterbank(16000, 400, 80), 400)
+    assert float(log_mel.max()) < ceiling < 2.0
+    stray = torch.full((1, 128, 80), 20.0)
+    wave = mel_to_waveform(stray, iterations=4, generator=torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(wave).all()) and float(wave.abs().max()) <= 1.0
 
 
 def test_griffin_lim_recovers_a_known_magnitude():

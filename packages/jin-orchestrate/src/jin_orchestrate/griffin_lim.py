@@ -13,20 +13,43 @@ phase, which the mel never had, by Griffin & Lim (1984) with the momentum of Per
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from jin_encoders.mel import mel_filterbank
 
-__all__ = ["griffin_lim", "mel_to_magnitude", "mel_to_waveform", "spectral_convergence"]
+__all__ = [
+    "griffin_lim",
+    "log_mel_ceiling",
+    "mel_to_magnitude",
+    "mel_to_waveform",
+    "spectral_convergence",
+]
 
 
 def mel_to_magnitude(log_mel_BTM: Tensor, sample_rate: int = 16000, n_fft: int = 400) -> Tensor:
-    """Normalised log-mel ``(B, T, M)`` to an STFT magnitude estimate ``(B, F, T)``."""
-    mel_power = torch.pow(10.0, log_mel_BTM.double() * 4.0 - 4.0)
-    filters_MF = mel_filterbank(sample_rate, n_fft, log_mel_BTM.shape[-1]).to(mel_power.device)
+    """Normalised log-mel ``(B, T, M)`` to an STFT magnitude estimate ``(B, F, T)``.
+
+    Values above `log_mel_ceiling` (what no waveform in [-1, 1] reaches; a diffusion sample can
+    stray there) are clamped to it, so the magnitude stays finite instead of overflowing float32
+    into an inf/NaN waveform.
+    """
+    filters_MF = mel_filterbank(sample_rate, n_fft, log_mel_BTM.shape[-1])
+    ceiling = log_mel_ceiling(filters_MF, n_fft)
+    mel_power = torch.pow(10.0, log_mel_BTM.double().clamp(max=ceiling) * 4.0 - 4.0)
+    filters_MF = filters_MF.to(mel_power.device)
     power_BTF = (mel_power @ torch.linalg.pinv(filters_MF).T).clamp(min=0.0)
     return power_BTF.sqrt().transpose(1, 2).float()
+
+
+def log_mel_ceiling(filters_MF: Tensor, n_fft: int) -> float:
+    """The largest normalised log-mel a waveform in [-1, 1] can have: a Hann-windowed STFT bin
+    has power at most ``(n_fft / 2) ** 2`` (the window's sum, squared), so no mel energy exceeds
+    that times the filterbank's largest row sum."""
+    peak = float(filters_MF.sum(dim=1).max()) * (n_fft / 2) ** 2
+    return (math.log10(peak) + 4.0) / 4.0
 
 
 def griffin_lim(
