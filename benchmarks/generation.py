@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_weights_argument(p)
     args = p.parse_args(argv)
+    if args.seeds < 1:  # before any training, not after it
+        p.error(f"--seeds: expected at least 1, got {args.seeds}")
     torch.set_num_threads(args.threads)
     if args.data is None:
         from jin_orchestrate.config import load_config
@@ -185,8 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     ema = weights_choice(args)
     model = load_model(trained, ema=ema)
     result["weights"] = "ema" if ema or (ema is None and (trained / EMA).exists()) else "raw"
-    if args.seeds < 1:
-        raise SystemExit(f"--seeds: expected at least 1, got {args.seeds}")
     started = time.perf_counter()
     runs = [
         evaluate_generation(
