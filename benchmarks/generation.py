@@ -11,10 +11,12 @@ Ray Train job of ``python -m jin_orchestrate.generate train``), seeded, on the N
 (default: the demo's, generated into ``~/.cache/jin`` when missing), then scores it with
 `jin_orchestrate.generation_eval.evaluate_generation`: Fréchet distances in the feature spaces of
 small probe classifiers (not Inception-FID / FAD), conditioning accuracy, caption exact-match.
-``--trained DIR`` skips training and scores a checkpoint written by an earlier run. ``--seeds N``
-scores it N times (seeds 0..N-1) and reports the spread of conditioning accuracy: one seed on
-~200 items is good to about +-4 points, so settings closer than that need several. Writes the
-JSON, ``benchmarks/results/generation.md`` and PNGs of generated images under
+``--trained DIR`` skips training and scores a checkpoint written by an earlier run. Training is
+checkpointed beside the JSON (``<json stem>/progress``, every ``train.checkpoint_every`` steps):
+the same command run again after a kill resumes it, and ends where an uninterrupted run would.
+``--seeds N`` scores it N times (seeds 0..N-1) and reports the spread of conditioning accuracy:
+one seed on ~200 items is good to about +-4 points, so settings closer than that need several.
+Writes the JSON, ``benchmarks/results/generation.md`` and PNGs of generated images under
 ``benchmarks/results/generation/``.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -62,8 +65,9 @@ def train(
     checkpoint: str, url: str, steps: int, lr: float, out: Path, overrides: Sequence[str] = ()
 ) -> dict[str, Any]:
     """Fine-tune ``checkpoint`` for generation (``overrides``: ``--set`` of the generate job);
-    save the result to ``out``; return the history."""
-    from jin_orchestrate.checkpoint import read_config, save_checkpoint
+    save the result to ``out``; return the history. Resumes from ``out``'s sibling ``progress``
+    when an earlier call was stopped."""
+    from jin_orchestrate.checkpoint import latest_checkpoint, read_config, save_checkpoint
     from jin_orchestrate.extension import model_from_checkpoint
     from jin_orchestrate.generate import build_generation_config
     from jin_orchestrate.inprocess import train_in_process
@@ -78,7 +82,10 @@ def train(
             terms = {k.split("/")[1]: round(v, 3) for k, v in r.items() if _logged(k)}
             _log(f"step {r['global_step']} ({r['step_s']:.2f} s) {terms}")
 
-    history = train_in_process(cfg, model, url, on_step=on_step)
+    progress = out.with_name("progress")
+    if latest_checkpoint(progress) is not None:
+        _log(f"resuming from {latest_checkpoint(progress)}")
+    history = train_in_process(cfg, model, url, on_step=on_step, checkpoint_dir=progress)
     save_checkpoint(
         out,
         model,
@@ -91,21 +98,28 @@ def train(
         },
         ema=history.ema.state() if history.ema is not None else None,
     )
-    last = history.steps[-1]
+    shutil.rmtree(progress)  # optimiser state and all: the checkpoint above is the result
+    last = history.steps[-1] if history.steps else {}
+    step_s = sorted(r["step_s"] for r in history.steps) or [float("nan")]
     return {
         "steps": steps,
         "lr": lr,
         "batch_size": cfg.train.batch_size,
         "wall_s": round(history.wall_s, 1),
-        "step_s_median": round(
-            sorted(r["step_s"] for r in history.steps)[len(history.steps) // 2], 3
-        ),
+        "step_s_median": round(step_s[len(step_s) // 2], 3),
+        "steps_this_run": len(history.steps),
         "final_losses": {k: round(v, 4) for k, v in last.items() if _logged(k)},
         "overrides": list(overrides),
         "base_pretraining_steps": base.get("global_step"),
         "base_stage": base.get("stage"),
         "base_generation_steps": generation_steps(base),
     }
+
+
+def _resumed(training: dict[str, Any]) -> str:
+    """``for the last N steps, resumed, `` when the run was resumed from its progress."""
+    done = training.get("steps_this_run", training["steps"])
+    return "" if done == training["steps"] else f"for the last {done} steps, resumed, "
 
 
 def generation_steps(state: dict[str, Any]) -> int:
@@ -238,7 +252,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"Generation fine-tune of {base}: {training['steps']} steps"
             f"{f' ({sets})' if sets else ''}, "
             f"batch {training['batch_size']}, lr {training['lr']}, {training['wall_s']:.0f} s "
-            f"(median step {training['step_s_median']} s) on {result['machine']}, in process. "
+            f"{_resumed(training)}(median step {training['step_s_median']} s) "
+            f"on {result['machine']}, in process. "
             f"Last-step losses: {losses}.",
             "",
         ]

@@ -1,5 +1,6 @@
 """In-process curriculum training: stages in order, validation points, identical runs per seed."""
 
+import pytest
 import torch
 
 from jin_orchestrate.inprocess import batches, train_in_process, validation_losses
@@ -30,3 +31,46 @@ def test_validation_losses_are_repeatable(test_config, batch):
     first = validation_losses(model, [batch], test_config.stages[2], seed=3)
     assert first == validation_losses(model, [batch], test_config.stages[2], seed=3)
     assert not model.training
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_train_in_process_resumes_to_the_weights_of_an_uninterrupted_run(
+    test_config, corpus_url, tmp_path
+):
+    # every step checkpointed, and an EMA: the resume restores mid-stage state, averages included
+    train = test_config.train.model_copy(update={"checkpoint_every": 1, "weight_ema": 0.9})
+    cfg = test_config.model_copy(update={"train": train})
+    model, whole = _train(cfg, corpus_url, ())
+
+    def kill_at(step):
+        def on_step(record):
+            if record["global_step"] == step:
+                raise _Killed
+
+        return on_step
+
+    ckpt = tmp_path / "ckpt"
+    for stop in (3, 6):  # mid-stage 2; then stage 3's last step, before its checkpoint
+        torch.manual_seed(0)
+        killed = JinModel(cfg.model)
+        with pytest.raises(_Killed):
+            train_in_process(cfg, killed, corpus_url, checkpoint_dir=ckpt, on_step=kill_at(stop))
+    stage3 = ckpt / f"stage3-{cfg.stages[2].name}"
+    assert sorted(p.name for p in stage3.iterdir()) == ["step-00000001"]
+    torch.manual_seed(0)
+    resumed = JinModel(cfg.model)
+    history = train_in_process(cfg, resumed, corpus_url, checkpoint_dir=ckpt)
+    assert [r["global_step"] for r in history.steps] == [6]
+    assert history.steps[0]["loss"] == whole.steps[-1]["loss"]
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name, value in whole.ema.state().items():
+        torch.testing.assert_close(history.ema.state()[name], value, rtol=0, atol=0)
+    # a finished run restored from its checkpoints trains nothing more
+    again = JinModel(cfg.model)
+    assert train_in_process(cfg, again, corpus_url, checkpoint_dir=ckpt).steps == []
+    for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
