@@ -83,8 +83,9 @@ def train(
             _log(f"step {r['global_step']} ({r['step_s']:.2f} s) {terms}")
 
     progress = out.with_name("progress")
-    if latest_checkpoint(progress) is not None:
-        _log(f"resuming from {latest_checkpoint(progress)}")
+    resume = latest_checkpoint(progress)  # verifies every file's hash: once is enough
+    if resume is not None:
+        _log(f"resuming from {resume}")
     history = train_in_process(cfg, model, url, on_step=on_step, checkpoint_dir=progress)
     save_checkpoint(
         out,
