@@ -87,6 +87,68 @@ def test_training_loss_is_zero_for_an_oracle_and_deterministic_for_a_seed():
     assert a.item() == b.item()
 
 
+@pytest.mark.parametrize("gamma", [0.5, 5.0])
+def test_min_snr_weights_the_x0_error_the_same_whatever_the_prediction(gamma):
+    """One denoiser's x0 estimate, expressed as eps, v or x0: each target's min-SNR loss is
+    ``mean(min(SNR_t, gamma) * (x0_hat - x0)^2)`` (before scaling the weights to mean 1), so the
+    three agree."""
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randn(6, 3, 4, generator=gen)
+    noise = torch.randn(6, 3, 4, generator=gen)
+    x0_hat = x0 + 0.3 * torch.randn(6, 3, 4, generator=gen)
+    t = torch.tensor([1, 10, 30, 50, 70, 95])
+    losses = {}
+    for prediction in ("eps", "v", "x0"):
+        cfg = DiffusionConfig(
+            num_timesteps=100, prediction=prediction, loss_weighting="min_snr", min_snr_gamma=gamma
+        )
+        diffusion = GaussianDiffusion(cfg)
+        abar = diffusion.at(diffusion.alphas_cumprod, t, x0)
+        x_t = diffusion.q_sample(x0, t, noise)
+        eps_hat = (x_t - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
+        predicted = {
+            "eps": eps_hat,
+            "v": abar.sqrt() * eps_hat - (1 - abar).sqrt() * x0_hat,
+            "x0": x0_hat,
+        }[prediction]
+        target = diffusion.target(x0, noise, t)
+        weight_B = diffusion.loss_weights(t) * diffusion.loss_weight_scale
+        losses[prediction] = GaussianDiffusion.loss(predicted, target, weight_B=weight_B).item()
+        assert diffusion.loss_weights(torch.arange(100)).mean().item() == pytest.approx(1.0)
+        snr = abar / (1 - abar)
+    expected = (snr.clamp_max(gamma) * (x0_hat - x0).square()).mean().item()
+    assert losses == pytest.approx({"eps": expected, "v": expected, "x0": expected}, rel=1e-4)
+    assert snr.min() < gamma < snr.max()  # the clamp binds for some of these timesteps
+
+
+def test_min_snr_training_loss_reweights_timesteps_and_is_zero_for_an_oracle():
+    x0 = torch.randn(8, 4, 5, generator=torch.Generator().manual_seed(5))
+    uniform, weighted = (
+        GaussianDiffusion(DiffusionConfig(num_timesteps=100, prediction="v", loss_weighting=w))
+        for w in ("uniform", "min_snr")
+    )
+    torch.testing.assert_close(uniform.loss_weights(torch.arange(100)), torch.ones(100))
+    w = weighted.loss_weights(torch.arange(100))
+    # v's loss already weighs SNR + 1; min-SNR divides that out: mean 1, tiny at both ends,
+    # largest where SNR = gamma
+    assert w.mean().item() == pytest.approx(1.0) and w[0] < 0.05 and w[-1] < 0.05
+    snr = weighted.alphas_cumprod / (1 - weighted.alphas_cumprod)
+    assert (snr[w.argmax()] - 5.0).abs() < (snr[w.argmax() - 1] - snr[w.argmax() + 1]).abs()
+    eps = _oracle(weighted, x0)
+    oracle = lambda x_t, t, c: weighted.target(x0, eps(x_t, t, c), t)  # noqa: E731
+    assert weighted.training_loss(oracle, x0).item() == pytest.approx(0.0, abs=1e-9)
+    model = lambda x_t, t, c: 0.5 * x_t  # noqa: E731
+    a = uniform.training_loss(model, x0, generator=torch.Generator().manual_seed(6))
+    b = weighted.training_loss(model, x0, generator=torch.Generator().manual_seed(6))
+    assert b.item() != pytest.approx(a.item(), rel=1e-3)
+    with pytest.raises(ValueError, match=r"weight_B: expected shape \(8,\), got \(3,\)"):
+        GaussianDiffusion.loss(x0, x0, weight_B=torch.ones(3))
+    with pytest.raises(ValidationError, match="min_snr_gamma"):
+        DiffusionConfig(min_snr_gamma=0)
+    with pytest.raises(ValidationError, match="loss_weighting"):
+        DiffusionConfig(loss_weighting="p2")
+
+
 def _oracle(diffusion: GaussianDiffusion, x0: torch.Tensor):
     """A denoiser that knows x0: it returns the exact eps for any x_t."""
 

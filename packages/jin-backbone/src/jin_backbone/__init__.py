@@ -9,6 +9,7 @@ from jin_backbone.diffusion import (
     Denoiser,
     DiffusionConfig,
     GaussianDiffusion,
+    LossWeighting,
     cosine_betas,
     linear_betas,
 )
@@ -25,7 +26,7 @@ from jin_backbone.router import (
 )
 from jin_backbone.samplers import ddim_sample, ddim_timesteps, ddpm_sample, guided_prediction
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "Backbone",
@@ -38,6 +39,7 @@ __all__ = [
     "FeedForward",
     "GaussianDiffusion",
     "KVCache",
+    "LossWeighting",
     "MoE",
     "MoEAux",
     "MoEConfig",

@@ -4,7 +4,8 @@ Shapes: B batch, T tokens, D width; ``x`` may be any ``(B, ...)`` tensor.
 
 The forward process ``q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)`` with a linear (Ho et
 al.) or cosine (Nichol & Dhariwal 2021) schedule; the network predicts ``eps``, ``v`` (Salimans &
-Ho 2022) or ``x0``. Samplers are in :mod:`jin_backbone.samplers`.
+Ho 2022) or ``x0``, and the training loss is uniform over timesteps or Min-SNR-gamma weighted
+(Hang et al. 2023). Samplers are in :mod:`jin_backbone.samplers`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "Denoiser",
     "DiffusionConfig",
     "GaussianDiffusion",
+    "LossWeighting",
     "Prediction",
     "cosine_betas",
     "linear_betas",
@@ -29,6 +31,7 @@ __all__ = [
 ]
 
 Prediction = Literal["eps", "v", "x0"]
+LossWeighting = Literal["uniform", "min_snr"]
 
 
 class Denoiser(Protocol):
@@ -68,7 +71,15 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None, like: Tenso
 
 
 class DiffusionConfig(StrictConfig):
-    """Noise schedule and prediction target."""
+    """Noise schedule, prediction target and the training loss's weighting over timesteps.
+
+    ``loss_weighting="min_snr"`` weights each sample's loss so that, counted in x0 error, a
+    timestep weighs ``min(SNR_t, min_snr_gamma)`` (``SNR_t = abar_t / (1 - abar_t)``): the
+    low-noise timesteps, whose small errors dominate an eps loss, and the nearly pure-noise ones,
+    which dominate an x0 loss, stop competing with the middle of the schedule (Min-SNR-gamma,
+    Hang et al. 2023; gamma 5 is their default). The weights are scaled to mean 1 over the
+    timesteps, so the loss keeps its size against any other loss it is summed with.
+    """
 
     schedule: Literal["linear", "cosine"] = "cosine"
     num_timesteps: int = Field(default=1000, gt=1)
@@ -76,6 +87,8 @@ class DiffusionConfig(StrictConfig):
     beta_start: float = Field(default=1e-4, gt=0.0, lt=1.0)
     beta_end: float = Field(default=0.02, gt=0.0, lt=1.0)
     cosine_s: float = Field(default=0.008, ge=0.0)
+    loss_weighting: LossWeighting = "uniform"
+    min_snr_gamma: float = Field(default=5.0, gt=0.0)
 
     @model_validator(mode="after")
     def _betas_increase(self) -> DiffusionConfig:
@@ -97,6 +110,7 @@ class GaussianDiffusion(nn.Module):
     posterior_variance: Tensor
     posterior_mean_coef_x0: Tensor
     posterior_mean_coef_xt: Tensor
+    loss_weight_table: Tensor
 
     def __init__(self, cfg: DiffusionConfig | None = None) -> None:
         super().__init__()
@@ -120,6 +134,15 @@ class GaussianDiffusion(nn.Module):
             "posterior_mean_coef_xt": coef_xt,
         }.items():
             self.register_buffer(name, value.float(), persistent=False)
+        weights = torch.ones_like(alphas_cumprod)
+        if cfg.loss_weighting == "min_snr":
+            snr = alphas_cumprod / (1 - alphas_cumprod)
+            implied = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[cfg.prediction]
+            weights = snr.clamp_max(cfg.min_snr_gamma) / implied
+        # Mean 1 over the schedule: the weighting moves the loss between timesteps, not the size
+        # of the whole against the other objectives it is summed with.
+        self.loss_weight_scale = float(weights.mean())
+        self.register_buffer("loss_weight_table", (weights / weights.mean()).float(), False)
 
     @property
     def num_timesteps(self) -> int:
@@ -176,14 +199,33 @@ class GaussianDiffusion(nn.Module):
         t_B = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
         return t_B.to(like.device)
 
+    def loss_weights(self, t_B: Tensor) -> Tensor:
+        """Per-sample loss weights ``(B,)`` float32 of ``cfg.loss_weighting`` for timesteps
+        ``t_B``, relative to the loss of ``cfg.prediction``: all ones for ``"uniform"``; for
+        ``"min_snr"``, ``min(SNR, gamma)`` divided by the x0-error weight that the target already
+        carries (``SNR`` for eps, ``SNR + 1`` for v, 1 for x0) and by ``loss_weight_scale``."""
+        return self.loss_weight_table.to(t_B.device)[t_B]
+
     @staticmethod
-    def loss(prediction: Tensor, target: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Mean squared error over non-padded tokens (``padding_mask`` ``(B, T)``, True at pad)."""
+    def loss(
+        prediction: Tensor,
+        target: Tensor,
+        padding_mask: Tensor | None = None,
+        weight_B: Tensor | None = None,
+    ) -> Tensor:
+        """Mean squared error over non-padded tokens (``padding_mask`` ``(B, T)``, True at pad),
+        each sample's squared errors scaled by ``weight_B`` ``(B,)`` when given."""
         if prediction.shape != target.shape:
             raise ValueError(
                 f"prediction shape {tuple(prediction.shape)} != target {tuple(target.shape)}"
             )
         sq = (prediction.float() - target.float()).square()
+        if weight_B is not None:
+            if weight_B.shape != sq.shape[:1]:
+                raise ValueError(
+                    f"weight_B: expected shape ({sq.shape[0]},), got {tuple(weight_B.shape)}"
+                )
+            sq = sq * weight_B.to(sq).view(-1, *([1] * (sq.dim() - 1)))
         if padding_mask is None:
             return sq.mean()
         if padding_mask.shape != sq.shape[:2]:
@@ -203,8 +245,10 @@ class GaussianDiffusion(nn.Module):
         padding_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """One denoising loss: draw ``t`` and noise, form ``x_t``, regress the target."""
+        """One denoising loss: draw ``t`` and noise, form ``x_t``, regress the target (weighted
+        over timesteps by ``cfg.loss_weighting``)."""
         t_B = self.sample_timesteps(x0.shape[0], generator, x0)
         noise = randn(tuple(x0.shape), generator, x0)
         prediction = model(self.q_sample(x0, t_B, noise), t_B, cond)
-        return self.loss(prediction, self.target(x0, noise, t_B), padding_mask)
+        weight_B = None if self.cfg.loss_weighting == "uniform" else self.loss_weights(t_B)
+        return self.loss(prediction, self.target(x0, noise, t_B), padding_mask, weight_B)
