@@ -286,6 +286,16 @@ def test_generation_heads_are_added_to_a_checkpoint_without_them(checkpoint):
     model, _ = model_from_checkpoint(checkpoint, cfg.model)
     assert model.generation is not None and model.cfg.generation == cfg.model.generation
     assert cfg.stages[0].generation == 1.0 and cfg.stages[0].alpha == 0.0
+    assert cfg.model.generation.diffusion.prediction == "v"
+    # overriding one diffusion field creates a partial section: it keeps v-prediction
+    weighted = build_generation_config(
+        read_config(checkpoint),
+        steps=5,
+        lr=1e-3,
+        overrides=["model.generation.diffusion.loss_weighting=min_snr"],
+    ).model.generation.diffusion
+    assert (weighted.prediction, weighted.loss_weighting) == ("v", "min_snr")
+    assert _config(diffusion={"prediction": "eps"}).model.generation.diffusion.prediction == "eps"
 
 
 def test_repeats_draw_each_target_at_several_timesteps(batch, monkeypatch):
