@@ -147,6 +147,19 @@ def test_the_serve_config_file_builds_a_valid_config():
         load_serve_config(None, None, [])
 
 
+def test_a_partial_deployment_section_keeps_its_default_cpus():
+    """``--set`` of one deployment option creates a section holding only that option: the rest
+    are the deployment's defaults, its CPU share included, not `DeploymentConfig`'s."""
+    cfg, _ = load_serve_config(
+        None, "/ckpt", ["model.max_ongoing_requests=64", "ingress.ray_actor_options.num_gpus=0"]
+    )
+    assert cfg.model.max_ongoing_requests == 64
+    assert cfg.model.ray_actor_options == {"num_cpus": 1}
+    assert cfg.ingress.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0}
+    cfg, _ = load_serve_config(None, "/ckpt", ["model.ray_actor_options.num_cpus=4"])
+    assert cfg.model.ray_actor_options == {"num_cpus": 4}
+
+
 def test_the_cli_refuses_a_missing_or_damaged_checkpoint_before_starting_ray(
     checkpoint, tmp_path, capsys
 ):
