@@ -309,7 +309,8 @@ def jin_tiny() -> dict[str, Any]:
     # Two zoom levels (whole image, half-side crop), both resampled to 32 pixels: z-JEPA's equal
     # token budget per level (coarse whole, fine crop at its native resolution), and a quarter of
     # the tokens of full-size levels. z-JEPA at 64 pixels was 60% of a multimodal step.
-    model["zjepa"] = {"num_z_levels": 2, "zoom_factors": (1.0, 0.5)}
+    # (roi_max_scale_change: jin_zjepa's default, which the demo has always trained with)
+    model["zjepa"] = {"num_z_levels": 2, "zoom_factors": (1.0, 0.5), "roi_max_scale_change": 1.5}
     model["zoom_crop_size"] = 32
     # I-JEPA's EMA schedule (0.996 -> 1) is made for hundreds of epochs. In a 340-step run the
     # target then tracks the online network within a few hundred steps and both fall to

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from jin_backbone import DiffusionConfig, GaussianDiffusion, KVCache, ddim_sample
@@ -132,16 +132,6 @@ class GenerationConfig(StrictConfig):
     image_weight: float = Field(1.0, ge=0.0)
     audio_weight: float = Field(1.0, ge=0.0)
     text_weight: float = Field(1.0, ge=0.0)
-
-    @field_validator("diffusion", mode="before")
-    @classmethod
-    def _diffusion_predicts_v(cls, value: Any) -> Any:
-        """A partial ``diffusion`` section (``--set model.generation.diffusion.X=...`` on a
-        checkpoint without generation heads) keeps this section's default prediction, v, instead
-        of `DiffusionConfig`'s eps."""
-        if isinstance(value, Mapping):
-            return {"prediction": "v", **value}
-        return value
 
     @model_validator(mode="after")
     def _check(self) -> GenerationConfig:

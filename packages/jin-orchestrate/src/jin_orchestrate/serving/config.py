@@ -8,17 +8,13 @@ keys, like every Jin config.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from jin_orchestrate._config import StrictConfig
 
 __all__ = ["DeploymentConfig", "ServeConfig"]
-
-# CPUs each deployment's replica reserves unless its ray_actor_options say otherwise
-DEFAULT_CPUS = {"model": 1, "ingress": 0.5}
 
 
 class DeploymentConfig(StrictConfig):
@@ -88,31 +84,13 @@ class ServeConfig(StrictConfig):
         None, description="one GPU per model replica (default: when the cluster has GPUs)"
     )
     model: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(
-            ray_actor_options={"num_cpus": DEFAULT_CPUS["model"]}
-        ),
+        default_factory=lambda: DeploymentConfig(ray_actor_options={"num_cpus": 1}),
         description="the model deployment (Embedder): batching, weights, GPU",
     )
     ingress: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(
-            ray_actor_options={"num_cpus": DEFAULT_CPUS["ingress"]}
-        ),
+        default_factory=lambda: DeploymentConfig(ray_actor_options={"num_cpus": 0.5}),
         description="the HTTP deployment (Ingress): validation and decoding, CPU only",
     )
-
-    @field_validator("model", "ingress", mode="before")
-    @classmethod
-    def _keep_default_cpus(cls, value: Any, info: ValidationInfo) -> Any:
-        """A section that sets some options (``--set model.max_ongoing_requests=8``, a config
-        file's ``ingress: {num_replicas: 2}``) keeps the deployment's default ``num_cpus``
-        unless its ``ray_actor_options`` name one."""
-        if isinstance(value, Mapping):
-            actor = {"num_cpus": DEFAULT_CPUS[info.field_name or ""]}
-            return {
-                **value,
-                "ray_actor_options": {**actor, **(value.get("ray_actor_options") or {})},
-            }
-        return value
 
     @model_validator(mode="after")
     def _check_concurrency(self) -> ServeConfig:
