@@ -141,9 +141,8 @@ class GaussianDiffusion(nn.Module):
             weights = snr.clamp_max(cfg.min_snr_gamma) / implied
         # Mean 1 over the schedule: the weighting moves the loss between timesteps, not the size
         # of the whole against the other objectives it is summed with.
-        scale = weights.mean()
-        self.loss_weight_scale = float(scale)
-        self.register_buffer("loss_weight_table", (weights / scale).float(), False)
+        self.loss_weight_scale = float(weights.mean())
+        self.register_buffer("loss_weight_table", (weights / weights.mean()).float(), False)
 
     @property
     def num_timesteps(self) -> int:
