@@ -148,7 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trained", type=Path, help="score this generation checkpoint, no training")
     p.add_argument("--data", help="jin-data URL (default: the demo's NumberWorld corpus)")
     p.add_argument("--steps", type=int, default=900)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="peak learning rate (1e-3, the rate of the commands recorded in "
+        "results/generation.md that do not name one; `generate train` defaults to 2e-3)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=int, default=100, help="generated samples per direction")
     p.add_argument("--ddim-steps", type=int, default=50)

@@ -374,6 +374,20 @@ def test_generation_configs_are_validated():
         JinConfig.model_validate(data)
 
 
+def test_generate_train_fine_tunes_at_2e_3_unless_told():
+    """The default of `generate train --lr` is the rate that met the generation targets (0.16.4);
+    ``--lr`` still sets it."""
+    from jin_orchestrate.generate import _train_parser, build_generation_config
+
+    def stage_lr(*argv: str) -> float:
+        args = _train_parser().parse_args(["--checkpoint", "ckpt", *argv])
+        cfg = build_generation_config(preset("jin-test"), steps=args.steps, lr=args.lr)
+        return cfg.stages[0].lr
+
+    assert stage_lr() == 2e-3
+    assert stage_lr("--lr", "5e-4") == 5e-4
+
+
 # -- Griffin-Lim ---------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ Training (a generation fine-tune of a pretrained checkpoint: one stage with the 
 objective, run on Ray Train and tracked in MLflow exactly as pretraining's stages are)::
 
     python -m jin_orchestrate.generate train --checkpoint runs:/RUN_ID/final_checkpoint \\
-        [--steps 1000 --lr 1e-3 --image-size 32 --set model.generation.cond_dropout=0.2]
+        [--steps 1000 --lr 2e-3 --image-size 32 --set model.generation.cond_dropout=0.2]
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def _train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", help="fsspec URL of jin-data shards (default: the checkpoint's)")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--image-size", type=int, help="side of generated images (default 32)")
     add_job_arguments(p, experiment="jin-generate")
     return p
