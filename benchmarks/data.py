@@ -13,6 +13,8 @@ Measured side by side in one run, each case in a fresh subprocess (so peak RSS i
 - ``ray`` — `jin_data.ray_data.read_ray_dataset` + ``iter_torch_batches`` on a private local Ray
   (2 CPUs; `ray.init` excluded, the first tasks' worker start-up and imports included; RSS is the
   driver's only, Ray's worker processes are not counted);
+- ``ray-warm`` — the same, timing a second epoch in the same Ray session (its worker processes
+  started and their imports done): what a multi-epoch Ray Train job sees after its first epoch;
 - ``per-file`` — the baseline a user writes by hand: one PNG, one WAV and one JSON file per sample,
   a map-style Dataset, a padding collate_fn and a DataLoader with 2 workers.
 Also the NumberWorld generation speed, with a cold and with a warm speech cache.
@@ -97,7 +99,8 @@ def case_jin_inline(url: str, workers: int) -> tuple[int, tuple[float, float]]:
     return case_jin(url, workers, read_ahead=0)
 
 
-def case_ray(url: str, workers: int) -> tuple[int, tuple[float, float]]:
+def case_ray(url: str, workers: int, epochs: int = 1) -> tuple[int, tuple[float, float]]:
+    """The last of ``epochs`` epochs over one `read_ray_dataset` (the earlier ones not timed)."""
     import ray
 
     from jin_data.ray_data import ray_collate_fn, read_ray_dataset
@@ -106,11 +109,18 @@ def case_ray(url: str, workers: int) -> tuple[int, tuple[float, float]]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     clock = Clock()
     dataset = read_ray_dataset(url)
-    batches = dataset.iter_torch_batches(batch_size=BATCH, collate_fn=ray_collate_fn())
-    rows = _drain(batches)
-    elapsed = clock.read()
+    for epoch in range(epochs):
+        if epoch:
+            clock = Clock()
+        batches = dataset.iter_torch_batches(batch_size=BATCH, collate_fn=ray_collate_fn())
+        rows = _drain(batches)
+        elapsed = clock.read()
     ray.shutdown()
     return rows, elapsed
+
+
+def case_ray_warm(url: str, workers: int) -> tuple[int, tuple[float, float]]:
+    return case_ray(url, workers, epochs=2)
 
 
 class PerFileDataset:
@@ -182,6 +192,7 @@ CASES = {
     "jin-int16": case_jin_int16,
     "jin-inline": case_jin_inline,
     "ray": case_ray,
+    "ray-warm": case_ray_warm,
     "per-file": case_per_file,
 }
 
@@ -307,6 +318,7 @@ def main() -> None:
             run_case("jin-inline", url, 0),
             run_case("jin-inline", url, 2),
             run_case("ray", url, 2),
+            run_case("ray-warm", url, 2),
         ]
     by = {(c["impl"], c["workers"]): c for c in cases if "error" not in c}
     ratios = {}
