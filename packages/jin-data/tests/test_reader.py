@@ -27,6 +27,29 @@ def test_union_over_ranks_and_workers_is_the_data_set_without_duplicates(dataset
     assert max(counts.values()) == 1
 
 
+@pytest.mark.parametrize("start", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_set_epoch_reaches_persistent_workers(dataset, start):
+    """Workers kept across epochs (``persistent_workers=True``) follow `set_epoch`: each epoch
+    gives the batches that workers started for that epoch give, and the epochs differ."""
+
+    def ids(loader) -> list[str]:
+        return [i for batch in loader for i in batch["id"]]
+
+    data = ShardDataset(dataset, batch_size=4, seed=3)
+    kept = data.dataloader(num_workers=2, persistent_workers=True, multiprocessing_context=start)
+    epochs = []
+    for epoch in (0, 1, 2):
+        data.set_epoch(epoch)
+        epochs.append(ids(kept))
+        fresh = ShardDataset(dataset, batch_size=4, seed=3, epoch=epoch)
+        assert epochs[-1] == ids(fresh.dataloader(num_workers=2))
+    assert epochs[0] != epochs[1] != epochs[2]
+    with pytest.raises(ValueError, match="epoch: expected an integer >= 0, received -1"):
+        data.set_epoch(-1)
+    with pytest.raises(ValueError, match=r"epoch: expected an integer >= 0, received 1\.5"):
+        ShardDataset(dataset, batch_size=4, epoch=1.5)
+
+
 def test_same_seed_and_epoch_same_batches_other_epoch_other_order(dataset):
     first = _ids(dataset, batch_size=7, seed=3, epoch=1)
     assert first == _ids(dataset, batch_size=7, seed=3, epoch=1)

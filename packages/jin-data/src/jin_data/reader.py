@@ -303,8 +303,9 @@ class ShardDataset(IterableDataset):
     counts unreadable shards, row groups and rows; each consumer logs the count when its epoch
     ends and keeps it in ``last_report`` (in-process loading).
 
-    Call `set_epoch` before each epoch, as with ``DistributedSampler``. Use non-persistent
-    workers (the default) so the workers see the new epoch.
+    Call `set_epoch` before each epoch, as with ``DistributedSampler``. The epoch lives in shared
+    memory, so DataLoader workers see it too, persistent ones (``persistent_workers=True``, which
+    are not started again every epoch) included.
     """
 
     def __init__(
@@ -338,13 +339,27 @@ class ShardDataset(IterableDataset):
             **options,
         )
         self.url = url
+        # One int64 in shared memory: DataLoader workers, forked or spawned, map the same one, so
+        # `set_epoch` in the main process reaches workers that persist across epochs.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.epoch = epoch
         self.fs, self.shards = list_shards(url, on_error)
         self.last_report: EpochReport | None = None
         load_lazy_modules()  # here, before the DataLoader forks its workers
 
+    @property
+    def epoch(self) -> int:
+        """The epoch whose order the next iteration follows."""
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch: expected an integer >= 0, received {epoch!r}")
+        self._epoch.fill_(int(epoch))
+
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order the next iteration follows."""
+        """Choose the epoch whose order the next iteration follows (in every worker as well)."""
         self.epoch = epoch
 
     @property
