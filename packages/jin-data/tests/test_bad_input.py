@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jin_data import DecodeError, SchemaError, ShardDataset, ShardError, write_dataset
+from jin_data import DataError, DecodeError, SchemaError, ShardDataset, ShardError, write_dataset
 
 
 def _read_all(url, **kwargs):
@@ -115,3 +115,46 @@ def test_undecodable_rows_skipped_and_reported(broken_rows, caplog):
     assert report.skipped_rows == 2 and report.rows == 10
     assert "column='image'" in report.errors[0] and "column='audio'" in report.errors[1]
     assert "skipped 2 rows, read 10" in caplog.text
+
+
+def _two_rank_rows(tmp_path, broken: range):
+    """16 rows in row groups of 4; rank 0 of 2 reads row groups 0 and 2, rank 1 groups 1 and 3
+    (no shuffle); the rows in ``broken`` hold an image that does not decode."""
+    rows = [{"id": f"r{i:02d}", "image": np.full((2, 2), i, np.uint8)} for i in range(16)]
+    for i in broken:
+        rows[i]["image"] = b"\x89PNG\r\n\x1a\nnot really a png"
+    url = str(tmp_path / "ranks")
+    write_dataset(rows, url, row_group_size=4)
+    return url
+
+
+def _rank_batches(url, rank):
+    data = ShardDataset(
+        url,
+        batch_size=4,
+        shuffle=False,
+        rank=rank,
+        world_size=2,
+        equal_batches=True,
+        on_error="skip",
+    )
+    return data, [b["id"] for b in data]
+
+
+def test_equal_batches_repeat_a_batch_when_skipped_rows_leave_a_rank_short(tmp_path, caplog):
+    url = _two_rank_rows(tmp_path, range(12, 16))  # all of row group 3: rank 1 fills 1 of 2
+    with caplog.at_level(logging.WARNING, logger="jin_data"):
+        _, first = _rank_batches(url, 0)
+        data, second = _rank_batches(url, 1)
+    assert len(first) == len(second) == 2
+    assert second == [[f"r{i:02d}" for i in range(4, 8)]] * 2
+    report = data.last_report
+    assert (report.skipped_rows, report.repeated_batches, report.left_out_rows) == (4, 1, 0)
+    assert "left it 1 batches short of its quota of 2" in caplog.text
+
+
+def test_equal_batches_name_a_rank_with_nothing_to_give(tmp_path):
+    url = _two_rank_rows(tmp_path, [*range(4, 8), *range(12, 16)])  # all of rank 1's rows
+    assert len(_rank_batches(url, 0)[1]) == 2
+    with pytest.raises(DataError, match=r"equal_batches: rank 1 worker 0 read no batch of the 2"):
+        _rank_batches(url, 1)

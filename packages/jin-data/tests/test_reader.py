@@ -4,6 +4,7 @@ import collections
 import itertools
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,46 @@ def test_set_epoch_reaches_persistent_workers(dataset, start):
         data.set_epoch(-1)
     with pytest.raises(ValueError, match=r"epoch: expected an integer >= 0, received 1\.5"):
         ShardDataset(dataset, batch_size=4, epoch=1.5)
+
+
+def test_equal_quotas_take_from_the_fullest_workers():
+    from jin_data.reader import equal_quotas
+
+    # rows per consumer (rank * workers + worker), batches of 2
+    assert equal_quotas(np.array([10, 3, 7, 7]), 2, 2, 2).tolist() == [5, 1, 3, 3]
+    assert equal_quotas(np.array([9, 9, 2, 2]), 2, 2, 2).tolist() == [1, 1, 1, 1]
+    assert equal_quotas(np.array([9, 1, 3, 4, 8, 8]), 2, 3, 2).tolist() == [3, 0, 1, 2, 1, 2]
+    assert equal_quotas(np.array([1, 9]), 2, 2, 1).tolist() == [0, 0]
+
+
+@pytest.mark.parametrize(("split", "workers", "size"), [(None, 0, 4), ("train", 2, 2)])
+def test_equal_batches_give_every_rank_the_same_number_of_full_batches(
+    dataset, split, workers, size
+):
+    """The DDP contract: every rank yields as many full batches as the emptiest rank can fill;
+    nothing is read twice, and in-process the rows left out are counted."""
+    world = 3
+    for epoch in (0, 1):
+        per_rank, seen, fillable = [], [], []
+        for rank in range(world):
+            common = {"batch_size": size, "seed": 7, "epoch": epoch, "split": split}
+            common |= {"rank": rank, "world_size": world}
+            data = ShardDataset(dataset, equal_batches=True, **common)
+            batches = list(data.dataloader(num_workers=workers))
+            per_rank.append(len(batches))
+            assert all(len(b["id"]) == size for b in batches)
+            seen += [i for b in batches for i in b["id"]]
+            # What this rank reads without the option: its rows, and the full batches of them.
+            alone = [b["id"] for b in ShardDataset(dataset, **common).dataloader(workers)]
+            fillable.append(sum(len(ids) == size for ids in alone))
+            if workers == 0:
+                rows = sum(len(ids) for ids in alone)
+                assert data.last_report.rows == len(batches) * size
+                assert data.last_report.left_out_rows == rows - len(batches) * size
+        assert per_rank == [min(fillable)] * world and min(fillable) > 0
+        assert len(seen) == len(set(seen))
+        if split is not None:
+            assert all(i in set(_ids(dataset, batch_size=4, split=split)) for i in seen)
 
 
 def test_same_seed_and_epoch_same_batches_other_epoch_other_order(dataset):
@@ -142,7 +183,6 @@ def test_worker_batches_equal_in_process_ones_and_share_one_buffer(dataset):
 
 @pytest.mark.parametrize("groups", [12, 120])
 def test_shuffle_pool_is_bounded_and_rows_move_at_most_a_buffer(dataset, groups):
-    import numpy as np
     import pyarrow as pa
 
     size, buffer, rows = 4, 30, 5

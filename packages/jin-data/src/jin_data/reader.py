@@ -72,6 +72,12 @@ class LoaderConfig(StrictConfig):
     audio_sample_rate: int = Field(default=16000, ge=1)
     audio_dtype: AudioDtype = "float32"
     image_mode: Literal["L", "RGB"] | None = None
+    equal_batches: bool = Field(
+        default=False,
+        description="every rank yields the same number of full batches per epoch, as "
+        "DistributedDataParallel needs: the most that every rank can fill; rows beyond a "
+        "consumer's quota are left out of the epoch and counted",
+    )
     read_ahead: int = Field(
         default=2,
         ge=0,
@@ -104,6 +110,10 @@ class EpochReport:
     rows: int = 0
     skipped_rows: int = 0
     errors: list[str] = field(default_factory=list)
+    # equal_batches: rows read past this consumer's quota of batches (not yielded this epoch), and
+    # batches yielded again because skipped rows left it short of its quota.
+    left_out_rows: int = 0
+    repeated_batches: int = 0
 
 
 @dataclass(frozen=True)
@@ -294,6 +304,22 @@ def _read_ahead(items: Iterator[_T], depth: int) -> Iterator[_T]:
         thread.join()
 
 
+def equal_quotas(rows: np.ndarray, batch_size: int, world_size: int, workers: int) -> np.ndarray:
+    """Full batches each consumer yields so that every rank yields the same number.
+
+    ``rows`` holds the rows of each consumer (``rank * workers + worker``). A rank's total is the
+    least any rank can fill with full batches; a rank with more gives up batches from its
+    fullest workers first (lowest worker first among equals), so the rows left out spread over
+    its workers.
+    """
+    full = (np.asarray(rows, np.int64) // batch_size).reshape(world_size, workers)
+    target = int(full.sum(axis=1).min())
+    for rank in range(world_size):
+        for _ in range(int(full[rank].sum()) - target):
+            full[rank, int(np.argmax(full[rank]))] -= 1
+    return full.reshape(-1)
+
+
 class ShardDataset(IterableDataset):
     """Batches of collated tensors streamed from the jin-data set at ``url``.
 
@@ -345,6 +371,9 @@ class ShardDataset(IterableDataset):
         self.epoch = epoch
         self.fs, self.shards = list_shards(url, on_error)
         self.last_report: EpochReport | None = None
+        self._split_counts: list[tuple[int, ...]] | None = None
+        if self.config.equal_batches:
+            self._split_rows()  # read here, once, rather than in every worker
         load_lazy_modules()  # here, before the DataLoader forks its workers
 
     @property
@@ -467,41 +496,28 @@ class ShardDataset(IterableDataset):
         consumer, consumers, worker = self._consumer()
         epoch = self.epoch
         report = EpochReport(epoch=epoch, rank=self.config.rank, worker=worker)
-        decoder = Decoder(
-            audio_sample_rate=self.config.audio_sample_rate,
-            image_mode=self.config.image_mode,
-            on_error=self.config.on_error,
-        )
-        modalities = self.config.modalities or list(MODALITIES)
-        # In a DataLoader worker the batch is built in shared memory (see `build_batch`).
-        shared = get_worker_info() is not None
-        units = self.plan(epoch)[consumer::consumers]
-        rng = np.random.default_rng([self.config.seed, epoch, consumer])
-        tables = _read_ahead(self._row_groups(units, report), self.config.read_ahead)
-        for pool, rows in self._batches(tables, rng):
-            table = _gather([slot.small for slot in pool], rows)
-            pairs = rows.tolist()
-            images = [pool[s].images[r] for s, r in pairs] if "image" in modalities else None
-            audio = [pool[s].audio[r] for s, r in pairs] if "audio" in modalities else None
-            media = decoder.decode_media(table, images, audio)
-            for error in media.errors:
-                self._fail(error, report, 1)
-            pixels, waves = media.images, media.waves
-            if not media.keep.all():
-                table = table.filter(bool_array(media.keep))
-                kept = np.flatnonzero(media.keep)
-                pixels = None if pixels is None else [pixels[i] for i in kept]
-                waves = None if waves is None else [waves[i] for i in kept]
-            if table.num_rows:
-                report.rows += table.num_rows
-                yield build_batch(
-                    table,
-                    modalities,
-                    images=pixels,
-                    waves=waves,
-                    audio_dtype=self.config.audio_dtype,
-                    shared=shared,
+        plan = self.plan(epoch)
+        units = plan[consumer::consumers]
+        batches = self._epoch_batches(units, epoch, consumer, report)
+        if self.config.equal_batches:
+            rows = [self._rows_of(plan[c::consumers]) for c in range(consumers)]
+            workers = consumers // self.config.world_size
+            quota = int(
+                equal_quotas(
+                    np.array(rows), self.config.batch_size, self.config.world_size, workers
+                )[consumer]
+            )
+            if quota == 0:
+                logger.warning(
+                    "jin_data: epoch %d of %r: equal_batches: some rank cannot fill one batch of "
+                    "%d rows, so every rank's epoch is empty",
+                    epoch,
+                    self.url,
+                    self.config.batch_size,
                 )
+            yield from self._quota(batches, quota, rows[consumer], report)
+        else:
+            yield from batches
         self.last_report = report
         if report.skipped_rows:
             logger.warning(
@@ -515,6 +531,139 @@ class ShardDataset(IterableDataset):
                 report.rows,
                 report.errors[:3],
             )
+
+    def _epoch_batches(
+        self, units: list[tuple[int, int]], epoch: int, consumer: int, report: EpochReport
+    ) -> Iterator[dict[str, Any]]:
+        """This consumer's batches of the epoch: read, shuffled, decoded and collated."""
+        decoder = Decoder(
+            audio_sample_rate=self.config.audio_sample_rate,
+            image_mode=self.config.image_mode,
+            on_error=self.config.on_error,
+        )
+        modalities = self.config.modalities or list(MODALITIES)
+        # In a DataLoader worker the batch is built in shared memory (see `build_batch`).
+        shared = get_worker_info() is not None
+        rng = np.random.default_rng([self.config.seed, epoch, consumer])
+        tables = _read_ahead(self._row_groups(units, report), self.config.read_ahead)
+        try:
+            for pool, rows in self._batches(tables, rng):
+                table = _gather([slot.small for slot in pool], rows)
+                pairs = rows.tolist()
+                images = [pool[s].images[r] for s, r in pairs] if "image" in modalities else None
+                audio = [pool[s].audio[r] for s, r in pairs] if "audio" in modalities else None
+                media = decoder.decode_media(table, images, audio)
+                for error in media.errors:
+                    self._fail(error, report, 1)
+                pixels, waves = media.images, media.waves
+                if not media.keep.all():
+                    table = table.filter(bool_array(media.keep))
+                    kept = np.flatnonzero(media.keep)
+                    pixels = None if pixels is None else [pixels[i] for i in kept]
+                    waves = None if waves is None else [waves[i] for i in kept]
+                if table.num_rows:
+                    report.rows += table.num_rows
+                    yield build_batch(
+                        table,
+                        modalities,
+                        images=pixels,
+                        waves=waves,
+                        audio_dtype=self.config.audio_dtype,
+                        shared=shared,
+                    )
+        finally:
+            tables.close()  # stops and joins the read-ahead thread when the epoch ends early
+
+    def _rows_of(self, units: list[tuple[int, int]]) -> int:
+        """Rows that ``units`` hold of this reader's split (read once, see `_split_rows`)."""
+        counts = self._split_rows()
+        return sum(counts[s][g] for s, g in units)
+
+    def _split_rows(self) -> list[tuple[int, ...]]:
+        """Rows of each row group, by shard, counting only this reader's split.
+
+        From the manifest without a split filter; with one, the ``split`` column of every row
+        group is read once per dataset object. A shard or row group that does not read counts 0
+        under ``on_error="skip"`` (it is skipped when read, too) and raises otherwise.
+        """
+        if self.config.split is None:
+            return [shard.row_groups for shard in self.shards]
+        if self._split_counts is None:
+            counts = []
+            for shard in self.shards:
+                rows = [0] * len(shard.row_groups)
+                try:
+                    parquet = open_shard(self.fs, shard)
+                    for g in range(len(shard.row_groups)):
+                        try:
+                            split = read_row_group(parquet, shard, g, ["split"], self.config.split)
+                            rows[g] = split.num_rows
+                        except ShardError:
+                            if self.config.on_error == "raise":
+                                raise
+                except DataError:
+                    if self.config.on_error == "raise":
+                        raise
+                counts.append(tuple(rows))
+            self._split_counts = counts
+        return self._split_counts
+
+    def _quota(
+        self,
+        batches: Iterator[dict[str, Any]],
+        quota: int,
+        expected_rows: int,
+        report: EpochReport,
+    ) -> Iterator[dict[str, Any]]:
+        """Exactly ``quota`` batches of ``batches`` (`equal_batches`): the rest of the epoch is
+        left out and counted; a consumer that skipped rows and fell short yields its last batch
+        again, counted and logged, so that the ranks stay in step."""
+        last = None
+        given = 0
+        try:
+            while given < quota:
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                yield batch
+                last, given = batch, given + 1
+        finally:
+            batches.close()
+        report.left_out_rows = max(0, expected_rows - report.rows - report.skipped_rows)
+        if report.left_out_rows:
+            logger.info(
+                "jin_data: epoch %d rank %d worker %d of %r: equal_batches left %d rows out",
+                report.epoch,
+                report.rank,
+                report.worker,
+                self.url,
+                report.left_out_rows,
+            )
+        if given < quota:
+            if last is None:
+                raise DataError(
+                    f"equal_batches: rank {report.rank} worker {report.worker} read no batch "
+                    f"of the {quota} it owes this epoch ({report.skipped_rows} rows skipped); "
+                    "the ranks cannot stay in step",
+                    url=self.url,
+                )
+            report.repeated_batches = quota - given
+            logger.warning(
+                "jin_data: epoch %d rank %d worker %d of %r: %d skipped rows left it %d batches "
+                "short of its quota of %d; its last batch is given again to keep the ranks in step",
+                report.epoch,
+                report.rank,
+                report.worker,
+                self.url,
+                report.skipped_rows,
+                report.repeated_batches,
+                quota,
+            )
+            for _ in range(report.repeated_batches):
+                yield {
+                    k: v.clone() if isinstance(v, torch.Tensor) else list(v)
+                    for k, v in last.items()
+                }
 
     def dataloader(self, num_workers: int = 0, **kwargs: Any) -> DataLoader:
         """A ``DataLoader`` over these ready-made batches (``batch_size=None``)."""
