@@ -24,13 +24,15 @@ def test_truncated_shard_names_url(dataset):
         _read_all(dataset)
 
 
-def test_truncated_shard_is_skipped_and_counted(dataset, caplog):
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_truncated_shard_is_skipped_and_counted(dataset, caplog, read_threads):
     path = f"{dataset}/shard-00002.parquet"
     data = Path(path).read_bytes()
     Path(path).write_bytes(data[:-100])
     with caplog.at_level(logging.WARNING, logger="jin_data"):
-        reader, ids = _read_all(dataset, on_error="skip")
+        reader, ids = _read_all(dataset, on_error="skip", read_threads=read_threads)
     assert len(ids) == 44 and reader.last_report.skipped_rows == 16
+    assert len(reader.last_report.errors) == 1  # the shard, once
     assert "skipped 16 rows" in caplog.text and "shard-00002.parquet" in caplog.text
 
 
@@ -62,17 +64,19 @@ def _corrupt_row_group(url, shard, row_group):
     Path(path).write_bytes(bytes(data))
 
 
-def test_corrupt_page_names_url_and_row_group(dataset):
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_corrupt_page_names_url_and_row_group(dataset, read_threads):
     _corrupt_row_group(dataset, 1, 2)
     with pytest.raises(ShardError) as err:
-        _read_all(dataset)
+        _read_all(dataset, read_threads=read_threads)
     assert err.value.url.endswith("shard-00001.parquet") and err.value.row_group == 2
     assert "row_group=2" in str(err.value)
 
 
-def test_corrupt_row_group_skipped_and_counted(dataset, samples):
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_corrupt_row_group_skipped_and_counted(dataset, samples, read_threads):
     _corrupt_row_group(dataset, 1, 2)
-    reader, ids = _read_all(dataset, on_error="skip")
+    reader, ids = _read_all(dataset, on_error="skip", read_threads=read_threads)
     lost = {s["id"] for s in samples[26:31]}  # shard 1 starts at row 16; row group 2 = rows 10..14
     assert set(ids) == {s["id"] for s in samples} - lost
     assert reader.last_report.skipped_rows == 5

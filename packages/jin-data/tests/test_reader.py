@@ -198,17 +198,48 @@ def test_shuffle_pool_is_bounded_and_rows_move_at_most_a_buffer(dataset, groups)
     assert max(i - arrival[row_id] for i, row_id in enumerate(emitted)) <= buffer + rows + size
 
 
-@pytest.mark.parametrize("read_ahead", [1, 3])
-def test_reading_ahead_gives_the_batches_of_reading_inline(dataset, read_ahead):
-    def batches(depth):
-        return list(ShardDataset(dataset, batch_size=6, seed=4, read_ahead=depth))
+@pytest.mark.parametrize(("read_ahead", "read_threads"), [(1, 1), (3, 1), (0, 3), (2, 4)])
+def test_reading_ahead_gives_the_batches_of_reading_inline(dataset, read_ahead, read_threads):
+    def batches(depth, threads):
+        options = {"read_ahead": depth, "read_threads": threads}
+        return list(ShardDataset(dataset, batch_size=6, seed=4, **options))
 
-    inline, ahead = batches(0), batches(read_ahead)
+    inline, ahead = batches(0, 1), batches(read_ahead, read_threads)
     assert [b["id"] for b in ahead] == [b["id"] for b in inline]
     for a, b in zip(ahead, inline, strict=True):
         for key, value in b.items():
             if isinstance(value, torch.Tensor):
                 assert torch.equal(a[key], value), key
+
+
+def test_threaded_reads_keep_order_raise_in_place_and_stop_when_abandoned():
+    import threading
+    import time
+
+    from jin_data.reader import _ordered_map
+
+    def slow_square(i):
+        time.sleep(0.001 * (7 - i % 7))  # later items often finish first
+        if i == 30:
+            raise ValueError("row group 30 is bad")
+        return i * i
+
+    results = _ordered_map(slow_square, range(40), 4, 2)
+    assert [next(results) for _ in range(30)] == [i * i for i in range(30)]
+    with pytest.raises(ValueError, match="row group 30 is bad"):
+        next(results)
+
+    started = []
+
+    def record(i):
+        started.append(i)
+        return i
+
+    results = _ordered_map(record, itertools.count(), 3, 2)
+    assert [next(results) for _ in range(4)] == [0, 1, 2, 3]
+    results.close()
+    assert not any(t.name.startswith("jin-data-read_") for t in threading.enumerate())
+    assert len(started) <= 4 + 3 + 2  # at most threads + depth ahead of the consumer
 
 
 def test_read_ahead_keeps_order_raises_in_place_and_stops_when_abandoned():

@@ -18,7 +18,9 @@ import logging
 import posixpath
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -54,6 +56,7 @@ _MAX_REPORTED_ERRORS = 20
 # add to (module-level: a dataset is pickled into DataLoader workers, a lock could not be).
 _REPORT_LOCK = threading.Lock()
 _T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class LoaderConfig(StrictConfig):
@@ -83,6 +86,13 @@ class LoaderConfig(StrictConfig):
         ge=0,
         description="row groups read ahead on a background thread while the current ones are "
         "decoded (Arrow reads without the GIL); 0 reads them inline",
+    )
+    read_threads: int = Field(
+        default=1,
+        ge=1,
+        description="row groups fetched at once, each on its own thread and file handle, in "
+        "order: for remote storage, where a request's latency rather than the CPU bounds a "
+        "consumer; up to read_threads + read_ahead are read ahead of the one being decoded",
     )
 
     @field_validator("modalities")
@@ -320,6 +330,30 @@ def equal_quotas(rows: np.ndarray, batch_size: int, world_size: int, workers: in
     return full.reshape(-1)
 
 
+def _ordered_map(
+    function: Callable[[_T], _R], items: Iterable[_T], threads: int, depth: int
+) -> Iterator[_R]:
+    """``map(function, items)`` on ``threads`` threads, yielded in the order of ``items``, with at
+    most ``threads + depth`` items in flight.
+
+    An exception raised computing an item is raised here, in its place. When the consumer stops
+    early, the items not started are cancelled and the threads joined.
+    """
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="jin-data-read")
+    pending: deque[Future[_R]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= threads + depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+
+
 class ShardDataset(IterableDataset):
     """Batches of collated tensors streamed from the jin-data set at ``url``.
 
@@ -425,6 +459,9 @@ class ShardDataset(IterableDataset):
 
     def _row_groups(self, units: list[tuple[int, int]], report: EpochReport) -> Iterator[pa.Table]:
         """Read this consumer's row groups, with provenance columns, split-filtered."""
+        if self.config.read_threads > 1:
+            yield from self._row_groups_threaded(units, report)
+            return
         opened: tuple[int, pq.ParquetFile | None] = (-1, None)
         for s, g in units:
             shard = self.shards[s]
@@ -444,6 +481,53 @@ class ShardDataset(IterableDataset):
                 yield read_row_group(parquet, shard, g, self.columns, self.config.split)
             except ShardError as err:
                 self._fail(err, report, expected)
+
+    def _row_groups_threaded(
+        self, units: list[tuple[int, int]], report: EpochReport
+    ) -> Iterator[pa.Table]:
+        """`_row_groups` on ``read_threads`` threads, each with its own handle of the shard it last
+        read; the same tables in the same order, the same errors and counts."""
+        local = threading.local()
+        failed: set[int] = set()
+        lock = threading.Lock()
+
+        def handle(s: int) -> pq.ParquetFile | None:
+            cached = getattr(local, "shard", None)
+            if cached is not None and cached[0] == s:
+                return cached[1]
+            with lock:
+                if s in failed:
+                    return None
+            try:
+                parquet = open_shard(self.fs, self.shards[s])
+            except DataError as err:
+                with lock:
+                    first = s not in failed
+                    failed.add(s)
+                if first:  # reported once per shard, as when reading on one thread
+                    self._fail(err, report, 0)
+                return None
+            local.shard = (s, parquet)
+            return parquet
+
+        def read(unit: tuple[int, int]) -> pa.Table | None:
+            s, g = unit
+            shard = self.shards[s]
+            parquet = handle(s)
+            if parquet is None:  # unreadable shard
+                with _REPORT_LOCK:
+                    report.skipped_rows += shard.row_groups[g]
+                return None
+            try:
+                return read_row_group(parquet, shard, g, self.columns, self.config.split)
+            except ShardError as err:
+                self._fail(err, report, shard.row_groups[g])
+                return None
+
+        threads, depth = self.config.read_threads, self.config.read_ahead
+        for table in _ordered_map(read, units, threads, depth):
+            if table is not None:
+                yield table
 
     def _batches(
         self, tables: Iterator[pa.Table], rng: np.random.Generator
@@ -545,7 +629,9 @@ class ShardDataset(IterableDataset):
         # In a DataLoader worker the batch is built in shared memory (see `build_batch`).
         shared = get_worker_info() is not None
         rng = np.random.default_rng([self.config.seed, epoch, consumer])
-        tables = _read_ahead(self._row_groups(units, report), self.config.read_ahead)
+        tables = self._row_groups(units, report)
+        if self.config.read_threads == 1:
+            tables = _read_ahead(tables, self.config.read_ahead)
         try:
             for pool, rows in self._batches(tables, rng):
                 table = _gather([slot.small for slot in pool], rows)
