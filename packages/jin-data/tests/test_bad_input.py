@@ -16,12 +16,13 @@ def _read_all(url, **kwargs):
     return data, [i for batch in data for i in batch["id"]]
 
 
-def test_truncated_shard_names_url(dataset):
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_truncated_shard_names_url(dataset, read_threads):
     path = f"{dataset}/shard-00002.parquet"
     data = Path(path).read_bytes()
     Path(path).write_bytes(data[: len(data) // 2])
     with pytest.raises(ShardError, match=r"url='[^']*shard-00002.parquet'.*cannot open shard"):
-        _read_all(dataset)
+        _read_all(dataset, read_threads=read_threads)
 
 
 @pytest.mark.parametrize("read_threads", [1, 3])

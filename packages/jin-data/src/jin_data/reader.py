@@ -488,7 +488,7 @@ class ShardDataset(IterableDataset):
         """`_row_groups` on ``read_threads`` threads, each with its own handle of the shard it last
         read; the same tables in the same order, the same errors and counts."""
         local = threading.local()
-        failed: set[int] = set()
+        failed: dict[int, DataError] = {}
         lock = threading.Lock()
 
         def handle(s: int) -> pq.ParquetFile | None:
@@ -496,19 +496,22 @@ class ShardDataset(IterableDataset):
             if cached is not None and cached[0] == s:
                 return cached[1]
             with lock:
-                if s in failed:
-                    return None
-            try:
-                parquet = open_shard(self.fs, self.shards[s])
-            except DataError as err:
-                with lock:
-                    first = s not in failed
-                    failed.add(s)
-                if first:  # reported once per shard, as when reading on one thread
-                    self._fail(err, report, 0)
-                return None
-            local.shard = (s, parquet)
-            return parquet
+                error = failed.get(s)
+            if error is None:
+                try:
+                    parquet = open_shard(self.fs, self.shards[s])
+                except DataError as err:
+                    with lock:
+                        first = s not in failed
+                        error = failed.setdefault(s, err)
+                    if first:  # reported once per shard, as when reading on one thread
+                        self._fail(err, report, 0)
+                else:
+                    local.shard = (s, parquet)
+                    return parquet
+            if self.config.on_error == "raise":  # whichever of its row groups comes first
+                raise error
+            return None
 
         def read(unit: tuple[int, int]) -> pa.Table | None:
             s, g = unit
