@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -63,26 +62,22 @@ def register_slow_filesystem(latency_s: float, bytes_per_s: float) -> None:
 
 
 def run_one(url: str, read_threads: int, workers: int, latency_s: float, bytes_per_s: float):
+    from data import Clock  # benchmarks/data.py: wall and CPU seconds, DataLoader workers included
+
     from jin_data import ShardDataset
 
     register_slow_filesystem(latency_s, bytes_per_s)
-
-    def cpu() -> float:
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        child = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + child.ru_utime + child.ru_stime
-
-    start, used = time.perf_counter(), cpu()
+    clock = Clock()
     data = ShardDataset(url, batch_size=BATCH, seed=0, read_threads=read_threads)
     rows = sum(len(b["id"]) for b in data.dataloader(num_workers=workers))
-    seconds = time.perf_counter() - start
+    seconds, cpu = clock.read()
     return {
         "read_threads": read_threads,
         "workers": workers,
         "samples": rows,
         "seconds": seconds,
         "samples_per_s": rows / seconds,
-        "cpu_us_per_sample": (cpu() - used) / rows * 1e6,
+        "cpu_us_per_sample": cpu / rows * 1e6,
     }
 
 

@@ -458,35 +458,13 @@ class ShardDataset(IterableDataset):
                 report.errors.append(str(error))
 
     def _row_groups(self, units: list[tuple[int, int]], report: EpochReport) -> Iterator[pa.Table]:
-        """Read this consumer's row groups, with provenance columns, split-filtered."""
-        if self.config.read_threads > 1:
-            yield from self._row_groups_threaded(units, report)
-            return
-        opened: tuple[int, pq.ParquetFile | None] = (-1, None)
-        for s, g in units:
-            shard = self.shards[s]
-            expected = shard.row_groups[g]
-            if opened[0] != s:
-                try:
-                    opened = (s, open_shard(self.fs, shard))
-                except DataError as err:
-                    opened = (s, None)
-                    self._fail(err, report, 0)
-            parquet = opened[1]
-            if parquet is None:  # unreadable shard, already reported once
-                with _REPORT_LOCK:
-                    report.skipped_rows += expected
-                continue
-            try:
-                yield read_row_group(parquet, shard, g, self.columns, self.config.split)
-            except ShardError as err:
-                self._fail(err, report, expected)
+        """Read this consumer's row groups, with provenance columns, split-filtered, in order.
 
-    def _row_groups_threaded(
-        self, units: list[tuple[int, int]], report: EpochReport
-    ) -> Iterator[pa.Table]:
-        """`_row_groups` on ``read_threads`` threads, each with its own handle of the shard it last
-        read; the same tables in the same order, the same errors and counts."""
+        With ``read_threads > 1`` they are fetched on that many threads, each with its own handle
+        of the shard it last read; the tables, errors and counts are those of one thread. A shard
+        that does not open is reported once; its row groups raise its error, or are counted as
+        skipped.
+        """
         local = threading.local()
         failed: dict[int, DataError] = {}
         lock = threading.Lock()
@@ -504,7 +482,7 @@ class ShardDataset(IterableDataset):
                     with lock:
                         first = s not in failed
                         error = failed.setdefault(s, err)
-                    if first:  # reported once per shard, as when reading on one thread
+                    if first:
                         self._fail(err, report, 0)
                 else:
                     local.shard = (s, parquet)
@@ -528,7 +506,8 @@ class ShardDataset(IterableDataset):
                 return None
 
         threads, depth = self.config.read_threads, self.config.read_ahead
-        for table in _ordered_map(read, units, threads, depth):
+        tables = _ordered_map(read, units, threads, depth) if threads > 1 else map(read, units)
+        for table in tables:
             if table is not None:
                 yield table
 
