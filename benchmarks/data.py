@@ -16,14 +16,19 @@ Measured side by side in one run, each case in a fresh subprocess (so peak RSS i
 - ``ray-warm`` — the same, timing a second epoch in the same Ray session (its worker processes
   started and their imports done): what a multi-epoch Ray Train job sees after its first epoch;
 - ``per-file`` — the baseline a user writes by hand: one PNG, one WAV and one JSON file per sample,
-  a map-style Dataset, a padding collate_fn and a DataLoader with 2 workers.
+  a map-style Dataset, a padding collate_fn and a DataLoader with 2 workers;
+- ``per-file-warm`` and ``jin-warm`` — the baseline (2 workers) and the reader (0 and 2 workers) in
+  later epochs: one process, persistent DataLoader workers, a first epoch untimed, then
+  ``WARM_EPOCHS`` epochs timed together. The ``-warm`` cases are compared with ``per-file-warm``,
+  the others with ``per-file``: a multi-epoch training job sees the warm figures after its first
+  epoch, a fresh process the others (start-up, imports in workers and first memory use included).
 Also the NumberWorld generation speed, with a cold and with a warm speech cache.
 
 Peak RSS is the case process's own high-water mark since it started (VmHWM; ru_maxrss would include
 the driver's RSS, which Linux carries across exec) plus that of its largest child (a DataLoader
 worker).
-CPU us/sample counts the case's process and its reaped children (DataLoader workers), not Ray's
-worker processes: on a shared machine it is steadier than samples/s.
+CPU us/sample counts the case's process and its children (DataLoader workers, persistent ones
+included), not Ray's worker processes: on a shared machine it is steadier than samples/s.
 Targets (issue 6): jin >= 5x per-file; peak RSS of jin-10x within 10% of jin (2 workers); jin >= 10x
 the demo model's CPU training step (pass its samples/s as --train-samples-per-s to get the ratio).
 """
@@ -32,14 +37,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BATCH = 64
+WARM_EPOCHS = 3
 
 
 def _own_peak_rss_kb() -> int:
@@ -59,8 +67,26 @@ def _peak_rss_mb() -> float:
     return (_own_peak_rss_kb() + child) / 1024.0
 
 
+def _live_children_cpu() -> float:
+    """CPU seconds of this process's children that are still running (persistent workers)."""
+    me, total = str(os.getpid()), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # Fields after the command's closing parenthesis: state, ppid, ..., utime, stime.
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # exited meanwhile
+            continue
+        if fields[1] == me:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 class Clock:
-    """Wall seconds and CPU seconds (this process and its reaped children: DataLoader workers)."""
+    """Wall seconds and CPU seconds (this process and its children: DataLoader workers).
+
+    A child counts while it runs (from /proc) and once reaped (``RUSAGE_CHILDREN``), so workers
+    that outlive an epoch (``persistent_workers``) are counted too, and none twice.
+    """
 
     def __init__(self) -> None:
         self.wall, self.cpu = time.perf_counter(), self._cpu()
@@ -69,7 +95,8 @@ class Clock:
     def _cpu() -> float:
         own = resource.getrusage(resource.RUSAGE_SELF)
         child = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + child.ru_utime + child.ru_stime
+        reaped = own.ru_utime + own.ru_stime + child.ru_utime + child.ru_stime
+        return reaped + (_live_children_cpu() if sys.platform == "linux" else 0.0)
 
     def read(self) -> tuple[float, float]:
         return time.perf_counter() - self.wall, self._cpu() - self.cpu
@@ -89,6 +116,28 @@ def case_jin(url: str, workers: int, **options) -> tuple[int, tuple[float, float
     data = ShardDataset(url, batch_size=BATCH, shuffle=True, seed=0, **options)
     rows = _drain(data.dataloader(num_workers=workers))
     return rows, clock.read()
+
+
+def _warm(epoch: Callable[[int], int]) -> tuple[int, tuple[float, float]]:
+    """Run ``epoch(0)`` untimed, then time epochs 1..WARM_EPOCHS together."""
+    epoch(0)
+    clock, rows = Clock(), 0
+    for number in range(1, WARM_EPOCHS + 1):
+        rows += epoch(number)
+    return rows, clock.read()
+
+
+def case_jin_warm(url: str, workers: int) -> tuple[int, tuple[float, float]]:
+    from jin_data import ShardDataset
+
+    data = ShardDataset(url, batch_size=BATCH, shuffle=True, seed=0)
+    loader = data.dataloader(num_workers=workers, persistent_workers=workers > 0)
+
+    def epoch(number: int) -> int:
+        data.set_epoch(number)
+        return _drain(loader)
+
+    return _warm(epoch)
 
 
 def case_jin_int16(url: str, workers: int) -> tuple[int, tuple[float, float]]:
@@ -171,19 +220,33 @@ def per_file_collate(rows: list[dict]) -> dict:
     }
 
 
-def case_per_file(root: str, workers: int) -> tuple[int, tuple[float, float]]:
+def _per_file_loader(root: str, workers: int, persistent: bool = False):
     from torch.utils.data import DataLoader
 
-    clock = Clock()
-    loader = DataLoader(
+    return DataLoader(
         PerFileDataset(root),
         batch_size=BATCH,
         shuffle=True,
         num_workers=workers,
         collate_fn=per_file_collate,
+        persistent_workers=persistent and workers > 0,
     )
-    rows = _drain(loader)
+
+
+def case_per_file(root: str, workers: int) -> tuple[int, tuple[float, float]]:
+    import torch.utils.data  # noqa: F401  imported before the clock, as the jin cases import jin_data
+
+    clock = Clock()
+    rows = _drain(_per_file_loader(root, workers))
     return rows, clock.read()
+
+
+def case_per_file_warm(root: str, workers: int) -> tuple[int, tuple[float, float]]:
+    import torch
+
+    torch.manual_seed(0)  # the sampler's shuffle
+    loader = _per_file_loader(root, workers, persistent=True)
+    return _warm(lambda number: _drain(loader))
 
 
 CASES = {
@@ -194,6 +257,8 @@ CASES = {
     "ray": case_ray,
     "ray-warm": case_ray_warm,
     "per-file": case_per_file,
+    "jin-warm": case_jin_warm,
+    "per-file-warm": case_per_file_warm,
 }
 
 
@@ -251,19 +316,26 @@ def generate(url: str, samples: int, cache: str) -> float:
     return samples / (time.perf_counter() - start)
 
 
+def _baseline(impl: str) -> str:
+    """The case ``impl`` is compared with: warm with warm, a fresh process with a fresh one."""
+    return "per-file-warm" if impl.endswith("-warm") else "per-file"
+
+
 def markdown(result: dict) -> str:
     lines = [
         "| impl | workers | samples/s | peak RSS (MB) | vs per-file | CPU us/sample |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    base = next(c["samples_per_s"] for c in result["cases"] if c["impl"] == "per-file")
+    bases = {c["impl"]: c["samples_per_s"] for c in result["cases"] if "error" not in c}
     for c in result["cases"]:
         if "error" in c:
             lines.append(f"| {c['impl']} | {c['workers']} | error | | | |")
             continue
+        base = bases.get(_baseline(c["impl"]))
+        ratio = f"{c['samples_per_s'] / base:.1f}x" if base else "-"
         lines.append(
             f"| {c['impl']} | {c['workers']} | {c['samples_per_s']:.0f} | "
-            f"{c['peak_rss_mb']:.0f} | {c['samples_per_s'] / base:.1f}x | "
+            f"{c['peak_rss_mb']:.0f} | {ratio} | "
             f"{c['cpu_us_per_sample']:.0f} |"
         )
     g = result["generation"]
@@ -319,6 +391,9 @@ def main() -> None:
             run_case("jin-inline", url, 2),
             run_case("ray", url, 2),
             run_case("ray-warm", url, 2),
+            run_case("per-file-warm", str(work / "per-file"), 2),
+            run_case("jin-warm", url, 0),
+            run_case("jin-warm", url, 2),
         ]
     by = {(c["impl"], c["workers"]): c for c in cases if "error" not in c}
     ratios = {}
@@ -326,6 +401,13 @@ def main() -> None:
         base = by[("per-file", 2)]["samples_per_s"]
         ratios["jin(0)/per-file"] = by[("jin", 0)]["samples_per_s"] / base
         ratios["jin(2)/per-file"] = by[("jin", 2)]["samples_per_s"] / base
+    if ("per-file-warm", 2) in by:
+        base = by[("per-file-warm", 2)]["samples_per_s"]
+        for workers in (0, 2):
+            if ("jin-warm", workers) in by:
+                ratios[f"jin-warm({workers})/per-file-warm"] = (
+                    by[("jin-warm", workers)]["samples_per_s"] / base
+                )
     for workers in (0, 2):
         if ("jin-inline", workers) in by and ("jin", workers) in by:
             inline = by[("jin-inline", workers)]["samples_per_s"]
