@@ -45,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 BATCH = 64
 WARM_EPOCHS = 3
@@ -102,7 +103,7 @@ class Clock:
         return time.perf_counter() - self.wall, self._cpu() - self.cpu
 
 
-def _drain(batches) -> int:
+def drain(batches) -> int:
     rows = 0
     for batch in batches:
         rows += len(batch["id"])
@@ -114,7 +115,7 @@ def case_jin(url: str, workers: int, **options) -> tuple[int, tuple[float, float
 
     clock = Clock()
     data = ShardDataset(url, batch_size=BATCH, shuffle=True, seed=0, **options)
-    rows = _drain(data.dataloader(num_workers=workers))
+    rows = drain(data.dataloader(num_workers=workers))
     return rows, clock.read()
 
 
@@ -135,7 +136,7 @@ def case_jin_warm(url: str, workers: int) -> tuple[int, tuple[float, float]]:
 
     def epoch(number: int) -> int:
         data.set_epoch(number)
-        return _drain(loader)
+        return drain(loader)
 
     return _warm(epoch)
 
@@ -162,7 +163,7 @@ def case_ray(url: str, workers: int, epochs: int = 1) -> tuple[int, tuple[float,
         if epoch:
             clock = Clock()
         batches = dataset.iter_torch_batches(batch_size=BATCH, collate_fn=ray_collate_fn())
-        rows = _drain(batches)
+        rows = drain(batches)
         elapsed = clock.read()
     ray.shutdown()
     return rows, elapsed
@@ -181,20 +182,28 @@ class PerFileDataset:
     def __len__(self) -> int:
         return len(self.stems)
 
+    def files(self, stem: Any) -> tuple[str, Any, Any]:
+        """The sample's JSON text and its WAV and PNG as paths (or file objects)."""
+        return (
+            stem.with_suffix(".json").read_text(),
+            stem.with_suffix(".wav"),
+            stem.with_suffix(".png"),
+        )
+
     def __getitem__(self, index: int) -> dict:
         import numpy as np
         import soundfile
         import torch
         from PIL import Image
 
-        stem = self.stems[index]
-        meta = json.loads(stem.with_suffix(".json").read_text())
-        wave, _ = soundfile.read(stem.with_suffix(".wav"), dtype="float32")
+        meta_json, wav, png = self.files(self.stems[index])
+        meta = json.loads(meta_json)
+        wave, _ = soundfile.read(wav, dtype="float32")
         return {
             "id": meta["id"],
             "text": meta["text"],
             "label": meta["label"],
-            "image": torch.from_numpy(np.asarray(Image.open(stem.with_suffix(".png"))))[None],
+            "image": torch.from_numpy(np.asarray(Image.open(png)))[None],
             "audio": torch.from_numpy(wave),
             "points": torch.tensor(meta["points"], dtype=torch.float32),
             "custom": torch.tensor(meta["custom"], dtype=torch.float32),
@@ -220,11 +229,12 @@ def per_file_collate(rows: list[dict]) -> dict:
     }
 
 
-def _per_file_loader(root: str, workers: int, persistent: bool = False):
+def per_file_loader(dataset: PerFileDataset, workers: int, persistent: bool = False):
+    """The baseline's DataLoader: shuffled batches of ``BATCH``, padded by `per_file_collate`."""
     from torch.utils.data import DataLoader
 
     return DataLoader(
-        PerFileDataset(root),
+        dataset,
         batch_size=BATCH,
         shuffle=True,
         num_workers=workers,
@@ -237,7 +247,7 @@ def case_per_file(root: str, workers: int) -> tuple[int, tuple[float, float]]:
     import torch.utils.data  # noqa: F401  imported before the clock, as the jin cases import jin_data
 
     clock = Clock()
-    rows = _drain(_per_file_loader(root, workers))
+    rows = drain(per_file_loader(PerFileDataset(root), workers))
     return rows, clock.read()
 
 
@@ -245,8 +255,8 @@ def case_per_file_warm(root: str, workers: int) -> tuple[int, tuple[float, float
     import torch
 
     torch.manual_seed(0)  # the sampler's shuffle
-    loader = _per_file_loader(root, workers, persistent=True)
-    return _warm(lambda number: _drain(loader))
+    loader = per_file_loader(PerFileDataset(root), workers, persistent=True)
+    return _warm(lambda number: drain(loader))
 
 
 CASES = {
