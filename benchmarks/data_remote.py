@@ -23,6 +23,7 @@ JSON: ``{"cases": [{"impl", "read_threads", "workers", "samples_per_s", "cpu_us_
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -31,7 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-BATCH = 64
+# benchmarks/data.py: the batch size, the clock (DataLoader workers included), the per-file baseline
+from data import BATCH, Clock, PerFileDataset, drain, export_per_file, per_file_loader
+
 BLOCK = 5 * 2**20
 
 
@@ -68,32 +71,26 @@ def register_slow_filesystem(latency_s: float, bytes_per_s: float) -> None:
     fsspec.register_implementation("slow", SlowFileSystem, clobber=True)
 
 
-def remote_per_file(url: str, limit: int):
-    """`data.PerFileDataset` over an fsspec URL: each file fetched whole, one request each."""
-    import io
+class RemotePerFile(PerFileDataset):
+    """`data.PerFileDataset` over an fsspec URL, first ``limit`` samples: each file fetched whole,
+    one request each."""
 
-    import fsspec
-    from data import PerFileDataset
+    def __init__(self, url: str, limit: int) -> None:
+        import fsspec
 
-    class RemotePerFile(PerFileDataset):
-        def __init__(self) -> None:
-            self.fs, root = fsspec.core.url_to_fs(url)
-            self.stems = sorted(p[: -len(".json")] for p in self.fs.glob(f"{root}/*.json"))[:limit]
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.stems = sorted(p[: -len(".json")] for p in self.fs.glob(f"{root}/*.json"))[:limit]
 
-        def files(self, stem: str) -> tuple[str, io.BytesIO, io.BytesIO]:
-            fetch = self.fs.cat_file
-            wav, png = io.BytesIO(fetch(f"{stem}.wav")), io.BytesIO(fetch(f"{stem}.png"))
-            return fetch(f"{stem}.json").decode(), wav, png
-
-    return RemotePerFile()
+    def files(self, stem: str) -> tuple[str, io.BytesIO, io.BytesIO]:
+        fetch = self.fs.cat_file
+        wav, png = io.BytesIO(fetch(f"{stem}.wav")), io.BytesIO(fetch(f"{stem}.png"))
+        return fetch(f"{stem}.json").decode(), wav, png
 
 
 def run_one(
     url: str, read_threads: int, workers: int, latency_s: float, bytes_per_s: float, limit: int
 ):
     """One epoch of the jin reader (``read_threads`` > 0) or of the per-file baseline (0)."""
-    from data import Clock, drain, per_file_loader
-
     import jin_data  # imported before the clock, torch with it
 
     register_slow_filesystem(latency_s, bytes_per_s)
@@ -102,7 +99,7 @@ def run_one(
         data = jin_data.ShardDataset(url, batch_size=BATCH, seed=0, read_threads=read_threads)
         rows = drain(data.dataloader(num_workers=workers))
     else:
-        rows = drain(per_file_loader(remote_per_file(url, limit), workers))
+        rows = drain(per_file_loader(RemotePerFile(url, limit), workers))
     seconds, cpu = clock.read()
     return {
         "impl": "jin" if read_threads else "per-file",
@@ -132,8 +129,6 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from data import export_per_file
-
     from jin_data.numberworld import generate_numberworld
 
     def case(url: str, threads: int, workers: int) -> dict:
@@ -162,12 +157,10 @@ def main() -> None:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for c in cases:
-        one = next(
+        one = c["read_threads"] and next(
             (o for o in cases if o["workers"] == c["workers"] and o["read_threads"] == 1), None
         )
-        versus_one = (
-            f"{c['samples_per_s'] / one['samples_per_s']:.2f}x" if c["read_threads"] else "-"
-        )
+        versus_one = f"{c['samples_per_s'] / one['samples_per_s']:.2f}x" if one else "-"
         lines.append(
             f"| {c['impl']} | {c['workers']} | {c['read_threads'] or '-'} | "
             f"{c['samples_per_s']:.0f} | {versus_one} | {c['samples_per_s'] / baseline:.1f}x | "

@@ -14,6 +14,7 @@ as ``DataLoader(dataset, batch_size=None, num_workers=...)`` or call `ShardDatas
 
 from __future__ import annotations
 
+import itertools
 import logging
 import posixpath
 import queue
@@ -686,15 +687,11 @@ class ShardDataset(IterableDataset):
         """Exactly ``quota`` batches of ``batches`` (`equal_batches`): the rest of the epoch is
         left out and counted; a consumer that skipped rows and fell short yields its last batch
         again, counted and logged, so that the ranks stay in step."""
-        last = None
-        given = 0
+        last, given = None, 0
         try:
-            while given < quota:
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                yield batch
-                last, given = batch, given + 1
+            for last in itertools.islice(batches, quota):
+                given += 1
+                yield last
         finally:
             batches.close()
         report.left_out_rows = max(0, expected_rows - report.rows - report.skipped_rows)
