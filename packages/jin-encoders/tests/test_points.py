@@ -1,5 +1,7 @@
-"""Point-cloud encoder: FPS + k-NN groups, padding invariance with clouds of different sizes."""
+"""Point-cloud encoder: FPS + k-NN groups, padding invariance with clouds of different sizes, the
+principal-axes frame (rotation and translation invariance)."""
 
+import pydantic
 import pytest
 import torch
 from _encoder_helpers import DIM, assert_row_matches
@@ -9,6 +11,7 @@ from jin_encoders import (
     PointCloudEncoder,
     PointCloudEncoderConfig,
     farthest_point_sample,
+    principal_frame,
 )
 
 
@@ -82,3 +85,77 @@ def test_bad_input_names_modality_expected_and_received(encoder):
         EncoderInputError, match=r"points: padding_mask: expected bool tensor of shape \(1, 4\)"
     ):
         encoder(torch.zeros(1, 4, 5), torch.ones(1, 5, dtype=torch.bool))
+
+
+def _rotation(seed: int) -> torch.Tensor:
+    """A random proper rotation (QR of a Gaussian matrix, signs fixed, det +1)."""
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed)))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.linalg.det(q) > 0 else q * torch.tensor([-1.0, 1.0, 1.0])
+
+
+def _skewed_cloud(n: int, seed: int, features: int = 2) -> torch.Tensor:
+    """(1, n, 3 + features): distinct spreads per axis and a non-zero third moment along each."""
+    gen = torch.Generator().manual_seed(seed)
+    xyz = torch.empty(n, 3).exponential_(generator=gen) * torch.tensor([3.0, 1.5, 0.4])
+    return torch.cat([xyz, torch.randn(n, features, generator=gen)], dim=1)[None]
+
+
+def test_principal_frame_is_a_right_handed_frame_by_decreasing_variance():
+    cloud = _skewed_cloud(200, seed=1)[..., :3] @ _rotation(4).T
+    centre, axes = principal_frame(cloud, torch.ones(1, 200, dtype=torch.bool))
+    torch.testing.assert_close(axes[0].T @ axes[0], torch.eye(3), atol=1e-5, rtol=0)
+    assert torch.linalg.det(axes[0]).item() == pytest.approx(1.0, abs=1e-5)
+    projected = (cloud - centre[:, None]) @ axes
+    variance = projected.square().mean(dim=1)[0]
+    assert variance[0] > variance[1] > variance[2]
+    torch.testing.assert_close(projected.mean(dim=1), torch.zeros(1, 3), atol=1e-5, rtol=0)
+    assert bool((projected[..., :2].pow(3).sum(dim=1) > 0).all())
+
+
+def test_principal_frame_ignores_padding():
+    cloud = _skewed_cloud(50, seed=2)[..., :3]
+    padded = torch.cat([cloud, torch.full((1, 10, 3), 100.0)], dim=1)
+    valid = torch.arange(60)[None] < 50
+    alone, with_padding = principal_frame(cloud, valid[:, :50]), principal_frame(padded, valid)
+    for a, b in zip(alone, with_padding, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_pca_frame_makes_tokens_invariant_to_rotation_and_translation():
+    torch.manual_seed(0)
+    config = PointCloudEncoderConfig(
+        dim=DIM, in_features=5, num_groups=8, group_size=6, hidden=16, frame="pca"
+    )
+    pca = PointCloudEncoder(config)
+    given = PointCloudEncoder(config.model_copy(update={"frame": "input"}))
+    given.load_state_dict(pca.state_dict())
+    cloud = _skewed_cloud(64, seed=3)
+    moved = cloud.clone()
+    moved[..., :3] = cloud[..., :3] @ _rotation(7).T + torch.tensor([5.0, -2.0, 0.5])
+    torch.testing.assert_close(pca(moved).tokens, pca(cloud).tokens, atol=1e-4, rtol=1e-4)
+    # The frame is what makes it so: the same weights on the coordinates as given differ.
+    assert not torch.allclose(given(moved).tokens, given(cloud).tokens, atol=1e-2)
+
+
+def test_pca_frame_keeps_padding_invariance_and_the_input_gradient():
+    torch.manual_seed(0)
+    encoder = PointCloudEncoder(
+        PointCloudEncoderConfig(dim=DIM, in_features=3, num_groups=8, group_size=6, frame="pca")
+    )
+    counts = torch.tensor([40, 25, 5])
+    points = torch.cat([_skewed_cloud(40, seed=s, features=0) for s in (5, 6, 7)])
+    mask = torch.arange(40)[None] >= counts[:, None]
+    points[mask] = 100.0
+    batched = encoder(points, mask)
+    for row, n in enumerate(counts.tolist()):
+        assert_row_matches(batched, row, encoder(points[row : row + 1, :n].clone()))
+    cloud = _skewed_cloud(30, seed=8, features=0).requires_grad_(True)
+    encoder(cloud).tokens.sum().backward()
+    assert cloud.grad is not None and bool(torch.isfinite(cloud.grad).all())
+    assert cloud.grad.abs().sum() > 0
+
+
+def test_frame_config_names_the_field_and_its_choices():
+    with pytest.raises(pydantic.ValidationError, match=r"frame[\s\S]*'input' or 'pca'"):
+        PointCloudEncoderConfig(dim=DIM, frame="pcaa")

@@ -13,14 +13,19 @@ from jin_encoders.frontends import collate_images, image_to_tensor, load_audio, 
 from jin_encoders.fusion import FusedSequence, FusionLayer, concat_modalities
 from jin_encoders.heads import PixelDiffusionHead, RegressionHead, TextLMHead
 from jin_encoders.mel import LogMelSpectrogram, mel_filterbank
-from jin_encoders.points import PointCloudEncoder, PointCloudEncoderConfig, farthest_point_sample
+from jin_encoders.points import (
+    PointCloudEncoder,
+    PointCloudEncoderConfig,
+    farthest_point_sample,
+    principal_frame,
+)
 from jin_encoders.resample import resample, resampled_length
 from jin_encoders.space import JointEmbeddingSpace, JointEmbeddingSpaceConfig
 from jin_encoders.text import TextEncoder, TextEncoderConfig
 from jin_encoders.tokenizer import ByteTokenizer
 from jin_encoders.vision import VisionEncoder, VisionEncoderConfig
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "AudioEncoder",
@@ -54,6 +59,7 @@ __all__ = [
     "load_audio",
     "mel_filterbank",
     "normalize_points",
+    "principal_frame",
     "resample",
     "resampled_length",
     "sinusoidal_positions",

@@ -9,11 +9,19 @@ depend on its batch, so there is none. Padded points are never chosen as centres
 neighbours, so a cloud's tokens are the same alone or batched with larger clouds; a cloud with
 fewer than ``M`` points gives one group per point and padding after.
 
+With ``frame="pca"`` each cloud is first expressed in its own principal-axes frame (see
+`principal_frame`), so its tokens do not change when the cloud is rotated or moved: a classic
+canonicalisation (as in PCA-based rotation-invariant point networks) for data whose orientation
+carries no meaning, such as scans or NumberWorld's randomly rotated glyphs. The default
+``"input"`` keeps the coordinates as given.
+
 Shape legend: B batch, N points, F features per point (3 + C), M groups (tokens), K group size,
 D width.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +31,24 @@ from torch import Tensor, nn
 from jin_encoders._config import StrictConfig
 from jin_encoders.base import EncoderOutput, ModalityEncoder
 
-__all__ = ["PointCloudEncoder", "PointCloudEncoderConfig", "farthest_point_sample"]
+__all__ = [
+    "PointCloudEncoder",
+    "PointCloudEncoderConfig",
+    "farthest_point_sample",
+    "principal_frame",
+]
 
 
 class PointCloudEncoderConfig(StrictConfig):
-    """``num_groups`` centres of ``group_size`` neighbours; ``in_features`` is 3 + C."""
+    """``num_groups`` centres of ``group_size`` neighbours; ``in_features`` is 3 + C; ``frame``
+    "input" (coordinates as given) or "pca" (each cloud in its principal-axes frame)."""
 
     dim: int = Field(gt=0)
     in_features: int = Field(default=3, ge=3)
     num_groups: int = Field(default=64, gt=0)
     group_size: int = Field(default=16, gt=0)
     hidden: int = Field(default=128, gt=0)
+    frame: Literal["input", "pca"] = "input"
 
 
 def farthest_point_sample(xyz: Tensor, valid: Tensor, num_samples: int) -> Tensor:
@@ -55,6 +70,33 @@ def farthest_point_sample(xyz: Tensor, valid: Tensor, num_samples: int) -> Tenso
         nearest = torch.where(valid, torch.minimum(nearest, step), nearest)
         current = nearest.argmax(dim=1)
     return torch.stack(chosen, dim=1)
+
+
+def principal_frame(xyz: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Each cloud's centroid ``(B,3)`` and principal axes ``(B,3,3)`` (as columns), from its
+    valid points only.
+
+    The axes are the eigenvectors of the covariance by decreasing variance; the first two point
+    where the cloud's third moment along them is positive, the third completes a right-handed
+    frame. ``(xyz - centre) @ axes`` is then the same for a cloud and any rotation or translation
+    of it: rotating by ``R`` turns the covariance into ``R C R^T`` and each axis into ``R a``, so
+    the projections do not change. Where two variances tie (a disc, a sphere) or a third moment
+    is zero (a shape symmetric about the plane) that choice is not unique and the frame is only
+    as stable as the tie is exact. Computed in float32 without gradient (the frame is a function
+    of the input, not a parameter); the caller's projection keeps the input's gradient.
+    """
+    with torch.no_grad():
+        points = xyz.float()
+        weight = valid.to(points.dtype)[..., None]
+        count = weight.sum(dim=1).clamp(min=1.0)
+        centre = (points * weight).sum(dim=1) / count
+        centred = (points - centre[:, None]) * weight
+        covariance = centred.transpose(1, 2) @ centred / count[..., None]
+        axes = torch.linalg.eigh(covariance).eigenvectors.flip(-1)  # decreasing variance
+        third = (centred @ axes).pow(3).sum(dim=1)  # (B, 3)
+        axes = axes * torch.where(third < 0, -1.0, 1.0)[:, None, :]
+        axes[..., 2] = torch.linalg.cross(axes[..., 0], axes[..., 1], dim=-1)
+    return centre.to(xyz.dtype), axes.to(xyz.dtype)
 
 
 class PointCloudEncoder(ModalityEncoder):
@@ -85,7 +127,8 @@ class PointCloudEncoder(ModalityEncoder):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Centres and neighbourhoods of a padded batch of clouds.
 
-        Returns ``centres (B,M,3)``, ``neighbours (B,M,K,F)`` with xyz relative to the centre,
+        Returns ``centres (B,M,3)`` (in each cloud's principal frame with ``frame="pca"``),
+        ``neighbours (B,M,K,F)`` with xyz relative to the centre,
         ``neighbour_valid (B,M,K)`` and ``group_mask (B,M)`` (True at padding).
         """
         self._check_input(x, padding_mask)
@@ -99,6 +142,9 @@ class PointCloudEncoder(ModalityEncoder):
         self._check_not_empty(counts, None, "point")
         num_groups = min(self.config.num_groups, points)
         group_size = min(self.config.group_size, points)
+        if self.config.frame == "pca":
+            centre, axes = principal_frame(x[..., :3], valid)
+            x = torch.cat([(x[..., :3] - centre[:, None]) @ axes, x[..., 3:]], dim=-1)
         xyz = x[..., :3]
         centre_idx = farthest_point_sample(xyz, valid, num_groups)  # (B, M)
         centres = torch.gather(xyz, 1, centre_idx[..., None].expand(-1, -1, 3))
