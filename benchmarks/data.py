@@ -13,8 +13,9 @@ Measured side by side in one run, each case in a fresh subprocess (so peak RSS i
 - ``ray`` — `jin_data.ray_data.read_ray_dataset` + ``iter_torch_batches`` on a private local Ray
   (2 CPUs; `ray.init` excluded, the first tasks' worker start-up and imports included; RSS is the
   driver's only, Ray's worker processes are not counted);
-- ``ray-warm`` — the same, timing a second epoch in the same Ray session (its worker processes
-  started and their imports done): what a multi-epoch Ray Train job sees after its first epoch;
+- ``ray-warm`` — the same, an untimed first epoch and then ``WARM_EPOCHS`` epochs timed together
+  in the same Ray session (its worker processes started and their imports done), as the other
+  ``-warm`` cases: what a multi-epoch Ray Train job sees after its first epoch;
 - ``per-file`` — the baseline a user writes by hand: one PNG, one WAV and one JSON file per sample,
   a map-style Dataset, a padding collate_fn and a DataLoader with 2 workers;
 - ``per-file-warm`` and ``jin-warm`` — the baseline (2 workers) and the reader (0 and 2 workers) in
@@ -36,6 +37,7 @@ the demo model's CPU training step (pass its samples/s as --train-samples-per-s 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -43,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,28 +151,40 @@ def case_jin_inline(url: str, workers: int) -> tuple[int, tuple[float, float]]:
     return case_jin(url, workers, read_ahead=0)
 
 
-def case_ray(url: str, workers: int, epochs: int = 1) -> tuple[int, tuple[float, float]]:
-    """The last of ``epochs`` epochs over one `read_ray_dataset` (the earlier ones not timed)."""
+@contextlib.contextmanager
+def _local_ray(workers: int) -> Iterator[None]:
+    """A private local Ray with ``workers`` CPUs for the duration (its start not timed)."""
     import ray
-
-    from jin_data.ray_data import ray_collate_fn, read_ray_dataset
 
     ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    clock = Clock()
-    dataset = read_ray_dataset(url)
-    for epoch in range(epochs):
-        if epoch:
-            clock = Clock()
-        batches = dataset.iter_torch_batches(batch_size=BATCH, collate_fn=ray_collate_fn())
-        rows = drain(batches)
-        elapsed = clock.read()
-    ray.shutdown()
-    return rows, elapsed
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _ray_epoch(dataset: Any) -> int:
+    from jin_data.ray_data import ray_collate_fn
+
+    return drain(dataset.iter_torch_batches(batch_size=BATCH, collate_fn=ray_collate_fn()))
+
+
+def case_ray(url: str, workers: int) -> tuple[int, tuple[float, float]]:
+    from jin_data.ray_data import read_ray_dataset
+
+    with _local_ray(workers):
+        clock = Clock()
+        rows = _ray_epoch(read_ray_dataset(url))
+        return rows, clock.read()
 
 
 def case_ray_warm(url: str, workers: int) -> tuple[int, tuple[float, float]]:
-    return case_ray(url, workers, epochs=2)
+    from jin_data.ray_data import read_ray_dataset
+
+    with _local_ray(workers):
+        dataset = read_ray_dataset(url)
+        return _warm(lambda number: _ray_epoch(dataset))
 
 
 class PerFileDataset:
