@@ -94,3 +94,28 @@ def test_prefer_loopback_only_when_no_cluster_is_named_and_ray_is_not_imported(m
     assert os.environ[flag] == "0"
     cluster._forget_loopback_flag()  # what init_ray does once Ray has read it
     assert flag not in os.environ
+
+
+def test_the_dashboard_port_is_never_one_ray_takes_by_default(monkeypatch):
+    from jin_orchestrate import cluster
+
+    handed_out = iter([52365, 6379, 40123])  # what the OS assigns to each bind to port 0
+
+    class FakeSocket:
+        def __init__(self, *args):
+            self.port = next(handed_out)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            assert address == ("127.0.0.1", 0)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(cluster.socket, "socket", FakeSocket)
+    assert cluster._free_loopback_port() == 40123

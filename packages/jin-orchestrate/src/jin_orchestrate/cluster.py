@@ -16,6 +16,10 @@ __all__ = ["init_ray", "prefer_loopback", "use_gpu"]
 
 _LOOPBACK_FLAG = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _flag_set_here = False  # whether prefer_loopback set the flag (init_ray removes it once read)
+# Ports a local Ray takes by default whatever else it is told (GCS, dashboard, client server,
+# dashboard agent); the last lies in Linux's ephemeral range, so a port the OS hands out can be it,
+# and Ray then refuses to start ("port ... used by other components").
+_RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
 
 
 def init_ray(
@@ -90,10 +94,14 @@ def _forget_loopback_flag() -> None:
         _flag_set_here = False
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_loopback_port(avoid: frozenset[int] = _RAY_DEFAULT_PORTS) -> int:
+    """A loopback port free now and not one of ``avoid``."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            return port
 
 
 def use_gpu(requested: bool | None) -> bool:
