@@ -20,8 +20,10 @@ The corpus is generated into the jin cache if missing.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -58,53 +60,78 @@ def _split(url: str, split: str) -> tuple[Tensor, Tensor]:
     return batch["points"].float(), batch["label"]
 
 
-def supervised(frame: str, data: dict[str, Tensor], steps: int, every: int) -> dict[str, Any]:
+def supervised(data: dict[str, Tensor], steps: int, every: int, **config: Any) -> dict[str, Any]:
+    """The supervised reader's curve with a jin-tiny-sized point encoder (``config`` on top)."""
     from jin_encoders import PointCloudEncoder, PointCloudEncoderConfig
 
     torch.manual_seed(0)
     encoder = PointCloudEncoder(
-        PointCloudEncoderConfig(dim=128, num_groups=64, group_size=16, hidden=64, frame=frame)
+        PointCloudEncoderConfig(dim=128, num_groups=64, group_size=16, hidden=64, **config)
     )
-    return {"frame": frame, **train_reader(Reader(encoder), data, steps, every)}
+    return train_reader(Reader(encoder), data, steps, every)
 
 
-def demo(frame: str, url: str) -> dict[str, Any]:
+def demo(url: str, overrides: list[str]) -> dict[str, Any]:
+    """The demo's curriculum in process (jin-tiny with ``overrides``) and its evaluation."""
     from jin_orchestrate.config import load_config
     from jin_orchestrate.evaluate import evaluate_model
     from jin_orchestrate.inprocess import train_in_process
     from jin_orchestrate.model import JinModel
 
-    cfg = load_config("jin-tiny", overrides=[f"model.space.points.frame={frame}"])
+    cfg = load_config("jin-tiny", overrides=overrides)
     torch.manual_seed(0)
     model = JinModel(cfg.model)
     start = time.perf_counter()
     train_in_process(cfg, model, url)
     metrics = evaluate_model(model, url, cfg.data)
-    return {"frame": frame, "seconds": time.perf_counter() - start, "metrics": metrics}
+    return {"seconds": time.perf_counter() - start, "metrics": metrics}
+
+
+def print_demos(demos: list[dict[str, Any]], key: str) -> None:
+    """A Markdown table of the demos' point-cloud retrieval rows (demos told apart by ``key``)."""
+    print("| measure (demo curriculum, in process) | " + " | ".join(d[key] for d in demos) + " |")
+    print("|---|" + "---|" * len(demos))
+    for measure in DEMO_KEYS:
+        cells = " | ".join(f"{d['metrics'].get(measure, float('nan')):.1%}" for d in demos)
+        print(f"| {measure} | {cells} |")
+    print(", ".join(f"{d[key]} {d['seconds']:.0f} s" for d in demos))
+
+
+def compare(
+    args: argparse.Namespace,
+    variants: Mapping[str, dict[str, Any]],
+    demo_variants: Iterable[str],
+    key: str,
+) -> int:
+    """Each variant (``PointCloudEncoderConfig`` fields) in the supervised probe, then with
+    ``args.demo`` each of ``demo_variants`` in the demo's curriculum; tables printed, JSON
+    written to ``args.json``. Runs are told apart by ``key`` in both."""
+    torch.set_num_threads(args.threads)
+    url = args.data or demo_corpus()
+    data = split_by_seen(*_split(url, "train"), *_split(url, "test"))
+    runs = [
+        {key: name, **supervised(data, args.steps, args.every, **config)}
+        for name, config in variants.items()
+    ]
+    print_curves(data, runs, key, "clouds")
+    print(", ".join(f"{r[key]} {r['seconds']:.0f} s" for r in runs))
+    demos = [
+        {key: name, **demo(url, [f"model.space.points.{k}={v}" for k, v in variants[name].items()])}
+        for name in demo_variants
+        if args.demo
+    ]
+    if demos:
+        print_demos(demos, key)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    report = {"supervised": runs, "demo": demos, "data": url}
+    args.json.write_text(json.dumps(report, indent=1))
+    return 0
 
 
 def main() -> int:
     parser = reader_parser(__doc__.splitlines()[0])
     parser.add_argument("--demo", action="store_true", help="also the demo curriculum per frame")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    url = args.data or demo_corpus()
-    data = split_by_seen(*_split(url, "train"), *_split(url, "test"))
-    runs = [supervised(frame, data, args.steps, args.every) for frame in FRAMES]
-    print_curves(data, runs, "frame", "clouds")
-    print(", ".join(f"{r['frame']} {r['seconds']:.0f} s" for r in runs))
-    demos = [demo(frame, url) for frame in FRAMES] if args.demo else []
-    if demos:
-        print("| measure (demo curriculum, in process) | " + " | ".join(FRAMES) + " |")
-        print("|---|" + "---|" * len(FRAMES))
-        for key in DEMO_KEYS:
-            cells = " | ".join(f"{d['metrics'].get(key, float('nan')):.1%}" for d in demos)
-            print(f"| {key} | {cells} |")
-        print(", ".join(f"{d['frame']} {d['seconds']:.0f} s" for d in demos))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    report = {"supervised": runs, "demo": demos, "data": url}
-    args.json.write_text(json.dumps(report, indent=1))
-    return 0
+    return compare(parser.parse_args(), {f: {"frame": f} for f in FRAMES}, FRAMES, "frame")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from jin_encoders import (
     farthest_point_sample,
     principal_frame,
 )
+from jin_encoders.vision import ConvStem
 
 
 @pytest.fixture
@@ -159,3 +160,129 @@ def test_pca_frame_keeps_padding_invariance_and_the_input_gradient():
 def test_frame_config_names_the_field_and_its_choices():
     with pytest.raises(pydantic.ValidationError, match=r"frame[\s\S]*'input' or 'pca'"):
         PointCloudEncoderConfig(dim=DIM, frame="pcaa")
+
+
+def _voxel_encoder(frame: str = "input", in_features: int = 5) -> PointCloudEncoder:
+    torch.manual_seed(0)
+    config = PointCloudEncoderConfig(
+        dim=DIM,
+        in_features=in_features,
+        hidden=16,
+        stem="voxels",
+        frame=frame,
+        voxel_grid=8,
+        token_grid=2,
+        stem_channels=(4, 8),
+    )
+    return PointCloudEncoder(config).eval()
+
+
+def test_voxels_bin_each_real_point_once_with_its_offset():
+    encoder = _voxel_encoder(in_features=4)
+    # Centroid 0, farthest point at norm 1: voxel coordinate = 4 * xyz + 4 on an 8^3 grid.
+    cloud = torch.tensor(
+        [
+            [
+                [1.0, 0.0, 0.0, 2.0],
+                [-1.0, 0.0, 0.0, 4.0],
+                [0.0, 0.1, 0.5, 6.0],
+                [0.0, -0.1, -0.5, 8.0],
+            ]
+        ]
+    )
+    padded = torch.cat([cloud, torch.full((1, 3, 4), 50.0)], dim=1)
+    mask = torch.tensor([[False] * 4 + [True] * 3])
+    voxels, counts = encoder.voxelize(padded, mask)
+    assert voxels.shape == (1, 5, 8, 8, 8) and counts.shape == (1, 8, 8, 8)
+    assert counts.sum().item() == 4 and counts.max().item() == 1
+    # (index, xyz offset from the voxel centre, feature); x=1 lands on the grid's edge.
+    expected = [
+        ((7, 4, 4), (0.5, -0.5, -0.5), 2.0),
+        ((0, 4, 4), (-0.5, -0.5, -0.5), 4.0),
+        ((4, 4, 6), (-0.5, -0.1, -0.5), 6.0),
+        ((4, 3, 2), (-0.5, 0.1, -0.5), 8.0),
+    ]
+    for index, offset, feature in expected:
+        cell = voxels[(0, slice(None), *index)]
+        torch.testing.assert_close(cell[0], torch.log1p(torch.tensor(1.0)))
+        torch.testing.assert_close(cell[1:4], torch.tensor(offset), atol=1e-5, rtol=0)
+        torch.testing.assert_close(cell[4], torch.tensor(feature))
+        assert counts[(0, *index)].item() == 1
+    assert bool((voxels[:, 0] > 0).eq(counts > 0).all()), "empty voxels are zero"
+
+
+def test_voxel_tokens_do_not_depend_on_the_batch_in_eval_mode():
+    encoder = _voxel_encoder()
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.tensor([60, 30, 7, 1])
+    points = torch.randn(4, 60, 5, generator=gen)
+    mask = torch.arange(60)[None] >= counts[:, None]
+    points[mask] = 100.0
+    batched = encoder(points, mask)
+    assert batched.tokens.shape == (4, 8, DIM)
+    for row, n in enumerate(counts.tolist()):
+        alone = encoder(points[row : row + 1, :n].clone())
+        torch.testing.assert_close(batched.tokens[row], alone.tokens[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched.pos[row], alone.pos[0])
+        torch.testing.assert_close(batched.valid_mask[row], alone.valid_mask[0])
+    # A single point fills one voxel, so one token is real and seven are padding.
+    assert batched.valid_mask[3].sum().item() == 1
+
+
+def test_voxel_empty_cells_are_padding_and_regression_targets_are_the_cells():
+    encoder = _voxel_encoder(in_features=3)
+    gen = torch.Generator().manual_seed(5)
+    flat = torch.rand(2, 40, 3, generator=gen) * 2 - 1
+    flat[..., 2] = 0.3  # a plane: only the upper half of the grid along z holds points
+    flat[0, 0, 2] = -0.3  # one point below it in the first cloud
+    out = encoder(flat)
+    targets, target_mask = encoder.regression_targets(flat)
+    assert targets.shape == (2, 8, encoder.target_dim) and encoder.target_dim == 64
+    torch.testing.assert_close(torch.expm1(targets).sum(dim=(1, 2)), torch.tensor([40.0, 40.0]))
+    assert target_mask is not None
+    torch.testing.assert_close(target_mask, ~out.valid_mask)
+    assert bool(((torch.expm1(targets).sum(-1) == 0) == target_mask).all())
+    assert out.valid_mask[0].sum() > out.valid_mask[1].sum()  # the stray point's cell is a token
+    assert bool((out.tokens[~out.valid_mask] == 0).all())
+
+
+def test_voxel_stem_in_the_pca_frame_is_rotation_invariant_and_keeps_the_gradient():
+    encoder = _voxel_encoder(frame="pca")
+    cloud = _skewed_cloud(64, seed=3)
+    moved = cloud.clone()
+    moved[..., :3] = cloud[..., :3] @ _rotation(7).T + torch.tensor([5.0, -2.0, 0.5])
+    torch.testing.assert_close(encoder.voxelize(moved)[1], encoder.voxelize(cloud)[1])
+    torch.testing.assert_close(encoder(moved).tokens, encoder(cloud).tokens, atol=1e-4, rtol=1e-4)
+    encoder.train()
+    points = torch.cat([cloud, _skewed_cloud(64, seed=4)]).requires_grad_(True)
+    encoder(points).tokens.sum().backward()
+    grad = points.grad
+    assert grad is not None and bool(torch.isfinite(grad).all())
+    assert grad[..., :3].abs().sum() > 0 and grad[..., 3:].abs().sum() > 0
+
+
+def test_voxel_config_names_the_field_and_what_it_expects():
+    with pytest.raises(pydantic.ValidationError, match=r"voxel_grid: .*token_grid times a power"):
+        PointCloudEncoderConfig(dim=DIM, stem="voxels", voxel_grid=12, token_grid=4)
+    with pytest.raises(pydantic.ValidationError, match=r"voxel_grid: .*token_grid times a power"):
+        PointCloudEncoderConfig(dim=DIM, stem="voxels", voxel_grid=4, token_grid=4)
+    with pytest.raises(pydantic.ValidationError, match=r"stem_channels: expected 2 positive"):
+        PointCloudEncoderConfig(dim=DIM, stem="voxels", stem_channels=(8,))
+    with pytest.raises(pydantic.ValidationError, match=r"stem_channels: only used with stem='vox"):
+        PointCloudEncoderConfig(dim=DIM, stem_channels=(8, 16))
+    with pytest.raises(pydantic.ValidationError, match=r"stem[\s\S]*'groups' or 'voxels'"):
+        PointCloudEncoderConfig(dim=DIM, stem="voxel")
+    with pytest.raises(ValueError, match=r"spatial_dims: expected 2 or 3, got 1"):
+        ConvStem(4, DIM, 2, spatial_dims=1)
+
+
+def test_voxel_stem_batch_statistics_leave_absent_clouds_out():
+    encoder = _voxel_encoder().train()
+    clouds = torch.cat([_skewed_cloud(32, seed=s) for s in (1, 2, 3)])
+    present = torch.tensor([True, False, True])
+    placeholder = clouds.clone()
+    placeholder[1] = 7.0  # what an absent row holds must not reach the present rows
+    with_absent = encoder(placeholder, present=present)
+    only_present = encoder(clouds[present])
+    torch.testing.assert_close(with_absent.tokens[present], only_present.tokens)
+    assert not bool(with_absent.valid_mask[1].any()) and bool((with_absent.tokens[1] == 0).all())

@@ -91,7 +91,9 @@ class VisionEncoderConfig(StrictConfig):
 
 class ConvStem(nn.Module):
     """``(B, C, H, W)`` pixels -> ``(B, D, H/P, W/P)``: log2(P) stages of two 3x3 conv + BN + GELU
-    at full resolution, each followed by a 2x2 max-pool, then a 1x1 projection to ``D``.
+    at full resolution, each followed by a 2x2 max-pool, then a 1x1 projection to ``D``. With
+    ``spatial_dims=3`` the same on ``(B, C, X, Y, Z)`` voxel grids (3x3x3 convs, 2x2x2 pools): the
+    point-cloud encoder's voxel stem.
 
     The convolutional stem of Xiao et al. 2021 ("Early convolutions help transformers see better"),
     in the VGG form that learns NumberWorld's digits from ~1,700 images: under the same 4-block
@@ -104,9 +106,20 @@ class ConvStem(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, dim: int, patch_size: int, channels: tuple[int, ...] | None = None
+        self,
+        in_channels: int,
+        dim: int,
+        patch_size: int,
+        channels: tuple[int, ...] | None = None,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims: expected 2 or 3, got {spatial_dims}")
+        conv, norm = (
+            (nn.Conv2d, nn.BatchNorm2d) if spatial_dims == 2 else (nn.Conv3d, nn.BatchNorm3d)
+        )
+        self.pool = F.max_pool2d if spatial_dims == 2 else F.max_pool3d
         stages = patch_size.bit_length() - 1
         channels = channels or tuple(32 << i for i in range(stages))
         # stages[i] is two (conv, BN, GELU) layers; a 2x2 max-pool follows each stage.
@@ -116,15 +129,13 @@ class ConvStem(nn.Module):
             self.stages.append(
                 nn.ModuleList(
                     nn.Sequential(
-                        nn.Conv2d(source, width, 3, padding=1, bias=False),
-                        nn.BatchNorm2d(width),
-                        nn.GELU(),
+                        conv(source, width, 3, padding=1, bias=False), norm(width), nn.GELU()
                     )
                     for source in (previous, width)
                 )
             )
             previous = width
-        self.proj = nn.Conv2d(previous, dim, 1)
+        self.proj = conv(previous, dim, 1)
 
     def forward(self, pixels_BCHW: Tensor, valid_BHW: Tensor | None = None) -> Tensor:
         """``valid_BHW`` (bool, optional) marks each image's own pixels in a batch of several
@@ -138,9 +149,9 @@ class ConvStem(nn.Module):
                 x = layer(x)
                 if mask is not None:
                     x = x * mask
-            x = F.max_pool2d(x, 2)
+            x = self.pool(x, 2)
             if mask is not None:
-                mask = F.max_pool2d(mask, 2)
+                mask = self.pool(mask, 2)
         return self.proj(x)
 
 
