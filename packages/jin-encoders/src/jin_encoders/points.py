@@ -230,13 +230,10 @@ class PointCloudEncoder(ModalityEncoder):
 
     def _cells(self, counts: Tensor) -> Tensor:
         """``(B, T^3, k^3)``: each token's cell of ``k = G/T`` voxels per side, row-major."""
-        batch, tokens, k = (
-            counts.shape[0],
-            self.config.token_grid,
-            self.config.voxel_grid // self.config.token_grid,
-        )
-        cells = counts.reshape(batch, tokens, k, tokens, k, tokens, k)
-        return cells.permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, tokens**3, k**3)
+        tokens = self.config.token_grid
+        k = self.config.voxel_grid // tokens
+        cells = counts.reshape(len(counts), tokens, k, tokens, k, tokens, k)
+        return cells.permute(0, 1, 3, 5, 2, 4, 6).reshape(len(counts), tokens**3, k**3)
 
     def group(
         self, x: Tensor, padding_mask: Tensor | None = None
@@ -277,15 +274,14 @@ class PointCloudEncoder(ModalityEncoder):
             empty = (~padding_mask).sum(dim=1) == 0
             padding_mask = padding_mask.clone()
             padding_mask[:, 0] &= ~(empty & ~present.to(torch.bool))
+        dtype = self.pos_mlp[0].weight.dtype
         if self.config.stem == "voxels":
             voxels, counts = self.voxelize(x, padding_mask)
-            dtype = self.pos_mlp[0].weight.dtype
             tokens = self._voxel_tokens(voxels.to(dtype), present)
             empty = self._cells(counts).sum(dim=-1) == 0
             pos = self.pos_mlp(self.cell_centres.to(dtype)).expand(len(tokens), -1, -1)
             return self._finish(tokens + pos, pos, empty, present)
         centres, neighbours, neighbour_valid, group_mask = self.group(x, padding_mask)
-        dtype = self.pos_mlp[0].weight.dtype
         centres, neighbours = centres.to(dtype), neighbours.to(dtype)
         features = self.point_mlp(neighbours)  # (B, M, K, hidden)
         pooled = self._masked_max(features, neighbour_valid)
