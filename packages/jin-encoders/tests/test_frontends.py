@@ -45,6 +45,15 @@ def test_channel_conversion_and_uint8_output():
     torch.testing.assert_close(pil_gray, torch.full((1, 4, 5), (200 / 255 - 0.5) / 0.5))
 
 
+@pytest.mark.parametrize(("channels", "normalize"), [(1, True), (1, False), (3, True)])
+def test_image_to_tensor_stays_on_the_images_device(channels, normalize):
+    # The meta device stands in for an accelerator: a host constant meeting a meta tensor fails
+    # as it would meeting a GPU one.
+    image = torch.zeros(3, 4, 5, dtype=torch.uint8, device="meta")
+    out = image_to_tensor(image, channels=channels, normalize=normalize)
+    assert out.device == torch.device("meta") and out.shape == (channels, 4, 5)
+
+
 def test_collate_images_pads_and_records_sizes():
     images = [torch.ones(1, 4, 6, dtype=torch.uint8), torch.ones(1, 7, 2, dtype=torch.uint8)]
     batch, sizes = collate_images(images)

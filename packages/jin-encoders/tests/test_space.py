@@ -11,6 +11,7 @@ from jin_encoders import (
     CustomModalityEncoder,
     EncoderInputError,
     JointEmbeddingSpace,
+    ModalityEncoder,
     TextLMHead,
 )
 
@@ -295,3 +296,63 @@ def test_cuda_matches_cpu(space):
     got = space(_to(inputs, "cuda"))
     torch.testing.assert_close(got.tokens.cpu(), expected.tokens, atol=1e-4, rtol=1e-4)
     assert torch.equal(got.padding_mask.cpu(), expected.padding_mask)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Recorder(ModalityEncoder):
+    """Records where its inputs arrive, then stops (the meta device holds no values to encode)."""
+
+    dim = DIM
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(DIM))
+        self.seen: dict[str, object] = {}
+
+    def forward(self, x, padding_mask=None, present=None, rate=None):
+        self.seen = {"x": x.device, "padding_mask": padding_mask.device, "rate": rate}
+        raise _Stop
+
+
+def test_encode_moves_input_tensors_to_the_encoders_device(space):
+    # A data loader's batch is on the host; the model may be on an accelerator. The meta device
+    # stands in for one here: a CPU tensor reaching a meta module would fail as a GPU one does.
+    recorder = _Recorder()
+    space.add_modality("recorded", recorder)
+    space.to("meta")
+    batch = {
+        "recorded": torch.ones(2, 3, DIM),
+        "recorded_padding_mask": torch.zeros(2, 3, dtype=torch.bool),
+        "recorded_present": torch.ones(2, dtype=torch.bool),
+    }
+    with pytest.raises(_Stop):
+        space.encode_batch(batch)
+    assert recorder.seen == {
+        "x": torch.device("meta"),
+        "padding_mask": torch.device("meta"),
+        "rate": None,
+    }
+    with pytest.raises(_Stop):  # keyword arguments that are not tensors pass through
+        space.encode(
+            {
+                "recorded": {
+                    "x": torch.ones(2, 3, DIM),
+                    "padding_mask": batch["recorded_padding_mask"],
+                    "rate": 16000,
+                }
+            }
+        )
+    assert recorder.seen["x"] == torch.device("meta") and recorder.seen["rate"] == 16000
+    assert batch["recorded"].device == torch.device("cpu")  # the caller's batch is not changed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_space_takes_host_inputs(space):
+    inputs = tiny_inputs()
+    expected = space(inputs)
+    got = space.to("cuda")(inputs)
+    torch.testing.assert_close(got.tokens.cpu(), expected.tokens, atol=1e-4, rtol=1e-4)

@@ -84,14 +84,14 @@ def image_to_tensor(
         pixels = (
             pixels.expand(3, -1, -1)
             if channels == 3
-            else (pixels * _LUMA[:, None, None]).sum(0, keepdim=True)
+            else (pixels * _LUMA.to(pixels.device)[:, None, None]).sum(0, keepdim=True)
         )
     if not normalize:
         return (pixels * 255.0).round().to(torch.uint8)
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
-    mean_t = torch.tensor(mean or default_mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std or default_std, dtype=torch.float32)[:, None, None]
-    return (pixels - mean_t) / std_t
+    mean_t = torch.tensor(mean or default_mean, dtype=torch.float32, device=pixels.device)
+    std_t = torch.tensor(std or default_std, dtype=torch.float32, device=pixels.device)
+    return (pixels - mean_t[:, None, None]) / std_t[:, None, None]
 
 
 def collate_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

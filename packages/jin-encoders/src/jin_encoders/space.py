@@ -17,6 +17,7 @@ Shape legend: B batch, T tokens, D width, R retrieval width.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,30 @@ _BUILTIN = {
     "points": PointCloudEncoder,
     "custom": CustomModalityEncoder,
 }
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    """Where a module's first parameter (or buffer) lives; None for a module with neither."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return None
+
+
+def _on_device(value: Any, device: torch.device | None) -> Any:
+    """An encoder input with its tensors on ``device``: a tensor, or the tensor values of a
+    mapping of keyword arguments; anything else (a list of str) as it is."""
+    if device is None:
+        return value
+    # Host to accelerator may overlap with compute; a copy back to the host may not.
+    blocking = device.type == "cpu"
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=not blocking)
+    if isinstance(value, Mapping):
+        return {
+            k: v.to(device, non_blocking=not blocking) if isinstance(v, Tensor) else v
+            for k, v in value.items()
+        }
+    return value
 
 
 class JointEmbeddingSpaceConfig(StrictConfig):
@@ -208,15 +233,17 @@ class JointEmbeddingSpace(nn.Module):
 
         ``inputs`` maps a registered name to the encoder's input: a tensor (or list of str for
         text), or a mapping of ``forward`` keyword arguments (``{"x": ..., "sizes": ...}``).
-        The result is in registry order whatever the order of ``inputs``.
+        Input tensors are moved to the device of their encoder's parameters (a CPU batch from a
+        data loader feeds a model on a GPU). The result is in registry order whatever the order
+        of ``inputs``.
         """
         self._check_known(inputs)
         outputs = {}
         for name in self._names:
             if name not in inputs:
                 continue
-            value = inputs[name]
             encoder = self.encoders[name]
+            value = _on_device(inputs[name], _device_of(encoder))
             out = encoder(**value) if isinstance(value, Mapping) else encoder(value)
             outputs[name] = self._add_modality_embedding(name, out)
         return outputs
