@@ -122,3 +122,45 @@ def test_zoom_crop_size_sets_the_token_budget_of_every_zoom_level(test_config, b
     patch = test_config.model.space.image.patch_size
     assert max(seen[0]) == (64 // patch) ** 2  # NumberWorld's 64-pixel canvas, whole
     assert max(seen[48]) == (48 // patch) ** 2
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_forward_and_embed_move_a_host_batch_to_the_models_device(
+    model, test_config, batch, monkeypatch
+):
+    # Ray Train leaves jin-data batches (they hold lists of str) on the host, whatever device the
+    # model is on. The meta device stands in for a GPU: host tensors reaching a meta model fail
+    # as they would reaching a GPU one. What reaches the encoders is recorded, then stopped.
+    model.to("meta")
+    seen = []
+
+    def record(received):
+        seen.append(received)
+        raise _Stop
+
+    monkeypatch.setattr(model.space, "encode_batch", record)
+    with pytest.raises(_Stop):
+        model(batch, stage=test_config.stages[0], generator=torch.Generator().manual_seed(0))
+    with pytest.raises(_Stop):
+        model.embed(batch)
+    assert len(seen) == 2
+    for received in seen:
+        tensors = {k: v.device for k, v in received.items() if isinstance(v, torch.Tensor)}
+        assert {"image", "audio", "points", "text_bytes"} <= set(tensors)
+        assert set(tensors.values()) == {torch.device("meta")}
+        assert received["id"] == batch["id"]  # lists pass through
+    assert batch["image"].device == torch.device("cpu")  # the caller's batch is not changed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_model_trains_and_embeds_from_a_host_batch(model, test_config, batch):
+    model.to("cuda")
+    out = model(batch, stage=test_config.stages[2], generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["loss"].device.type == "cuda"
+    emb = model.embed(batch)
+    assert {e.device.type for e in emb.values()} == {"cuda"}

@@ -1,13 +1,15 @@
 """The stage trainer without Ray: learning, non-finite losses, exact resumption."""
 
 import math
+import warnings
 
 import pytest
 import torch
 from trainers import make_trainer as _trainer
 from trainers import straight_and_interrupted
 
-from jin_orchestrate.train import NonFiniteLossError, lr_at
+from jin_orchestrate.model import JinModel
+from jin_orchestrate.train import NonFiniteLossError, StageTrainer, lr_at
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
@@ -67,6 +69,35 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(test_config, bat
         straight.core.state_dict().items(), resumed.core.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_a_trainer_made_for_a_device_resumes_its_optimiser_state_there(
+    test_config, batch, tmp_path
+):
+    # A Ray Train worker builds its trainer, restores a checkpoint, then wraps the model for its
+    # GPU. The optimiser state loads onto the parameters' device at restore time, so the model
+    # must be there before: moved after, the Adam moments would stay on the host. The meta device
+    # stands in for a GPU.
+    first = _trainer(test_config)
+    first.train_step(batch)
+    path = first.save(tmp_path / "ckpt", epoch=0, batch_in_epoch=1)
+    torch.manual_seed(0)
+    cfg = test_config.model_copy(
+        update={"train": test_config.train.model_copy(update={"weight_ema": 0.9})}
+    )
+    resumed = StageTrainer.create(cfg, cfg.stages[2], JinModel(cfg.model), device="meta")
+    with warnings.catch_warnings():  # loading values into meta parameters copies nothing
+        warnings.simplefilter("ignore", UserWarning)
+        resumed.restore(path)
+    assert {p.device.type for p in resumed.core.parameters()} == {"meta"}
+    moments = [
+        value
+        for state in resumed.optimizer.state.values()
+        for key, value in state.items()
+        if key != "step"  # Adam keeps its step count on the host
+    ]
+    assert moments and {m.device.type for m in moments} == {"meta"}
+    assert {t.device.type for t in resumed.ema.shadow.values()} == {"meta"}
 
 
 def test_an_epoch_without_a_full_batch_is_an_error_not_an_endless_loop():

@@ -208,10 +208,7 @@ class EmbeddingModel:
 
     def _forward(self, table: pa.Table, name: str) -> np.ndarray:
         batch = collate(table, [name]) if name in _BUILTIN else {name: _vectors(table[name], name)}
-        batch = {
-            k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-        }
-        return self.model.embed(batch)[name].float().cpu().numpy()
+        return self.model.embed(batch)[name].float().cpu().numpy()  # moves the batch
 
 
 _BUILTIN = ("text", "image", "audio", "points", "custom")

@@ -207,6 +207,16 @@ class JinEncoder(nn.Module):
         return reps
 
 
+def batch_to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """A jin-data batch with its tensors on ``device`` (no copy where they are already there);
+    lists (ids, text, splits) as they are. Host-to-accelerator copies may overlap compute."""
+    blocking = device.type == "cpu"
+    return {
+        k: v.to(device, non_blocking=not blocking) if isinstance(v, Tensor) else v
+        for k, v in batch.items()
+    }
+
+
 def _present(batch: Mapping[str, Any], name: str, like: Tensor) -> Tensor:
     present = batch.get(f"{name}_present")
     if present is None:
@@ -317,11 +327,16 @@ class JinModel(nn.Module):
 
     # -- embedding ---------------------------------------------------------------------------
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are; batches given to it are moved there."""
+        return self.space.modality_registry.device
+
     def embed(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """L2-normalised retrieval embeddings ``(B, R)`` of every modality in a jin-data batch."""
         return {
             name: self.space.project(name, rep.hidden, rep.encoded.padding_mask)
-            for name, rep in self.encoder(batch).items()
+            for name, rep in self.encoder(batch_to(batch, self.device)).items()
         }
 
     # -- generation --------------------------------------------------------------------------
@@ -389,7 +404,11 @@ class JinModel(nn.Module):
         stage: StageConfig,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """Loss terms of one step; ``loss`` is their Eq. 7 sum with the stage's weights."""
+        """Loss terms of one step; ``loss`` is their Eq. 7 sum with the stage's weights.
+
+        ``batch`` may be on the host: its tensors are moved to the model's device first (Ray
+        Train leaves a batch with string columns, as jin-data's, on the host)."""
+        batch = batch_to(batch, self.device)
         if tuple(stage.trainable) != self.trainable:
             raise ValueError(
                 f"stage {stage.name!r} trains {list(stage.trainable) or 'everything'} but the "

@@ -115,9 +115,20 @@ class StageTrainer:
 
     @classmethod
     def create(
-        cls, cfg: JinConfig, stage: StageConfig, model: torch.nn.Module, seed: int = 0
+        cls,
+        cfg: JinConfig,
+        stage: StageConfig,
+        model: torch.nn.Module,
+        seed: int = 0,
+        device: torch.device | str | None = None,
     ) -> StageTrainer:
-        """AdamW, no weight decay on 1-D parameters (norms, biases, modality rows); seeded masks."""
+        """AdamW, no weight decay on 1-D parameters (norms, biases, modality rows); seeded masks.
+
+        With ``device``, the model is moved there first, so the optimiser state that
+        :meth:`restore` loads and the weight average are created beside the parameters.
+        """
+        if device is not None:
+            model = model.to(device)
         core = getattr(model, "module", model)
         if stage.trainable:
             core.freeze_except(stage.trainable)
@@ -298,7 +309,11 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     else:
         model = JinModel(cfg.model)
     torch.manual_seed(stage_seed + rank)
-    trainer = StageTrainer.create(cfg, stage, model, seed=stage_seed + 7919 * (rank + 1))
+    # On the worker's device before the optimiser exists: a resumed optimiser state loads beside
+    # the parameters (prepare_model, below, would move only the parameters).
+    trainer = StageTrainer.create(
+        cfg, stage, model, seed=stage_seed + 7919 * (rank + 1), device=ray.train.torch.get_device()
+    )
     trainer.global_step = int(init_state.get("global_step", 0))
     start_epoch, skip = 0, 0
     if resume is not None:
