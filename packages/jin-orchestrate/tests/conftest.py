@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 
 @pytest.fixture(scope="session")
 def corpus_url(tmp_path_factory) -> str:
-    """96 NumberWorld samples (seed 0) on local disk."""
+    """96 NumberWorld samples (seed 0) on local disk.
+
+    ``JIN_TEST_CORPUS`` names that corpus already written (by ``scripts/gpu_prepare.sh``), for a
+    machine without espeak-ng such as a lent GPU box.
+    """
     from jin_data.numberworld import generate_numberworld
 
+    given = os.environ.get("JIN_TEST_CORPUS")
+    if given:
+        if not os.path.exists(os.path.join(given, "manifest.json")):
+            raise FileNotFoundError(f"JIN_TEST_CORPUS={given}: no manifest.json there")
+        return given
     root = tmp_path_factory.mktemp("numberworld")
     url = str(root / "nw")
     generate_numberworld(url, 96, 0, progress=False, cache_dir=str(root))

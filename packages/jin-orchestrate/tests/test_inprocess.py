@@ -74,3 +74,31 @@ def test_train_in_process_resumes_to_the_weights_of_an_uninterrupted_run(
     assert train_in_process(cfg, again, corpus_url, checkpoint_dir=ckpt).steps == []
     for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_curriculum_trains_and_resumes_on_a_gpu(test_config, corpus_url, tmp_path):
+    # Host batches from jin-data into a model on the GPU; a checkpoint written there resumed
+    # there (optimiser state and weight average beside the parameters).
+    train = test_config.train.model_copy(update={"checkpoint_every": 1, "weight_ema": 0.9})
+    cfg = test_config.model_copy(update={"train": train})
+    ckpt = tmp_path / "ckpt"
+
+    def kill_at_3(record):
+        if record["global_step"] == 3:
+            raise _Killed
+
+    torch.manual_seed(0)
+    with pytest.raises(_Killed):
+        train_in_process(
+            cfg, JinModel(cfg.model).cuda(), corpus_url, checkpoint_dir=ckpt, on_step=kill_at_3
+        )
+    torch.manual_seed(0)
+    model = JinModel(cfg.model).cuda()
+    history = train_in_process(cfg, model, corpus_url, checkpoint_dir=ckpt)
+    # killed after step 3, before its checkpoint: step 3 again, from step 2's checkpoint
+    assert [r["global_step"] for r in history.steps] == [3, 4, 5, 6]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history.steps)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {t.device.type for t in history.ema.shadow.values()} == {"cuda"}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Every GPU check in one run, for a lent GPU machine (see the root README, "GPU checks"):
+#   here:  bash scripts/gpu_prepare.sh
+#   there: bash scripts/gpu_check.sh   (the device run carrying .gpu-carry)
+# Runs each package's tests marked `gpu` (CuPy dispatch kernels against PyTorch; the joint
+# embedding space and JinModel on CUDA fed host batches; the curriculum trained, killed and
+# resumed on the GPU), then benchmarks/moe.py's GPU section (CuPy permute/un-permute bandwidth, the
+# MoE layer with CuPy against PyTorch dispatch). Logs and moe.json go to $OUT (or
+# /tmp/jin-gpu-check). Exit status 0 only if every step passed. PY overrides python3.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # the tests run from each package's folder
+RESULTS=${OUT:-/tmp/jin-gpu-check}
+CARRY=$PWD/.gpu-carry
+mkdir -p "$RESULTS"
+[ -d "$CARRY/numberworld-96" ] || {
+  echo "gpu_check: no $CARRY: run scripts/gpu_prepare.sh here and carry .gpu-carry" >&2
+  exit 2
+}
+SITE=""
+if ! "$PY" -c 'import pydantic, soundfile' 2>/dev/null; then
+  SITE=/tmp/jin-site
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "$CARRY"/wheels/*.whl || exit 2
+fi
+SRC=$SITE
+for p in jin-encoders jin-backbone jin-zjepa jin-data jin-orchestrate; do
+  SRC="$SRC:$PWD/packages/$p/src"
+done
+export PYTHONPATH="${SRC#:}" PYTHONUNBUFFERED=1 JIN_TEST_CORPUS="$CARRY/numberworld-96"
+nvidia-smi -L 2>&1 || true
+"$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+
+status=0
+for pkg in jin-backbone jin-encoders jin-orchestrate; do
+  files=$(cd "packages/$pkg" && grep -l "pytest.mark.gpu" tests/test_*.py)
+  echo "== $pkg: pytest -m gpu" $files
+  # shellcheck disable=SC2086  # one word per file
+  (cd "packages/$pkg" && "$PY" -m pytest -q -m gpu -p no:cacheprovider $files) \
+    > "$RESULTS/$pkg-gpu.log" 2>&1
+  code=$?
+  tail -n 15 "$RESULTS/$pkg-gpu.log"
+  [ "$code" = 0 ] || { echo "== $pkg: FAILED ($code)"; status=1; }
+done
+echo "== benchmarks/moe.py (the smallest CPU case, then the GPU section)"
+timeout 300 "$PY" benchmarks/moe.py --cases 2 --json "$RESULTS/moe.json" > "$RESULTS/moe.log" 2>&1
+code=$?
+tail -n 40 "$RESULTS/moe.log"
+[ "$code" = 0 ] || { echo "== moe.py: FAILED ($code)"; status=1; }
+echo "== gpu_check: $([ $status = 0 ] && echo passed || echo FAILED)"
+exit $status
