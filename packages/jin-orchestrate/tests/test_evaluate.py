@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from jin_orchestrate.evaluate import (
@@ -9,6 +10,7 @@ from jin_orchestrate.evaluate import (
     _zero_shot,
     evaluate_model,
     format_summary,
+    load_model,
     main,
     prompt_embeddings,
 )
@@ -109,3 +111,26 @@ def test_cli_writes_tables_json_plots_and_rejects_a_missing_checkpoint(
     ]
     assert main(["--checkpoint", str(tmp_path / "nope"), "--data", corpus_url]) == 2
     assert "neither a directory nor an MLflow URI" in capsys.readouterr().err
+
+
+def test_cli_rejects_a_device_it_cannot_use(checkpoint, corpus_url, capsys, monkeypatch):
+    base = ["--checkpoint", str(checkpoint), "--data", corpus_url]
+    assert main([*base, "--device", "tpu0"]) == 2
+    assert "--device tpu0" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*base, "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main([*base, "--device", "cuda:0", "--generation"]) == 2
+    assert "--generation runs on the CPU only" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_evaluation_on_the_gpu_gives_the_cpus_figures(checkpoint, corpus_url):
+    on_cpu = evaluate_model(load_model(checkpoint), corpus_url)
+    on_gpu = evaluate_model(load_model(checkpoint, device="cuda"), corpus_url)
+    assert on_gpu.keys() == on_cpu.keys()
+    # The same weights; embeddings differ in the last bits, so a tie may break the other way.
+    for key, value in on_cpu.items():
+        assert abs(on_gpu[key] - value) <= 0.05, key

@@ -110,11 +110,14 @@ def weights_choice(args: argparse.Namespace) -> bool | None:
     return _WEIGHTS[args.weights]
 
 
-def load_model(checkpoint: str | Path, *, ema: bool | None = None) -> JinModel:
+def load_model(
+    checkpoint: str | Path, *, ema: bool | None = None, device: str | torch.device = "cpu"
+) -> JinModel:
     """A JinModel built from a checkpoint's stored config, with its weights, in eval mode.
 
     ``ema``: None loads the average of the trained weights where the checkpoint kept one
     (``train.weight_ema``; `jin_orchestrate.ema`), True requires it, False loads the last step's.
+    ``device``: where the model is put (it moves the batches it is given there itself).
     """
     cfg = JinModelConfig.model_validate(read_config(checkpoint)["model"])
     model = JinModel(cfg)
@@ -126,7 +129,7 @@ def load_model(checkpoint: str | Path, *, ema: bool | None = None) -> JinModel:
         )
     if ema is not False and loaded.ema is not None:
         apply_ema(model, loaded.ema)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _train_labels(url: str, on_error: str = "raise") -> set[int]:
@@ -157,7 +160,8 @@ def embed_dataset(
     columns: Mapping[str, str] | None = None,
     on_error: str = "raise",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Embeddings ``(N, R)`` per modality of the samples of ``split``, and labels ``(N,)``.
+    """Embeddings ``(N, R)`` float32 on the CPU per modality of the samples of ``split`` (the model
+    may be on an accelerator), and labels ``(N,)``.
 
     ``columns`` maps a modality to the column it is read from where the names differ;
     ``on_error`` is jin-data's (``"skip"`` leaves out what does not read or decode).
@@ -178,14 +182,15 @@ def embed_dataset(
     for batch in data:
         emb = model.embed(rename_columns(batch, columns))
         for m in modalities:
-            chunks[m].append(emb[m])
+            chunks[m].append(emb[m].float().cpu())
         labels.append(batch["label"])
     return {m: torch.cat(v) for m, v in chunks.items()}, torch.cat(labels)
 
 
 @torch.no_grad()
 def prompt_embeddings(model: torch.nn.Module, numbers: list[int]) -> torch.Tensor:
-    """One text embedding per number: the normalised mean over every caption template."""
+    """One text embedding per number (float32, on the CPU): the normalised mean over every caption
+    template."""
     texts = [
         t.format(digits=str(n), words=number_words(n)) for n in numbers for t in CAPTION_TEMPLATES
     ]
@@ -197,9 +202,8 @@ def prompt_embeddings(model: torch.nn.Module, numbers: list[int]) -> torch.Tenso
             "text": texts,
         }
     )
-    emb = model.embed(collate(table, ["text"]))["text"].view(
-        len(numbers), len(CAPTION_TEMPLATES), -1
-    )
+    emb = model.embed(collate(table, ["text"]))["text"].float().cpu()
+    emb = emb.view(len(numbers), len(CAPTION_TEMPLATES), -1)
     return torch.nn.functional.normalize(emb.mean(dim=1), dim=-1)
 
 
@@ -401,6 +405,19 @@ def write_plots(evaluation: Evaluation, directory: str | Path, prefix: str = "")
     return paths
 
 
+def _device(name: str) -> torch.device:
+    """``--device``, checked: a device string torch knows, on a device this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected cpu or cuda[:N]")
+    return device
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jin_orchestrate.evaluate",
@@ -423,6 +440,12 @@ def _parser() -> argparse.ArgumentParser:
         "($MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
     add_weights_argument(p)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the model embeds: cpu (the default), cuda, cuda:1, ...; the figures are "
+        "computed on the CPU either way (not with --generation, which runs on the CPU)",
+    )
     gen = p.add_argument_group(
         "generation", "--generation: the paper's Table 4 in miniature instead of Tables 2 and 3"
     )
@@ -501,7 +524,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint = local_checkpoint(args.checkpoint)
         list_shards(args.data)
-        model = load_model(checkpoint, ema=weights_choice(args))
+        device = _device(args.device)
+        if args.generation and device.type != "cpu":
+            raise ValueError(f"--device {args.device}: --generation runs on the CPU only")
+        model = load_model(checkpoint, ema=weights_choice(args), device=device)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
