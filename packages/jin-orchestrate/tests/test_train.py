@@ -117,3 +117,48 @@ def test_a_stop_recorded_by_the_workers_is_raised_as_its_own_type():
         error = stopped_error(f"{kind.__name__}: why. Last good checkpoint: none yet")
         assert type(error) is kind and str(error) == "why. Last good checkpoint: none yet"
     assert type(stopped_error("something else")) is JobStopped
+
+
+def _bf16(cfg):
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "bf16"})})
+
+
+def _linear_output_dtypes(trainer, batch):
+    seen = set()
+    hooks = [
+        m.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+        for m in trainer.core.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    result = trainer.train_step(batch)
+    for h in hooks:
+        h.remove()
+    return seen, result
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_sets_the_forwards_compute_dtype_and_keeps_the_state_float32(
+    test_config, batch, precision
+):
+    cfg = _bf16(test_config) if precision == "bf16" else test_config
+    reference = _trainer(test_config).train_step(batch).metrics["loss"]
+    trainer = _trainer(cfg)
+    dtypes, result = _linear_output_dtypes(trainer, batch)
+    assert dtypes == ({torch.bfloat16} if precision == "bf16" else {torch.float32})
+    assert not result.skipped and math.isfinite(result.metrics["loss"])
+    assert result.metrics["loss"] == pytest.approx(reference, rel=0.02)
+    assert {p.dtype for p in trainer.core.parameters()} == {torch.float32}
+    moments = [s["exp_avg"] for s in trainer.optimizer.state.values()]
+    assert moments and {m.dtype for m in moments} == {torch.float32}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_steps_on_the_gpu(test_config, batch):
+    torch.manual_seed(0)
+    cfg = _bf16(test_config)
+    trainer = StageTrainer.create(cfg, cfg.stages[2], JinModel(cfg.model), device="cuda")
+    dtypes, first = _linear_output_dtypes(trainer, batch)
+    assert dtypes == {torch.bfloat16}
+    losses = [first.metrics["loss"]] + [trainer.train_step(batch).metrics["loss"] for _ in range(4)]
+    assert all(math.isfinite(x) for x in losses) and trainer.step == 5

@@ -123,6 +123,13 @@ class TrainConfig(StrictConfig):
         description="decay of an average of the trained weights kept for sampling and evaluation "
         "(jin_orchestrate.ema; DiT: 0.9999); 0 keeps none",
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: each training forward under torch.autocast(bfloat16) on the model's "
+        "device (autocast's op lists: matmuls and convolutions in bf16, normalisations and "
+        "losses in float32; weights, gradients and optimiser state stay float32); fp32: float32 "
+        "throughout",
+    )
     seed: int = 0
     num_workers: int = Field(2, gt=0)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")

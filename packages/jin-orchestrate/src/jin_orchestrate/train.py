@@ -157,7 +157,9 @@ class StageTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        losses = self.model(batch, stage=self.stage, generator=self.generator)
+        device = next(self.core.parameters()).device.type  # JinModel or a baseline
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+            losses = self.model(batch, stage=self.stage, generator=self.generator)
         loss = losses["loss"]
         if self.faults is not None and self.faults.nonfinite(self.step + 1):
             loss = loss * float("nan")
