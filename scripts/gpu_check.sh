@@ -5,7 +5,8 @@
 # Runs each package's tests marked `gpu` (CuPy dispatch kernels against PyTorch; the joint
 # embedding space and JinModel on CUDA fed host batches; the curriculum trained, killed and
 # resumed on the GPU), then benchmarks/moe.py's GPU section (CuPy permute/un-permute bandwidth, the
-# MoE layer with CuPy against PyTorch dispatch). Logs and moe.json go to $OUT (or
+# MoE layer with CuPy against PyTorch dispatch) and benchmarks/train.py's jin-nano steps in fp32
+# and bf16 (train.precision). Logs, moe.json and train.json go to $OUT (or
 # /tmp/jin-gpu-check). Exit status 0 only if every step passed. PY overrides python3.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,5 +49,16 @@ timeout 300 "$PY" benchmarks/moe.py --cases 2 --json "$RESULTS/moe.json" > "$RES
 code=$?
 tail -n 40 "$RESULTS/moe.log"
 [ "$code" = 0 ] || { echo "== moe.py: FAILED ($code)"; status=1; }
+echo "== benchmarks/train.py: jin-nano training steps on the GPU, fp32 against bf16"
+if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  timeout 360 "$PY" benchmarks/train.py --preset jin-nano --device cuda --precision fp32 bf16 \
+    --steps 3 --warmup 1 --data "$JIN_TEST_CORPUS" --json "$RESULTS/train.json" \
+    > "$RESULTS/train.log" 2>&1
+  code=$?
+  tail -n 12 "$RESULTS/train.log"
+  [ "$code" = 0 ] || { echo "== train.py: FAILED ($code)"; status=1; }
+else
+  echo "no CUDA device: not run"
+fi
 echo "== gpu_check: $([ $status = 0 ] && echo passed || echo FAILED)"
 exit $status
