@@ -34,29 +34,30 @@ nvidia-smi -L 2>&1 || true
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 
 status=0
+# step NAME LINES COMMAND...: run COMMAND with its output in $RESULTS/NAME.log, show its last
+# LINES lines, and mark the check failed if it fails.
+step() {
+  local name=$1 lines=$2
+  shift 2
+  "$@" > "$RESULTS/$name.log" 2>&1
+  local code=$?
+  tail -n "$lines" "$RESULTS/$name.log"
+  [ "$code" = 0 ] || { echo "== $name: FAILED ($code)"; status=1; }
+}
+
 for pkg in jin-backbone jin-encoders jin-orchestrate; do
   files=$(cd "packages/$pkg" && grep -l "pytest.mark.gpu" tests/test_*.py)
   echo "== $pkg: pytest -m gpu" $files
   # shellcheck disable=SC2086  # one word per file
-  (cd "packages/$pkg" && "$PY" -m pytest -q -m gpu -p no:cacheprovider $files) \
-    > "$RESULTS/$pkg-gpu.log" 2>&1
-  code=$?
-  tail -n 15 "$RESULTS/$pkg-gpu.log"
-  [ "$code" = 0 ] || { echo "== $pkg: FAILED ($code)"; status=1; }
+  step "$pkg-gpu" 15 env -C "packages/$pkg" "$PY" -m pytest -q -m gpu -p no:cacheprovider $files
 done
 echo "== benchmarks/moe.py (the smallest CPU case, then the GPU section)"
-timeout 300 "$PY" benchmarks/moe.py --cases 2 --json "$RESULTS/moe.json" > "$RESULTS/moe.log" 2>&1
-code=$?
-tail -n 40 "$RESULTS/moe.log"
-[ "$code" = 0 ] || { echo "== moe.py: FAILED ($code)"; status=1; }
+step moe 40 timeout 300 "$PY" benchmarks/moe.py --cases 2 --json "$RESULTS/moe.json"
 echo "== benchmarks/train.py: jin-nano training steps on the GPU, fp32 against bf16"
 if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
-  timeout 360 "$PY" benchmarks/train.py --preset jin-nano --device cuda --precision fp32 bf16 \
-    --steps 3 --warmup 1 --data "$JIN_TEST_CORPUS" --json "$RESULTS/train.json" \
-    > "$RESULTS/train.log" 2>&1
-  code=$?
-  tail -n 12 "$RESULTS/train.log"
-  [ "$code" = 0 ] || { echo "== train.py: FAILED ($code)"; status=1; }
+  step train 12 timeout 360 "$PY" benchmarks/train.py --preset jin-nano --device cuda \
+    --precision fp32 bf16 --steps 3 --warmup 1 --data "$JIN_TEST_CORPUS" \
+    --json "$RESULTS/train.json"
 else
   echo "no CUDA device: not run"
 fi
