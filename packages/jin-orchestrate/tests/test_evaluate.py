@@ -121,6 +121,9 @@ def test_cli_rejects_a_device_it_cannot_use(checkpoint, corpus_url, capsys, monk
     assert main([*base, "--device", "cuda"]) == 2
     assert "--device cuda: no CUDA device is available here" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main([*base, "--device", "cuda:1"]) == 2
+    assert "--device cuda:1: this machine has 1 GPU(s)" in capsys.readouterr().err
     assert main([*base, "--device", "cuda:0", "--generation"]) == 2
     assert "--generation runs on the CPU only" in capsys.readouterr().err
 

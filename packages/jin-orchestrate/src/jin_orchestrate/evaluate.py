@@ -413,6 +413,8 @@ def _device(name: str) -> torch.device:
         raise ValueError(f"--device {name}: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: expected cpu or cuda[:N]")
     return device
