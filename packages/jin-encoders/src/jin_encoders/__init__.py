@@ -7,6 +7,7 @@ from jin_encoders.base import (
     EncoderOutput,
     ModalityEncoder,
     sinusoidal_positions,
+    to_device,
 )
 from jin_encoders.custom import CustomEncoderConfig, CustomModalityEncoder
 from jin_encoders.frontends import collate_images, image_to_tensor, load_audio, normalize_points
@@ -25,7 +26,7 @@ from jin_encoders.text import TextEncoder, TextEncoderConfig
 from jin_encoders.tokenizer import ByteTokenizer
 from jin_encoders.vision import VisionEncoder, VisionEncoderConfig
 
-__version__ = "0.7.1"
+__version__ = "0.8.0"
 
 __all__ = [
     "AudioEncoder",
@@ -63,4 +64,5 @@ __all__ = [
     "resample",
     "resampled_length",
     "sinusoidal_positions",
+    "to_device",
 ]

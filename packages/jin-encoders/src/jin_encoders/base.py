@@ -24,7 +24,22 @@ __all__ = [
     "EncoderOutput",
     "ModalityEncoder",
     "sinusoidal_positions",
+    "to_device",
 ]
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with its tensors on ``device``: a tensor, or the tensor values of a mapping (an
+    encoder's keyword arguments, a jin-data batch); anything else (a list of str) as it is. No
+    copy where a tensor is there already; host-to-accelerator copies may overlap compute."""
+    blocking = device.type == "cpu"  # a copy back to the host must finish before it is read
+
+    def move(x: Any) -> Any:
+        return x.to(device, non_blocking=not blocking) if isinstance(x, Tensor) else x
+
+    if isinstance(value, Mapping):
+        return {k: move(v) for k, v in value.items()}
+    return move(value)
 
 
 class EncoderInputError(ValueError):

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from jin_encoders._config import StrictConfig
 from jin_encoders.audio import AudioEncoder, AudioEncoderConfig
-from jin_encoders.base import EncoderInputError, EncoderOutput, ModalityEncoder
+from jin_encoders.base import EncoderInputError, EncoderOutput, ModalityEncoder, to_device
 from jin_encoders.custom import CustomEncoderConfig, CustomModalityEncoder
 from jin_encoders.fusion import FusedSequence, FusionLayer, concat_modalities
 from jin_encoders.heads import RegressionHead, TextLMHead
@@ -53,23 +53,6 @@ def _device_of(module: nn.Module) -> torch.device | None:
     for tensor in itertools.chain(module.parameters(), module.buffers()):
         return tensor.device
     return None
-
-
-def _on_device(value: Any, device: torch.device | None) -> Any:
-    """An encoder input with its tensors on ``device``: a tensor, or the tensor values of a
-    mapping of keyword arguments; anything else (a list of str) as it is."""
-    if device is None:
-        return value
-    # Host to accelerator may overlap with compute; a copy back to the host may not.
-    blocking = device.type == "cpu"
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=not blocking)
-    if isinstance(value, Mapping):
-        return {
-            k: v.to(device, non_blocking=not blocking) if isinstance(v, Tensor) else v
-            for k, v in value.items()
-        }
-    return value
 
 
 class JointEmbeddingSpaceConfig(StrictConfig):
@@ -243,7 +226,8 @@ class JointEmbeddingSpace(nn.Module):
             if name not in inputs:
                 continue
             encoder = self.encoders[name]
-            value = _on_device(inputs[name], _device_of(encoder))
+            device = _device_of(encoder)
+            value = inputs[name] if device is None else to_device(inputs[name], device)
             out = encoder(**value) if isinstance(value, Mapping) else encoder(value)
             outputs[name] = self._add_modality_embedding(name, out)
         return outputs

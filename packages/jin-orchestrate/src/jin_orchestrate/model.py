@@ -43,6 +43,7 @@ from jin_encoders import (
     EncoderOutput,
     JointEmbeddingSpace,
     JointEmbeddingSpaceConfig,
+    to_device,
 )
 from jin_orchestrate._config import StrictConfig
 from jin_orchestrate.generation import GenerationConfig, GenerationHeads, Target
@@ -207,16 +208,6 @@ class JinEncoder(nn.Module):
         return reps
 
 
-def batch_to(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """A jin-data batch with its tensors on ``device`` (no copy where they are already there);
-    lists (ids, text, splits) as they are. Host-to-accelerator copies may overlap compute."""
-    blocking = device.type == "cpu"
-    return {
-        k: v.to(device, non_blocking=not blocking) if isinstance(v, Tensor) else v
-        for k, v in batch.items()
-    }
-
-
 def _present(batch: Mapping[str, Any], name: str, like: Tensor) -> Tensor:
     present = batch.get(f"{name}_present")
     if present is None:
@@ -336,7 +327,7 @@ class JinModel(nn.Module):
         """L2-normalised retrieval embeddings ``(B, R)`` of every modality in a jin-data batch."""
         return {
             name: self.space.project(name, rep.hidden, rep.encoded.padding_mask)
-            for name, rep in self.encoder(batch_to(batch, self.device)).items()
+            for name, rep in self.encoder(to_device(batch, self.device)).items()
         }
 
     # -- generation --------------------------------------------------------------------------
@@ -408,7 +399,7 @@ class JinModel(nn.Module):
 
         ``batch`` may be on the host: its tensors are moved to the model's device first (Ray
         Train leaves a batch with string columns, as jin-data's, on the host)."""
-        batch = batch_to(batch, self.device)
+        batch = to_device(batch, self.device)
         if tuple(stage.trainable) != self.trainable:
             raise ValueError(
                 f"stage {stage.name!r} trains {list(stage.trainable) or 'everything'} but the "
