@@ -4,6 +4,7 @@ generation stage and the Table 4 metrics, on the jin-test config."""
 from __future__ import annotations
 
 import itertools
+import math
 import wave
 
 import pytest
@@ -447,11 +448,21 @@ def _cli(*argv) -> int:
     return main([str(a) for a in argv])
 
 
-def test_cli_writes_a_png_a_wav_and_a_caption(gen_checkpoint, tmp_path):
+CUDA = pytest.param(
+    "cuda",
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_cli_writes_a_png_a_wav_and_a_caption(gen_checkpoint, tmp_path, device):
     from PIL import Image
 
     png, wav, txt = tmp_path / "a.png", tmp_path / "a.wav", tmp_path / "a.txt"
-    common = ["--checkpoint", gen_checkpoint, "--steps", 2]
+    common = ["--checkpoint", gen_checkpoint, "--steps", 2, "--device", device]
     assert _cli(*common, "--to", "image", "--from-text", "the number 4", "--out", png) == 0
     with Image.open(png) as image:
         assert image.format == "PNG" and image.size == (32, 32) and image.mode == "L"
@@ -471,6 +482,7 @@ def test_cli_writes_a_png_a_wav_and_a_caption(gen_checkpoint, tmp_path):
         (["--to", "text", "--from-audio", "garbage.wav", "--out", "x.txt"], "garbage.wav"),
         (["--to", "audio", "--from-image", "garbage.png", "--out", "x.wav"], "not a readable"),
         (["--to", "image", "--from-text", "  ", "--out", "x.png"], "--from-text"),
+        (["--to", "image", "--from-text", "4", "--out", "x.png", "--device", "tpu0"], "tpu0"),
     ],
 )
 def test_cli_errors_name_the_flag_or_file(
@@ -596,6 +608,26 @@ def test_evaluate_generation_scores_every_trained_direction(gen_checkpoint, corp
     assert len(list(tmp_path.glob("text_to_audio_*_mel.png"))) == len(clips)
     table = format_generation(scores)
     assert "not Inception-FID" in table and "| condition recognised |" in table
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_evaluate_generation_generates_on_the_gpu_and_scores_on_the_cpu(gen_checkpoint, corpus_url):
+    from jin_orchestrate.evaluate import load_model
+    from jin_orchestrate.generation_eval import evaluate_generation
+
+    def scores(device):
+        model = load_model(gen_checkpoint, device=device)
+        return evaluate_generation(model, corpus_url, samples=4, steps=2, log=lambda _: None)
+
+    on_cpu, on_gpu = scores("cpu"), scores("cuda")
+    assert on_gpu.keys() == on_cpu.keys()
+    # The probes train on the CPU on the same images either way; the real audio's mels are
+    # computed by the model's encoder, on the GPU, so they may differ in the last bits.
+    assert on_gpu["probe_accuracy/image"] == on_cpu["probe_accuracy/image"]
+    for key, value in on_gpu.items():
+        if isinstance(value, float):
+            assert math.isfinite(value) and value >= 0.0, key
 
 
 def test_evaluate_generation_on_the_val_split(

@@ -55,7 +55,9 @@ from jin_orchestrate.model import JinModel, JinModelConfig
 __all__ = [
     "RETRIEVAL_PAIRS",
     "Evaluation",
+    "add_device_argument",
     "add_weights_argument",
+    "device_choice",
     "embed_dataset",
     "evaluate",
     "evaluate_checkpoint",
@@ -108,6 +110,30 @@ def add_weights_argument(parser: argparse.ArgumentParser) -> None:
 def weights_choice(args: argparse.Namespace) -> bool | None:
     """The ``ema`` argument of :func:`load_model` for ``--weights``."""
     return _WEIGHTS[args.weights]
+
+
+def add_device_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--device cpu|cuda[:N]`` (default cpu), read back by :func:`device_choice`."""
+    parser.add_argument(
+        "--device", default="cpu", help=f"cpu (the default), cuda, cuda:1, ...: {what}"
+    )
+
+
+def device_choice(args: argparse.Namespace) -> torch.device:
+    """``--device``, checked: a device string torch knows, on a device this machine has;
+    `ValueError` naming the flag otherwise."""
+    name = args.device
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected cpu or cuda[:N]")
+    return device
 
 
 def load_model(
@@ -405,21 +431,6 @@ def write_plots(evaluation: Evaluation, directory: str | Path, prefix: str = "")
     return paths
 
 
-def _device(name: str) -> torch.device:
-    """``--device``, checked: a device string torch knows, on a device this machine has."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA device is available here")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: expected cpu or cuda[:N]")
-    return device
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jin_orchestrate.evaluate",
@@ -442,11 +453,10 @@ def _parser() -> argparse.ArgumentParser:
         "($MLFLOW_TRACKING_URI, else ./mlflow.db)",
     )
     add_weights_argument(p)
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="where the model embeds: cpu (the default), cuda, cuda:1, ...; the figures are "
-        "computed on the CPU either way (not with --generation, which runs on the CPU)",
+    add_device_argument(
+        p,
+        "where the model embeds (and, with --generation, generates); the figures are "
+        "computed on the CPU either way",
     )
     gen = p.add_argument_group(
         "generation", "--generation: the paper's Table 4 in miniature instead of Tables 2 and 3"
@@ -526,10 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint = local_checkpoint(args.checkpoint)
         list_shards(args.data)
-        device = _device(args.device)
-        if args.generation and device.type != "cpu":
-            raise ValueError(f"--device {args.device}: --generation runs on the CPU only")
-        model = load_model(checkpoint, ema=weights_choice(args), device=device)
+        model = load_model(checkpoint, ema=weights_choice(args), device=device_choice(args))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

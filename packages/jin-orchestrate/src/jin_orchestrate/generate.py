@@ -6,6 +6,7 @@ Sampling (writes a real PNG, WAV or UTF-8 text file)::
         --out 42.png [--steps 50 --guidance 3 --seed 0]
     python -m jin_orchestrate.generate --checkpoint CKPT --to audio --from-image 42.png --out 42.wav
     python -m jin_orchestrate.generate --checkpoint CKPT --to text --from-audio 42.wav --out 42.txt
+    (--device cuda generates on a GPU; the default is the CPU)
 
 Training (a generation fine-tune of a pretrained checkpoint: one stage with the generation
 objective, run on Ray Train and tracked in MLflow exactly as pretraining's stages are)::
@@ -155,7 +156,7 @@ def write_wav(path: str | Path, waveform_S: torch.Tensor, sample_rate: int) -> P
 
 
 def _sample_parser() -> argparse.ArgumentParser:
-    from jin_orchestrate.evaluate import add_weights_argument
+    from jin_orchestrate.evaluate import add_device_argument, add_weights_argument
 
     p = argparse.ArgumentParser(
         prog="python -m jin_orchestrate.generate",
@@ -178,6 +179,7 @@ def _sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="captions: 0 = greedy")
     p.add_argument("--top-k", type=int, help="captions: sample among the k likeliest bytes")
     add_weights_argument(p)
+    add_device_argument(p, "where the model generates; the file is written from the CPU")
     return p
 
 
@@ -226,13 +228,16 @@ def _condition(args: argparse.Namespace, model: Any) -> dict[str, Any]:
 
 def sample(argv: list[str]) -> int:
     """``--to ... --from-... --out ...``: one sample written to ``--out``."""
-    from jin_orchestrate.evaluate import load_model, weights_choice
+    from jin_orchestrate.evaluate import device_choice, load_model, weights_choice
     from jin_orchestrate.tracking import local_checkpoint
 
     args = _sample_parser().parse_args(argv)
     try:
         _check_output(args)
-        model = load_model(local_checkpoint(args.checkpoint), ema=weights_choice(args))
+        device = device_choice(args)
+        model = load_model(
+            local_checkpoint(args.checkpoint), ema=weights_choice(args), device=device
+        )
         condition = _condition(args, model)
         result = model.generate(
             args.target,

@@ -282,6 +282,7 @@ class _Inputs:
         self.cfg = model.generation.cfg
         self.vision = model.space.encoders["image"]
         self.audio = model.space.encoders["audio"]
+        self.device = model.device  # mels are computed there; the probes run on the CPU
 
     def images(self, uint8_NCHW: Tensor) -> Tensor:
         side = self.cfg.image_size
@@ -297,9 +298,10 @@ class _Inputs:
     def mels(self, waveform_NS: Tensor, lengths_N: Tensor | None = None) -> Tensor:
         parts = []
         for i in range(0, len(waveform_NS), 256):
-            lengths = None if lengths_N is None else lengths_N[i : i + 256]
-            mel, mask = self.audio.mel_frames(waveform_NS[i : i + 256], lengths=lengths)
-            parts.append(fit_frames(mel, mask, self.cfg.audio_frames))
+            waveform = waveform_NS[i : i + 256].to(self.device)
+            lengths = None if lengths_N is None else lengths_N[i : i + 256].to(self.device)
+            mel, mask = self.audio.mel_frames(waveform, lengths=lengths)
+            parts.append(fit_frames(mel, mask, self.cfg.audio_frames).cpu())
         return torch.cat(parts)
 
 
@@ -449,14 +451,15 @@ def _generate(
     seed: int,
     batch: int,
 ) -> Any:
-    """``target`` generated from ``source`` for every row of ``data``, in batches."""
+    """``target`` generated from ``source`` for every row of ``data``, in batches, on the
+    model's device; images and audio are returned on the CPU, where the probes are."""
     parts = [
         model.generate(
             target, _condition(part, source), steps=steps, guidance=guidance, seed=seed + start
         )
         for start, part in _chunks(data, batch)
     ]
-    return [t for p in parts for t in p] if target == "text" else torch.cat(parts)
+    return [t for p in parts for t in p] if target == "text" else torch.cat(parts).cpu()
 
 
 def _chunks(data: dict[str, Any], batch: int) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -476,9 +479,12 @@ def _condition(data: dict[str, Any], modality: str) -> dict[str, Any]:
 @torch.no_grad()
 def _joint_embeddings(model: JinModel, modality: str, data: dict[str, Any], batch: int) -> Tensor:
     """The joint embeddings ``(N, R)`` of ``modality`` for every row of ``data``, in batches:
-    what `generation.generate` conditions the diffusion on (`JinModel.embed`)."""
+    what `generation.generate` conditions the diffusion on (`JinModel.embed`); on the CPU."""
     return torch.cat(
-        [model.embed(_condition(part, modality))[modality] for _, part in _chunks(data, batch)]
+        [
+            model.embed(_condition(part, modality))[modality].float().cpu()
+            for _, part in _chunks(data, batch)
+        ]
     )
 
 
