@@ -6,7 +6,11 @@ For each case (D, H, E, k, N) and mode (``forward`` without autograd, ``forward_
 times, round-robin so that load from other processes hits every implementation alike:
 
 - ``naive``: the seed's double loop over k and experts (``MoE(dispatch="naive")``);
-- ``jin``: the dispatch in use (``dispatch="auto"``: PyTorch on CPU, CuPy kernels on CUDA);
+- ``jin``: the defaults (``dispatch="auto"``: PyTorch on CPU, CuPy kernels on CUDA;
+  ``grouped_gemm="auto"``: the experts as two grouped GEMMs, ``torch.nn.functional.grouped_mm``,
+  where torch has a kernel for them, which includes fp32 on the CPU);
+- ``jin_ungrouped``: the same with ``grouped_gemm="off"``: a matmul per expert, or one bmm over
+  rows padded to the busiest expert (jin-backbone 0.4's only layouts);
 - ``dense_active``: one dense FFN with the MoE's active FLOPs (hidden ``k*H``);
 - ``dense_total``: one dense FFN with all experts' parameters (hidden ``E*H``);
 
@@ -18,7 +22,9 @@ tokens (its hidden activations at N=16384, E*H=16384 would take several GB); its
 throughput and does not depend on N once the matmuls are large.
 
 With CUDA present it also measures, in bf16, the CuPy permute / un-permute bandwidth against a
-device-to-device copy, and the layer at N=65536, E=64 with the CuPy path against the PyTorch one.
+device-to-device copy, and the layer at N=65536, E=64 with the CuPy path against the PyTorch one,
+each with the experts as a matmul per expert (``grouped_gemm="off"``) and as grouped GEMMs
+(``"auto"``, which takes them for bf16 there).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ CASES = [
     {"D": 256, "H": 1024, "E": 8, "k": 2, "N": 256},
 ]
 MODES = ("forward", "forward_backward")
-IMPLS = ("naive", "jin", "dense_active", "dense_total")
+IMPLS = ("naive", "jin", "jin_ungrouped", "dense_active", "dense_total")
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 10, device: str = "cpu") -> float:
@@ -74,9 +80,14 @@ def build(impl: str, case: dict, device: str, dtype: torch.dtype, activation: st
     elif impl == "dense_total":
         module = FeedForward(d, e * h, activation)
     else:
-        dispatch = "naive" if impl == "naive" else "auto"
         cfg = MoEConfig(
-            dim=d, hidden_dim=h, num_experts=e, top_k=k, activation=activation, dispatch=dispatch
+            dim=d,
+            hidden_dim=h,
+            num_experts=e,
+            top_k=k,
+            activation=activation,
+            dispatch="naive" if impl == "naive" else "auto",
+            grouped_gemm="off" if impl == "jin_ungrouped" else "auto",
         )
         module = MoE(cfg)
     return module.to(device, dtype)
@@ -236,9 +247,13 @@ def gpu_section(repeats: int) -> dict:
     case = {"D": d, "H": h, "E": e, "k": k, "N": n}
     layers = {}
     for impl in ("torch", "cupy"):
-        torch.manual_seed(0)
-        cfg = MoEConfig(dim=d, hidden_dim=h, num_experts=e, top_k=k, dispatch=impl)
-        layers[impl] = MoE(cfg).to(device, dtype)
+        for grouped in ("off", "auto"):
+            torch.manual_seed(0)
+            cfg = MoEConfig(
+                dim=d, hidden_dim=h, num_experts=e, top_k=k, dispatch=impl, grouped_gemm=grouped
+            )
+            name = impl if grouped == "off" else f"{impl}_grouped"
+            layers[name] = MoE(cfg).to(device, dtype)
     for mode in MODES:
         for impl, layer in layers.items():
             xin = x.detach().requires_grad_(mode == "forward_backward")
@@ -295,11 +310,20 @@ def main() -> None:
     memory = []
     for case in cases:
         x = torch.randn(case["N"], case["D"], generator=torch.Generator().manual_seed(2))
-        jin = peak_memory_mb(build("jin", case, "cpu", torch.float32, args.activation), x)
-        dense = peak_memory_mb(
-            build("dense_active", case, "cpu", torch.float32, args.activation), x
+        jin, ungrouped, dense = (
+            peak_memory_mb(build(impl, case, "cpu", torch.float32, args.activation), x)
+            for impl in ("jin", "jin_ungrouped", "dense_active")
         )
-        memory.append({**case, "jin_mb": jin, "dense_active_mb": dense, "ratio": jin / dense})
+        memory.append(
+            {
+                **case,
+                "jin_mb": jin,
+                "jin_ungrouped_mb": ungrouped,
+                "dense_active_mb": dense,
+                "ratio": jin / dense,
+                "ungrouped_ratio": ungrouped / dense,
+            }
+        )
     results = {
         "matmul_gflops": gflops,
         "cases": rows,
@@ -312,12 +336,16 @@ def main() -> None:
     print()
     print(table(rows))
     print()
-    print("| D | H | E | k | N | jin peak MB | dense_active peak MB | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| D | H | E | k | N | jin peak MB | jin_ungrouped peak MB | dense_active peak MB "
+        "| jin ratio | jin_ungrouped ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in memory:
         print(
             f"| {m['D']} | {m['H']} | {m['E']} | {m['k']} | {m['N']} | {m['jin_mb']:.1f} "
-            f"| {m['dense_active_mb']:.1f} | {m['ratio']:.2f} |"
+            f"| {m['jin_ungrouped_mb']:.1f} | {m['dense_active_mb']:.1f} | {m['ratio']:.2f} "
+            f"| {m['ungrouped_ratio']:.2f} |"
         )
     if "gpu" in results:
         print(json.dumps(results["gpu"], indent=2))

@@ -64,7 +64,12 @@ def test_permute_and_unpermute_match_torch(dtype, dim, capacity_factor, max_padd
 def test_moe_layer_cupy_equals_torch(dtype, num_experts, top_k, max_padding):
     torch.manual_seed(0)
     cfg = MoEConfig(
-        dim=64, hidden_dim=96, num_experts=num_experts, top_k=top_k, max_padding=max_padding
+        dim=64,
+        hidden_dim=96,
+        num_experts=num_experts,
+        top_k=top_k,
+        max_padding=max_padding,
+        grouped_gemm="off",  # the layouts this test names (grouped: test_grouped_gemm_on_cuda)
     )
     layers = {
         name: MoE(cfg.model_copy(update={"dispatch": name})).to("cuda", dtype)
@@ -90,3 +95,30 @@ def test_auto_selects_cupy_on_cuda():
     assert resolve_backend("auto", torch.zeros(1, device="cuda")) == "cupy"
     assert resolve_backend("auto", torch.zeros(1, device="cuda", dtype=torch.float16)) == "torch"
     assert resolve_backend("auto", torch.zeros(1)) == "torch"
+
+
+@pytest.mark.parametrize("dispatch", ["torch", "cupy"])
+@pytest.mark.parametrize(("num_experts", "top_k"), [(1, 1), (8, 2), (64, 4)])
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
+def test_grouped_gemm_on_cuda_equals_the_per_expert_loop(dispatch, num_experts, top_k, autocast):
+    """``grouped_gemm="auto"`` takes torch's CUDA grouped GEMM for bf16 compute (bf16 weights, or
+    fp32 ones under bf16 autocast) and gives the per-expert loop's outputs and gradients."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=64, hidden_dim=96, num_experts=num_experts, top_k=top_k, dispatch=dispatch)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    grouped = MoE(cfg).to("cuda", dtype)
+    loop = MoE(cfg.model_copy(update={"grouped_gemm": "off", "max_padding": 1.0})).to("cuda", dtype)
+    loop.load_state_dict(grouped.state_dict())
+    x = torch.randn(4, 50, 64, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+    padding_mask = torch.zeros(4, 50, dtype=torch.bool, device="cuda")
+    padding_mask[1, 30:] = True
+    out = {}
+    for name, layer in (("grouped", grouped), ("loop", loop)):
+        x_in = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            assert layer.uses_grouped_gemm(x_in) == (name == "grouped")
+            y, aux = layer(x_in, padding_mask)
+        (y.float().square().sum() + aux.load_balancing_loss).backward()
+        out[name] = [y, x_in.grad, *(p.grad for p in layer.parameters())]
+    for got, want in zip(out["grouped"], out["loop"], strict=True):
+        torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[torch.bfloat16])

@@ -42,6 +42,26 @@ def test_plan_sorts_by_expert_and_gives_each_kept_assignment_its_own_row(
         assert (experts_NK[tokens] == e).any(dim=1).all()
     if capacity_factor is None:
         assert plan.counts == plan.tokens_per_expert.tolist()
+    assert plan.offsets.dtype == torch.int32
+    assert plan.offsets.tolist() == torch.tensor(plan.counts, dtype=torch.int64).cumsum(0).tolist()
+    # Without host counts (a grouped GEMM): the ragged layout, the same rows.
+    device_only = make_plan(
+        experts_NK, num_experts, capacity_factor, max_padding, host_counts=False
+    )
+    assert device_only.counts is None and device_only.padded_rows is None
+    assert torch.equal(device_only.offsets, plan.offsets)
+    if plan.padded_rows is None:
+        assert torch.equal(device_only.source_token, plan.source_token)
+        assert torch.equal(device_only.row_of_assignment, plan.row_of_assignment)
+
+
+def test_a_dropless_plan_without_host_counts_never_reads_the_device():
+    # Meta tensors have no values: any read on the host (.tolist(), .item(), bincount's size on
+    # CUDA) would raise. The layout a grouped GEMM takes must not wait for the GPU.
+    experts_NK = torch.randint(0, 8, (50, 2)).to("meta")
+    plan = make_plan(experts_NK, 8, host_counts=False)
+    assert plan.offsets.shape == (8,) and plan.source_token.shape == (100,)
+    assert plan.counts is None and plan.padded_rows is None
 
 
 def test_unpermute_combine_is_the_weighted_sum_with_dropped_rows_adding_zero():

@@ -35,11 +35,21 @@ def _run(moe: MoE, x: torch.Tensor, padding_mask=None):
     return y.detach(), x.grad, grads, aux
 
 
+# The three ways the experts run: one matmul per expert, one bmm over padded rows, and one
+# grouped GEMM (torch's CPU kernel here; what "auto" takes where the widths allow).
+LAYOUTS = {
+    "ragged": {"max_padding": 1.0, "grouped_gemm": "off"},
+    "padded": {"max_padding": 100.0, "grouped_gemm": "off"},
+    "grouped": {"grouped_gemm": "on"},
+}
+layouts = pytest.mark.parametrize("layout", list(LAYOUTS))
+
+
 @pytest.mark.parametrize(("num_experts", "top_k"), CASES)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-@pytest.mark.parametrize("max_padding", [1.0, 100.0], ids=["ragged", "padded"])
-def test_dropless_matches_naive_outputs_and_gradients(num_experts, top_k, activation, max_padding):
-    fast, naive = _pair(num_experts, top_k, activation=activation, max_padding=max_padding)
+@layouts
+def test_dropless_matches_naive_outputs_and_gradients(num_experts, top_k, activation, layout):
+    fast, naive = _pair(num_experts, top_k, activation=activation, **LAYOUTS[layout])
     x = torch.randn(3, 11, 24, generator=torch.Generator().manual_seed(1))
     y_fast, gx_fast, g_fast, aux_fast = _run(fast, x)
     y_naive, gx_naive, g_naive, aux_naive = _run(naive, x)
@@ -51,9 +61,9 @@ def test_dropless_matches_naive_outputs_and_gradients(num_experts, top_k, activa
     assert aux_fast.stats.tokens_per_expert.sum().item() == 33 * top_k
 
 
-@pytest.mark.parametrize("max_padding", [1.0, 100.0], ids=["ragged", "padded"])
-def test_experts_that_receive_no_token_get_zero_gradient_and_match_naive(max_padding):
-    fast, naive = _pair(64, 2, max_padding=max_padding)
+@layouts
+def test_experts_that_receive_no_token_get_zero_gradient_and_match_naive(layout):
+    fast, naive = _pair(64, 2, **LAYOUTS[layout])
     x = torch.randn(5, 24, generator=torch.Generator().manual_seed(2))  # 10 assignments, 64 experts
     y_fast, gx_fast, g_fast, aux = _run(fast, x)
     y_naive, gx_naive, g_naive, _ = _run(naive, x)
@@ -66,10 +76,10 @@ def test_experts_that_receive_no_token_get_zero_gradient_and_match_naive(max_pad
     torch.testing.assert_close(g_fast["experts.w_out"], g_naive["experts.w_out"])
 
 
-@pytest.mark.parametrize("dispatch", ["torch", "naive"])
+@pytest.mark.parametrize("dispatch", ["torch", "grouped", "naive"])
 def test_zero_tokens(dispatch):
-    fast, naive = _pair(4, 2)
-    moe = fast if dispatch == "torch" else naive
+    fast, naive = _pair(4, 2, grouped_gemm="on" if dispatch == "grouped" else "off")
+    moe = naive if dispatch == "naive" else fast
     y, grad_x, grads, aux = _run(moe, torch.randn(0, 24))
     assert y.shape == (0, 24) and grad_x.shape == (0, 24)
     assert aux.load_balancing_loss.item() == 0 and aux.z_loss.item() == 0
@@ -80,9 +90,9 @@ def test_zero_tokens(dispatch):
 
 
 @pytest.mark.parametrize(("num_experts", "top_k"), [(4, 2), (64, 4)])
-@pytest.mark.parametrize("max_padding", [1.0, 100.0], ids=["ragged", "padded"])
-def test_padded_tokens_are_not_routed(num_experts, top_k, max_padding):
-    fast, naive = _pair(num_experts, top_k, max_padding=max_padding)
+@layouts
+def test_padded_tokens_are_not_routed(num_experts, top_k, layout):
+    fast, naive = _pair(num_experts, top_k, **LAYOUTS[layout])
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 7, 24, generator=gen)
     padding_mask = torch.zeros(2, 7, dtype=torch.bool)
@@ -103,6 +113,40 @@ def test_padded_tokens_are_not_routed(num_experts, top_k, max_padding):
     torch.testing.assert_close(aux.load_balancing_loss, aux_valid.load_balancing_loss)
     torch.testing.assert_close(aux.z_loss, aux_valid.z_loss)
     assert torch.equal(aux.stats.tokens_per_expert, aux_valid.stats.tokens_per_expert)
+
+
+def test_auto_takes_the_grouped_gemm_where_torch_has_a_kernel_and_on_refuses_elsewhere():
+    moe = MoE(MoEConfig(dim=24, hidden_dim=40, num_experts=4, top_k=2))
+    x = torch.randn(5, 24)
+    assert moe.uses_grouped_gemm(x) and moe.uses_grouped_gemm(x.bfloat16())
+    assert not moe.uses_grouped_gemm(x.double())  # no CPU kernel: the per-expert layouts
+    assert not moe.uses_grouped_gemm(x.to("meta"))  # neither CPU nor CUDA
+    assert not MoE(moe.cfg.model_copy(update={"grouped_gemm": "off"})).uses_grouped_gemm(x)
+    naive = moe.cfg.model_copy(update={"grouped_gemm": "on", "dispatch": "naive"})
+    assert not MoE(naive).uses_grouped_gemm(x)
+    odd = MoE(MoEConfig(dim=24, hidden_dim=36, num_experts=4, top_k=2))
+    assert odd.uses_grouped_gemm(x) and not odd.uses_grouped_gemm(x.bfloat16())  # 72-byte rows
+    odd_on = MoE(odd.cfg.model_copy(update={"grouped_gemm": "on"}))
+    with pytest.raises(
+        ValueError, match=r"hidden_dim=36 must be multiples of 8 for torch.bfloat16"
+    ):
+        odd_on.uses_grouped_gemm(x.bfloat16())
+    with pytest.raises(ValueError, match="grouped_gemm"):
+        MoEConfig(dim=8, hidden_dim=8, grouped_gemm="always")
+
+
+def test_grouped_gemm_under_autocast_computes_in_autocasts_dtype():
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=24, hidden_dim=40, num_experts=4, top_k=2)
+    grouped = MoE(cfg.model_copy(update={"grouped_gemm": "on"}))
+    loop = MoE(cfg.model_copy(update={"grouped_gemm": "off", "max_padding": 1.0}))
+    loop.load_state_dict(grouped.state_dict())
+    x = torch.randn(2, 9, 24, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_grouped, _ = grouped(x)
+        y_loop, _ = loop(x)
+    assert y_grouped.dtype == y_loop.dtype == torch.bfloat16
+    torch.testing.assert_close(y_grouped, y_loop, rtol=2e-2, atol=2e-2)
 
 
 def test_padding_mask_shape_and_dtype_are_checked():

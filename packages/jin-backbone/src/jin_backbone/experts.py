@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Activation", "Experts", "FeedForward", "feed_forward"]
+__all__ = ["Activation", "Experts", "FeedForward", "compute_dtype", "feed_forward"]
 
 Activation = Literal["gelu", "swiglu"]
 
@@ -28,13 +28,22 @@ def feed_forward(x_ND: Tensor, w_in: Tensor, w_out: Tensor, activation: Activati
     SwiGLU is ``silu(x W_gate) * (x W_up)`` (Shazeer 2020); GELU uses the tanh approximation
     (DiT's MLP).
     """
-    h = x_ND @ w_in
+    return _activate(x_ND @ w_in, activation) @ w_out
+
+
+def _activate(h: Tensor, activation: Activation) -> Tensor:
     if activation == "swiglu":
         gate, up = h.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    else:
-        h = F.gelu(h, approximate="tanh")
-    return h @ w_out
+        return F.silu(gate) * up
+    return F.gelu(h, approximate="tanh")
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's where it is on for ``x``'s device."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def _in_width(hidden_dim: int, activation: Activation) -> int:
@@ -62,8 +71,9 @@ class FeedForward(nn.Module):
 class Experts(nn.Module):
     """``E`` FFN experts with weights stacked as ``w_in (E, D, H|2H)`` and ``w_out (E, H, D)``.
 
-    Stacked storage is what grouped-GEMM kernels and expert parallelism shard along ``E``; here
-    each expert runs on its contiguous slice of the expert-sorted rows.
+    Stacked storage is what grouped-GEMM kernels take and expert parallelism shards along ``E``:
+    each expert runs on its contiguous slice of the expert-sorted rows, by one matmul per expert
+    (`forward`), one batched matmul over padded rows, or one grouped GEMM for all (`grouped`).
     """
 
     def __init__(
@@ -106,6 +116,20 @@ class Experts(nn.Module):
             for (w_in, w_out), rows in zip(self.per_expert(), x_MD.split(counts), strict=True)
         ]
         return torch.cat(outputs)
+
+    def grouped(self, x_MD: Tensor, offsets_E: Tensor) -> Tensor:
+        """Every expert on its rows of ``x_MD`` at once: two ``torch.nn.functional.grouped_mm``
+        calls (one grouped-GEMM kernel each) instead of a matmul per expert.
+
+        Expert ``e`` owns rows ``[offsets[e-1], offsets[e])`` (``offsets_E``: int32 cumulative
+        row ends on ``x_MD``'s device, so nothing is copied to the host). Under autocast the
+        operands are cast to its dtype, as ``@`` would cast them.
+        """
+        if x_MD.shape[0] == 0:
+            return x_MD.new_zeros(0, self.w_out.shape[-1])
+        dtype = compute_dtype(x_MD)
+        h = F.grouped_mm(x_MD.to(dtype), self.w_in.to(dtype), offs=offsets_E)
+        return F.grouped_mm(_activate(h, self.activation), self.w_out.to(dtype), offs=offsets_E)
 
 
 def _init_ffn(w_in: Tensor, w_out: Tensor) -> None:

@@ -8,7 +8,8 @@ choices first (GShard / ST-MoE priority). Nothing here is ``(N, E, D)``-sized: t
 integer vectors, and tokens move once, by a gather of ``M`` rows.
 
 Two row layouts, both dropless:
-- *ragged*: expert ``e`` owns ``counts[e]`` consecutive rows; experts run one matmul each.
+- *ragged*: expert ``e`` owns ``counts[e]`` consecutive rows; experts run one matmul each, or
+  all at once as one grouped GEMM reading ``offsets`` on the device.
 - *padded*: every expert owns ``C = max(counts)`` rows (``M = E * C``), so all experts run as one
   batched matmul. Chosen only when it wastes little (``E * C <= max_padding * K * N``): one
   ``bmm`` is much faster than ``E`` small matmuls on CPU and avoids ``E`` kernel launches on GPU.
@@ -34,7 +35,10 @@ class DispatchPlan:
         source_token: ``(M,)`` int64, the token each expert-sorted row is gathered from.
         row_of_assignment: ``(K, N)`` int64, the sorted row of assignment ``(k, n)``, ``-1`` when
             the capacity limit dropped it.
-        counts: host list of ``E`` ints, assignments each expert runs on (after drops).
+        counts: host list of ``E`` ints, assignments each expert runs on (after drops);
+            ``None`` when the plan was made without a host copy (``host_counts=False``).
+        offsets: ``(E,)`` int32 on the device, the end of each expert's rows in the ragged
+            layout (``cumsum`` of the counts): what a grouped GEMM takes.
         padded_rows: ``C`` in the padded layout (expert ``e`` owns rows ``[e*C, e*C + C)``, of
             which the first ``counts[e]`` are real); ``None`` in the ragged layout (expert ``e``
             owns ``counts[e]`` rows after those of experts ``< e``).
@@ -44,7 +48,8 @@ class DispatchPlan:
 
     source_token: Tensor
     row_of_assignment: Tensor
-    counts: list[int]
+    counts: list[int] | None
+    offsets: Tensor
     padded_rows: int | None
     tokens_per_expert: Tensor
     dropped: Tensor
@@ -65,13 +70,22 @@ def make_plan(
     num_experts: int,
     capacity_factor: float | None = None,
     max_padding: float = 1.0,
+    host_counts: bool = True,
 ) -> DispatchPlan:
     """Sort the ``K*N`` assignments by expert (stable), optionally drop over-capacity ones, and
-    lay the rows out padded when that costs at most ``max_padding`` times the real rows."""
+    lay the rows out padded when that costs at most ``max_padding`` times the real rows.
+
+    ``host_counts=False`` (for a grouped GEMM, which reads ``offsets`` on the device): the layout
+    is ragged and the counts are not copied to the host, so a dropless plan never waits for the
+    device (a capacity limit still does: the rows it keeps are data-dependent).
+    """
     num_tokens, top_k = experts_NK.shape
     expert_A = experts_NK.t().reshape(-1)  # k-major: a = k * N + n
     order_A = torch.argsort(expert_A, stable=True)
-    tokens_per_expert = torch.bincount(expert_A, minlength=num_experts)
+    # A scatter-add rather than bincount, which on CUDA reads the largest index on the host.
+    tokens_per_expert = expert_A.new_zeros(num_experts).scatter_add_(
+        0, expert_A, torch.ones_like(expert_A)
+    )
     start_E = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
     expert_sorted = expert_A[order_A]
     rank_sorted = torch.arange(order_A.numel(), device=order_A.device) - start_E[expert_sorted]
@@ -82,9 +96,10 @@ def make_plan(
         keep = rank_sorted < capacity
         kept, expert_sorted, rank_sorted = order_A[keep], expert_sorted[keep], rank_sorted[keep]
         counts_E = tokens_per_expert.clamp(max=capacity)
-    counts = counts_E.tolist()  # the one host sync: matmul shapes depend on it
+    # The one host sync of the per-expert and padded layouts: their matmul shapes depend on it.
+    counts = counts_E.tolist() if host_counts else None
     num_kept = kept.numel()
-    widest = max(counts, default=0)
+    widest = max(counts, default=0) if counts is not None else 0
     padded = num_experts > 1 and 0 < num_experts * widest <= max_padding * num_kept
     if padded:
         rows_kept = expert_sorted * widest + rank_sorted
@@ -99,7 +114,8 @@ def make_plan(
         source_token=source_token,
         row_of_assignment=row_of_assignment.view(top_k, num_tokens),
         counts=counts,
+        offsets=torch.cumsum(counts_E, 0).to(torch.int32),
         padded_rows=widest if padded else None,
         tokens_per_expert=tokens_per_expert,
-        dropped=expert_A.new_tensor(expert_A.numel()) - num_kept,
+        dropped=torch.full((), expert_A.numel() - num_kept, device=expert_A.device),
     )
