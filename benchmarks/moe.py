@@ -7,9 +7,9 @@ times, round-robin so that load from other processes hits every implementation a
 
 - ``naive``: the seed's double loop over k and experts (``MoE(dispatch="naive")``);
 - ``jin``: the defaults (``dispatch="auto"``: PyTorch on CPU, CuPy kernels on CUDA;
-  ``grouped_gemm="auto"``: the experts as two grouped GEMMs, ``torch.nn.functional.grouped_mm``,
+  ``grouped_gemm=None``: the experts as two grouped GEMMs, ``torch.nn.functional.grouped_mm``,
   where torch has a kernel for them, which includes fp32 on the CPU);
-- ``jin_ungrouped``: the same with ``grouped_gemm="off"``: a matmul per expert, or one bmm over
+- ``jin_ungrouped``: the same with ``grouped_gemm=False``: a matmul per expert, or one bmm over
   rows padded to the busiest expert (jin-backbone 0.4's only layouts);
 - ``dense_active``: one dense FFN with the MoE's active FLOPs (hidden ``k*H``);
 - ``dense_total``: one dense FFN with all experts' parameters (hidden ``E*H``);
@@ -23,8 +23,8 @@ throughput and does not depend on N once the matmuls are large.
 
 With CUDA present it also measures, in bf16, the CuPy permute / un-permute bandwidth against a
 device-to-device copy, and the layer at N=65536, E=64 with the CuPy path against the PyTorch one,
-each with the experts as a matmul per expert (``grouped_gemm="off"``) and as grouped GEMMs
-(``"auto"``, which takes them for bf16 there).
+each with the experts as a matmul per expert (``grouped_gemm=False``) and as grouped GEMMs
+(the default, ``None``, which takes them for bf16 there).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def build(impl: str, case: dict, device: str, dtype: torch.dtype, activation: st
             top_k=k,
             activation=activation,
             dispatch="naive" if impl == "naive" else "auto",
-            grouped_gemm="off" if impl == "jin_ungrouped" else "auto",
+            grouped_gemm=False if impl == "jin_ungrouped" else None,
         )
         module = MoE(cfg)
     return module.to(device, dtype)
@@ -247,12 +247,12 @@ def gpu_section(repeats: int) -> dict:
     case = {"D": d, "H": h, "E": e, "k": k, "N": n}
     layers = {}
     for impl in ("torch", "cupy"):
-        for grouped in ("off", "auto"):
+        for grouped in (False, None):
             torch.manual_seed(0)
             cfg = MoEConfig(
                 dim=d, hidden_dim=h, num_experts=e, top_k=k, dispatch=impl, grouped_gemm=grouped
             )
-            name = impl if grouped == "off" else f"{impl}_grouped"
+            name = f"{impl}_grouped" if grouped is None else impl
             layers[name] = MoE(cfg).to(device, dtype)
     for mode in MODES:
         for impl, layer in layers.items():

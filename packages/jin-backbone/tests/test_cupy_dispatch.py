@@ -69,7 +69,7 @@ def test_moe_layer_cupy_equals_torch(dtype, num_experts, top_k, max_padding):
         num_experts=num_experts,
         top_k=top_k,
         max_padding=max_padding,
-        grouped_gemm="off",  # the layouts this test names (grouped: test_grouped_gemm_on_cuda)
+        grouped_gemm=False,  # the layouts this test names (grouped: test_grouped_gemm_on_cuda)
     )
     layers = {
         name: MoE(cfg.model_copy(update={"dispatch": name})).to("cuda", dtype)
@@ -101,13 +101,14 @@ def test_auto_selects_cupy_on_cuda():
 @pytest.mark.parametrize(("num_experts", "top_k"), [(1, 1), (8, 2), (64, 4)])
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
 def test_grouped_gemm_on_cuda_equals_the_per_expert_loop(dispatch, num_experts, top_k, autocast):
-    """``grouped_gemm="auto"`` takes torch's CUDA grouped GEMM for bf16 compute (bf16 weights, or
-    fp32 ones under bf16 autocast) and gives the per-expert loop's outputs and gradients."""
+    """The default (``grouped_gemm=None``) takes torch's CUDA grouped GEMM for bf16 compute (bf16
+    weights, or fp32 ones under bf16 autocast) and gives the per-expert loop's outputs and
+    gradients."""
     torch.manual_seed(0)
     cfg = MoEConfig(dim=64, hidden_dim=96, num_experts=num_experts, top_k=top_k, dispatch=dispatch)
     dtype = torch.float32 if autocast else torch.bfloat16
     grouped = MoE(cfg).to("cuda", dtype)
-    loop = MoE(cfg.model_copy(update={"grouped_gemm": "off", "max_padding": 1.0})).to("cuda", dtype)
+    loop = MoE(cfg.model_copy(update={"grouped_gemm": False, "max_padding": 1.0})).to("cuda", dtype)
     loop.load_state_dict(grouped.state_dict())
     x = torch.randn(4, 50, 64, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
     padding_mask = torch.zeros(4, 50, dtype=torch.bool, device="cuda")

@@ -36,11 +36,11 @@ def _run(moe: MoE, x: torch.Tensor, padding_mask=None):
 
 
 # The three ways the experts run: one matmul per expert, one bmm over padded rows, and one
-# grouped GEMM (torch's CPU kernel here; what "auto" takes where the widths allow).
+# grouped GEMM (torch's CPU kernel here; what the default takes where the widths allow).
 LAYOUTS = {
-    "ragged": {"max_padding": 1.0, "grouped_gemm": "off"},
-    "padded": {"max_padding": 100.0, "grouped_gemm": "off"},
-    "grouped": {"grouped_gemm": "on"},
+    "ragged": {"max_padding": 1.0, "grouped_gemm": False},
+    "padded": {"max_padding": 100.0, "grouped_gemm": False},
+    "grouped": {"grouped_gemm": True},
 }
 layouts = pytest.mark.parametrize("layout", list(LAYOUTS))
 
@@ -78,7 +78,7 @@ def test_experts_that_receive_no_token_get_zero_gradient_and_match_naive(layout)
 
 @pytest.mark.parametrize("dispatch", ["torch", "grouped", "naive"])
 def test_zero_tokens(dispatch):
-    fast, naive = _pair(4, 2, grouped_gemm="on" if dispatch == "grouped" else "off")
+    fast, naive = _pair(4, 2, grouped_gemm=dispatch == "grouped")
     moe = naive if dispatch == "naive" else fast
     y, grad_x, grads, aux = _run(moe, torch.randn(0, 24))
     assert y.shape == (0, 24) and grad_x.shape == (0, 24)
@@ -115,31 +115,31 @@ def test_padded_tokens_are_not_routed(num_experts, top_k, layout):
     assert torch.equal(aux.stats.tokens_per_expert, aux_valid.stats.tokens_per_expert)
 
 
-def test_auto_takes_the_grouped_gemm_where_torch_has_a_kernel_and_on_refuses_elsewhere():
+def test_the_default_takes_the_grouped_gemm_where_torch_has_a_kernel_and_true_requires_it():
     moe = MoE(MoEConfig(dim=24, hidden_dim=40, num_experts=4, top_k=2))
     x = torch.randn(5, 24)
     assert moe.uses_grouped_gemm(x) and moe.uses_grouped_gemm(x.bfloat16())
     assert not moe.uses_grouped_gemm(x.double())  # no CPU kernel: the per-expert layouts
     assert not moe.uses_grouped_gemm(x.to("meta"))  # neither CPU nor CUDA
-    assert not MoE(moe.cfg.model_copy(update={"grouped_gemm": "off"})).uses_grouped_gemm(x)
-    naive = moe.cfg.model_copy(update={"grouped_gemm": "on", "dispatch": "naive"})
+    assert not MoE(moe.cfg.model_copy(update={"grouped_gemm": False})).uses_grouped_gemm(x)
+    naive = moe.cfg.model_copy(update={"grouped_gemm": True, "dispatch": "naive"})
     assert not MoE(naive).uses_grouped_gemm(x)
     odd = MoE(MoEConfig(dim=24, hidden_dim=36, num_experts=4, top_k=2))
     assert odd.uses_grouped_gemm(x) and not odd.uses_grouped_gemm(x.bfloat16())  # 72-byte rows
-    odd_on = MoE(odd.cfg.model_copy(update={"grouped_gemm": "on"}))
+    odd_on = MoE(odd.cfg.model_copy(update={"grouped_gemm": True}))
     with pytest.raises(
         ValueError, match=r"hidden_dim=36 must be multiples of 8 for torch.bfloat16"
     ):
         odd_on.uses_grouped_gemm(x.bfloat16())
     with pytest.raises(ValueError, match="grouped_gemm"):
-        MoEConfig(dim=8, hidden_dim=8, grouped_gemm="always")
+        MoEConfig(dim=8, hidden_dim=8, grouped_gemm="sometimes")
 
 
 def test_grouped_gemm_under_autocast_computes_in_autocasts_dtype():
     torch.manual_seed(0)
     cfg = MoEConfig(dim=24, hidden_dim=40, num_experts=4, top_k=2)
-    grouped = MoE(cfg.model_copy(update={"grouped_gemm": "on"}))
-    loop = MoE(cfg.model_copy(update={"grouped_gemm": "off", "max_padding": 1.0}))
+    grouped = MoE(cfg.model_copy(update={"grouped_gemm": True}))
+    loop = MoE(cfg.model_copy(update={"grouped_gemm": False, "max_padding": 1.0}))
     loop.load_state_dict(grouped.state_dict())
     x = torch.randn(2, 9, 24, generator=torch.Generator().manual_seed(4))
     with torch.autocast("cpu", dtype=torch.bfloat16):

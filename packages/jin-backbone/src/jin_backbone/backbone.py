@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from jin_backbone._config import StrictConfig
 from jin_backbone.dit import Conditioning, DiTBlock, TimestepEmbedder, attention_mask, modulate
 from jin_backbone.experts import Activation, FeedForward
-from jin_backbone.moe import DispatchKind, GroupedGemm, MoE, MoEConfig
+from jin_backbone.moe import DispatchKind, MoE, MoEConfig
 from jin_backbone.router import RouterStats
 
 __all__ = ["Backbone", "BackboneConfig", "BackboneOutput"]
@@ -50,7 +50,7 @@ class BackboneConfig(StrictConfig):
     load_balancing_weight: float = Field(default=0.01, ge=0.0)
     z_loss_weight: float = Field(default=1e-3, ge=0.0)
     dispatch: DispatchKind = "auto"
-    grouped_gemm: GroupedGemm = "auto"
+    grouped_gemm: bool | None = None
     conditioning: Conditioning = "adaln_zero"
     qkv_bias: bool = True
     frequency_dim: int = Field(default=256, gt=0)

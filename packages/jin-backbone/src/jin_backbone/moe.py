@@ -34,7 +34,6 @@ from jin_backbone.router import (
 __all__ = ["MoE", "MoEAux", "MoEConfig", "MoEOutput"]
 
 DispatchKind = Literal["auto", "torch", "cupy", "naive"]
-GroupedGemm = Literal["auto", "on", "off"]
 
 
 class MoEConfig(StrictConfig):
@@ -49,11 +48,12 @@ class MoEConfig(StrictConfig):
     ``torch``, ``cupy``, or ``naive`` (the seed's loop; a reference, slow).
     ``grouped_gemm``: run the experts as two ``torch.nn.functional.grouped_mm`` calls (one
     grouped-GEMM kernel each on the exact rows: no per-expert matmuls, no padding, and in the
-    dropless layout no host sync) instead of the two layouts above. ``auto`` does where PyTorch
-    has a grouped-GEMM kernel for the computation: on the CPU in float32 or bfloat16, on CUDA with
-    compute capability 8.0 or more in bfloat16 (the input's dtype, or autocast's), with ``dim``
-    and ``hidden_dim`` giving 16-byte rows (multiples of 4 in float32, 8 in bfloat16); elsewhere
-    the layouts above. ``on`` requires it (a ValueError where torch cannot), ``off`` never.
+    dropless layout no host sync) instead of the two layouts above. ``None`` (the default) does
+    where PyTorch has a grouped-GEMM kernel for the computation: on the CPU in float32 or
+    bfloat16, on CUDA with compute capability 8.0 or more in bfloat16 (the input's dtype, or
+    autocast's), with ``dim`` and ``hidden_dim`` giving 16-byte rows (multiples of 4 in float32,
+    8 in bfloat16); elsewhere the layouts above. ``True`` requires it (a ValueError where torch
+    cannot), ``False`` never. (Booleans, not words: YAML overrides read ``off`` as false.)
     """
 
     dim: int = Field(gt=0)
@@ -69,7 +69,7 @@ class MoEConfig(StrictConfig):
     load_balancing_weight: float = Field(default=0.01, ge=0.0)
     z_loss_weight: float = Field(default=1e-3, ge=0.0)
     dispatch: DispatchKind = "auto"
-    grouped_gemm: GroupedGemm = "auto"
+    grouped_gemm: bool | None = None
 
     @model_validator(mode="after")
     def _top_k_within_experts(self) -> MoEConfig:
@@ -193,16 +193,16 @@ class MoE(nn.Module):
 
     def uses_grouped_gemm(self, x: Tensor) -> bool:
         """Whether the experts run as grouped GEMMs on ``x`` (``grouped_gemm``, see `MoEConfig`);
-        ``on`` where torch cannot raises a ValueError saying why."""
+        ``True`` where torch cannot raises a ValueError saying why."""
         mode = self.cfg.grouped_gemm
-        if mode == "off" or self.cfg.dispatch == "naive":
+        if mode is False or self.cfg.dispatch == "naive":
             return False
         dtype = compute_dtype(x)
         itemsize = torch.empty((), dtype=dtype).element_size()
         # Grouped-GEMM kernels read rows with 16-byte aligned strides (TMA loads on CUDA).
         aligned = all(width * itemsize % 16 == 0 for width in (self.cfg.dim, self.cfg.hidden_dim))
         available = hasattr(F, "grouped_mm")
-        if mode == "auto":
+        if mode is None:
             if not (available and aligned):
                 return False
             if x.device.type == "cpu":
@@ -214,17 +214,17 @@ class MoE(nn.Module):
             )
         if not available:
             raise ValueError(
-                f"grouped_gemm='on': torch {torch.__version__} has no "
+                f"grouped_gemm=True: torch {torch.__version__} has no "
                 "torch.nn.functional.grouped_mm"
             )
         if not aligned:
             raise ValueError(
-                f"grouped_gemm='on': dim={self.cfg.dim} and hidden_dim={self.cfg.hidden_dim} "
+                f"grouped_gemm=True: dim={self.cfg.dim} and hidden_dim={self.cfg.hidden_dim} "
                 f"must be multiples of {16 // itemsize} for {dtype} (16-byte aligned rows)"
             )
         if x.is_cuda and dtype != torch.bfloat16:
             raise ValueError(
-                f"grouped_gemm='on': PyTorch's CUDA grouped GEMM computes in bfloat16, not {dtype} "
+                f"grouped_gemm=True: PyTorch's CUDA grouped GEMM computes in bfloat16, not {dtype} "
                 "(pass bfloat16 inputs or run under autocast)"
             )
         return True
