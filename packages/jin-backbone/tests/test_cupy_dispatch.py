@@ -98,21 +98,28 @@ def test_auto_selects_cupy_on_cuda():
 
 
 @pytest.mark.parametrize("dispatch", ["torch", "cupy"])
-@pytest.mark.parametrize(("num_experts", "top_k"), [(1, 1), (8, 2), (64, 4)])
+@pytest.mark.parametrize(
+    ("num_experts", "top_k", "tokens"), [(1, 1, 50), (8, 2, 50), (64, 4, 50), (64, 2, 2)]
+)
 @pytest.mark.parametrize("autocast", [False, True], ids=["bf16", "autocast"])
-def test_grouped_gemm_on_cuda_equals_the_per_expert_loop(dispatch, num_experts, top_k, autocast):
-    """The default (``grouped_gemm=None``) takes torch's CUDA grouped GEMM for bf16 compute (bf16
-    weights, or fp32 ones under bf16 autocast) and gives the per-expert loop's outputs and
-    gradients."""
+def test_grouped_gemm_on_cuda_equals_the_per_expert_loop(
+    dispatch, num_experts, top_k, tokens, autocast
+):
+    """torch's CUDA grouped GEMM for bf16 compute (bf16 weights, or fp32 ones under bf16
+    autocast) gives the per-expert loop's outputs and gradients, idle experts' zeros included
+    (64 experts, 8 tokens: most get none); the default takes it on compute capability 8.x-9.x."""
     torch.manual_seed(0)
     cfg = MoEConfig(dim=64, hidden_dim=96, num_experts=num_experts, top_k=top_k, dispatch=dispatch)
     dtype = torch.float32 if autocast else torch.bfloat16
-    grouped = MoE(cfg).to("cuda", dtype)
+    grouped = MoE(cfg.model_copy(update={"grouped_gemm": True})).to("cuda", dtype)
     loop = MoE(cfg.model_copy(update={"grouped_gemm": False, "max_padding": 1.0})).to("cuda", dtype)
     loop.load_state_dict(grouped.state_dict())
-    x = torch.randn(4, 50, 64, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
-    padding_mask = torch.zeros(4, 50, dtype=torch.bool, device="cuda")
-    padding_mask[1, 30:] = True
+    x = torch.randn(4, tokens, 64, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+    padding_mask = torch.zeros(4, tokens, dtype=torch.bool, device="cuda")
+    padding_mask[1, tokens // 2 :] = True
+    hopper_or_older = torch.cuda.get_device_capability() < (10, 0)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        assert MoE(cfg).to("cuda", dtype).uses_grouped_gemm(x) == hopper_or_older
     out = {}
     for name, layer in (("grouped", grouped), ("loop", loop)):
         x_in = x.clone().requires_grad_(True)

@@ -135,6 +135,43 @@ def test_the_default_takes_the_grouped_gemm_where_torch_has_a_kernel_and_true_re
         MoEConfig(dim=8, hidden_dim=8, grouped_gemm="sometimes")
 
 
+def test_idle_experts_get_zero_gradient_whatever_the_grouped_kernel_leaves(monkeypatch):
+    """Where torch's grouped GEMM may leave garbage in the weight gradient of empty groups
+    (Blackwell GPUs), idle experts still get exactly zero gradient: here a kernel that leaves NaN
+    there, on a device treated as one that needs the masking."""
+    grouped_mm = torch.nn.functional.grouped_mm
+
+    class Poisoned(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b, offs):
+            ctx.save_for_backward(a, b, offs)
+            return grouped_mm(a, b, offs=offs)
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b, offs = ctx.saved_tensors
+            with torch.enable_grad():
+                a_, b_ = a.detach().requires_grad_(), b.detach().requires_grad_()
+                grad_a, grad_b = torch.autograd.grad(grouped_mm(a_, b_, offs=offs), (a_, b_), grad)
+            empty = torch.diff(offs, prepend=offs.new_zeros(1)) == 0
+            return grad_a, grad_b.masked_fill(empty[:, None, None], float("nan")), None
+
+    import jin_backbone.experts
+
+    monkeypatch.setattr(
+        torch.nn.functional, "grouped_mm", lambda a, b, offs: Poisoned.apply(a, b, offs)
+    )
+    monkeypatch.setattr(jin_backbone.experts, "empty_groups_need_masking", lambda device: True)
+    fast, naive = _pair(64, 2, grouped_gemm=True)
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(2))  # 10 assignments, 64 experts
+    _, gx, grads, aux = _run(fast, x)
+    _, gx_naive, grads_naive, _ = _run(naive, x)
+    assert (aux.stats.tokens_per_expert == 0).sum() >= 54
+    torch.testing.assert_close(gx, gx_naive, rtol=1e-5, atol=1e-5)
+    for name in ("experts.w_in", "experts.w_out"):
+        torch.testing.assert_close(grads[name], grads_naive[name], rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_gemm_under_autocast_computes_in_autocasts_dtype():
     torch.manual_seed(0)
     cfg = MoEConfig(dim=24, hidden_dim=40, num_experts=4, top_k=2)

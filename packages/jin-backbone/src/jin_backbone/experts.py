@@ -38,6 +38,13 @@ def _activate(h: Tensor, activation: Activation) -> Tensor:
     return F.gelu(h, approximate="tanh")
 
 
+def empty_groups_need_masking(device: torch.device) -> bool:
+    """Whether torch's grouped GEMM on ``device`` may leave non-zero weight gradients for empty
+    groups (experts with no rows): reported for Blackwell GPUs (compute capability 10.x,
+    pytorch/pytorch#172439), not for Hopper or the CPU kernel, which give zeros."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (10, 0)
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype matmuls on ``x`` run in: autocast's where it is on for ``x``'s device."""
     device = x.device.type
@@ -128,8 +135,16 @@ class Experts(nn.Module):
         if x_MD.shape[0] == 0:
             return x_MD.new_zeros(0, self.w_out.shape[-1])
         dtype = compute_dtype(x_MD)
-        h = F.grouped_mm(x_MD.to(dtype), self.w_in.to(dtype), offs=offsets_E)
-        return F.grouped_mm(_activate(h, self.activation), self.w_out.to(dtype), offs=offsets_E)
+        w_in, w_out = (w.to(dtype) for w in (self.w_in, self.w_out))
+        if empty_groups_need_masking(x_MD.device):
+            # The weights of an expert with no rows enter detached, so its weight gradient is
+            # zero whatever the kernel's backward leaves in its slot. Decided on the device (no
+            # host sync), at the cost of one pass over the weights.
+            rows_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
+            busy = (rows_E > 0)[:, None, None]
+            w_in, w_out = (torch.where(busy, w, w.detach()) for w in (w_in, w_out))
+        h = F.grouped_mm(x_MD.to(dtype), w_in, offs=offsets_E)
+        return F.grouped_mm(_activate(h, self.activation), w_out, offs=offsets_E)
 
 
 def _init_ffn(w_in: Tensor, w_out: Tensor) -> None:

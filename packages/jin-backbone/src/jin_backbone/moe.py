@@ -50,7 +50,7 @@ class MoEConfig(StrictConfig):
     grouped-GEMM kernel each on the exact rows: no per-expert matmuls, no padding, and in the
     dropless layout no host sync) instead of the two layouts above. ``None`` (the default) does
     where PyTorch has a grouped-GEMM kernel for the computation: on the CPU in float32 or
-    bfloat16, on CUDA with compute capability 8.0 or more in bfloat16 (the input's dtype, or
+    bfloat16, on CUDA with compute capability 8.x or 9.x in bfloat16 (the input's dtype, or
     autocast's), with ``dim`` and ``hidden_dim`` giving 16-byte rows (multiples of 4 in float32,
     8 in bfloat16); elsewhere the layouts above. ``True`` requires it (a ValueError where torch
     cannot), ``False`` never. (Booleans, not words: YAML overrides read ``off`` as false.)
@@ -207,10 +207,12 @@ class MoE(nn.Module):
                 return False
             if x.device.type == "cpu":
                 return dtype in (torch.float32, torch.bfloat16)
+            # Ampere and Hopper. Blackwell (10.x) only on request: there torch's kernel has
+            # given non-zero weight gradients to empty groups, masked at a cost (`Experts.grouped`).
             return (
                 x.is_cuda
                 and dtype == torch.bfloat16
-                and torch.cuda.get_device_capability(x.device) >= (8, 0)
+                and (8, 0) <= torch.cuda.get_device_capability(x.device) < (10, 0)
             )
         if not available:
             raise ValueError(
