@@ -79,14 +79,18 @@ def test_moe_layer_cupy_equals_torch(dtype, num_experts, top_k, max_padding):
     x = torch.randn(4, 50, 64, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
     padding_mask = torch.zeros(4, 50, dtype=torch.bool, device="cuda")
     padding_mask[1, 30:] = True
-    out = {}
-    for name, layer in layers.items():
-        x_in = x.clone().requires_grad_(True)
-        y, aux = layer(x_in, padding_mask)
-        (y.float().square().sum() + aux.load_balancing_loss).backward()
-        out[name] = [y, x_in.grad, *(p.grad for p in layer.parameters())]
+    out = {name: _outputs_and_grads(layer, x, padding_mask) for name, layer in layers.items()}
     for got, want in zip(out["cupy"], out["torch"], strict=True):
         torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+
+
+def _outputs_and_grads(layer, x, padding_mask, autocast=False):
+    """The layer's output, the input's gradient and every parameter's, from one step."""
+    x_in = x.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y, aux = layer(x_in, padding_mask)
+    (y.float().square().sum() + aux.load_balancing_loss).backward()
+    return [y, x_in.grad, *(p.grad for p in layer.parameters())]
 
 
 def test_auto_selects_cupy_on_cuda():
@@ -120,13 +124,10 @@ def test_grouped_gemm_on_cuda_equals_the_per_expert_loop(
     hopper_or_older = torch.cuda.get_device_capability() < (10, 0)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         assert MoE(cfg).to("cuda", dtype).uses_grouped_gemm(x) == hopper_or_older
-    out = {}
-    for name, layer in (("grouped", grouped), ("loop", loop)):
-        x_in = x.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            assert layer.uses_grouped_gemm(x_in) == (name == "grouped")
-            y, aux = layer(x_in, padding_mask)
-        (y.float().square().sum() + aux.load_balancing_loss).backward()
-        out[name] = [y, x_in.grad, *(p.grad for p in layer.parameters())]
+        assert grouped.uses_grouped_gemm(x) and not loop.uses_grouped_gemm(x)
+    out = {
+        name: _outputs_and_grads(layer, x, padding_mask, autocast)
+        for name, layer in (("grouped", grouped), ("loop", loop))
+    }
     for got, want in zip(out["grouped"], out["loop"], strict=True):
         torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[torch.bfloat16])

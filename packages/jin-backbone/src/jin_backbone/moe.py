@@ -198,7 +198,7 @@ class MoE(nn.Module):
         if mode is False or self.cfg.dispatch == "naive":
             return False
         dtype = compute_dtype(x)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         # Grouped-GEMM kernels read rows with 16-byte aligned strides (TMA loads on CUDA).
         aligned = all(width * itemsize % 16 == 0 for width in (self.cfg.dim, self.cfg.hidden_dim))
         available = hasattr(F, "grouped_mm")
