@@ -150,12 +150,17 @@ def time_cases(cases, args, device: str, dtype: torch.dtype) -> list[dict]:
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Tracks bytes of every storage allocated under it, as a timeline of (+/-) events."""
+    """Tracks bytes of every storage allocated under it, as a timeline of (+/-) events.
+
+    Each allocation gets its own id: an address freed and handed out again (the allocator reuses
+    them) is a new allocation, so excluding one storage (a weight gradient, live at the end)
+    leaves the other lifetimes at that address counted.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.events: list[tuple[int, int]] = []
-        self._live: dict[int, list[int]] = {}
+        self.events: list[tuple[int, int]] = []  # (allocation id, +bytes or -bytes)
+        self._live: dict[int, list[int]] = {}  # data_ptr -> [allocation id, bytes, tensors]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -172,23 +177,28 @@ class _LiveBytes(TorchDispatchMode):
             if nbytes == 0 or (ptr in inputs and ptr not in self._live):
                 continue  # a view of (or in-place op on) memory allocated outside
             if ptr not in self._live:
-                self._live[ptr] = [nbytes, 0]
-                self.events.append((ptr, nbytes))
-            self._live[ptr][1] += 1
+                self._live[ptr] = [len(self.events), nbytes, 0]
+                self.events.append((len(self.events), nbytes))
+            self._live[ptr][2] += 1
             weakref.finalize(t, self._release, ptr)
         return out
 
     def _release(self, ptr: int) -> None:
         entry = self._live[ptr]
-        entry[1] -= 1
-        if entry[1] == 0:
+        entry[2] -= 1
+        if entry[2] == 0:
             del self._live[ptr]
-            self.events.append((ptr, -entry[0]))
+            self.events.append((entry[0], -entry[1]))
+
+    def live_ids(self, ptrs: set[int]) -> set[int]:
+        """Allocation ids of the storages at ``ptrs`` that are still live."""
+        return {self._live[p][0] for p in ptrs if p in self._live}
 
     def peak(self, exclude: set[int]) -> int:
+        """Peak live bytes over the timeline, leaving out the allocations ``exclude`` names."""
         live = peak = 0
-        for ptr, delta in self.events:
-            if ptr not in exclude:
+        for allocation, delta in self.events:
+            if allocation not in exclude:
                 live += delta
                 peak = max(peak, live)
         return peak
@@ -203,8 +213,9 @@ def peak_memory_mb(module: nn.Module, x: Tensor) -> float:
         y = out[0] if isinstance(out, tuple) else out
         y.float().square().mean().backward()
     grads = {p.grad.untyped_storage().data_ptr() for p in module.parameters() if p.grad is not None}
+    excluded = tracker.live_ids(grads)
     module.zero_grad(set_to_none=True)
-    return tracker.peak(exclude=grads) / 2**20
+    return tracker.peak(exclude=excluded) / 2**20
 
 
 def gpu_section(repeats: int) -> dict:
