@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jin_data import DataError, DecodeError, SchemaError, ShardDataset, ShardError, write_dataset
+from jin_data.schema import AUDIO_TYPE, sample_schema
 
 
 def _read_all(url, **kwargs):
@@ -163,3 +164,83 @@ def test_equal_batches_name_a_rank_with_nothing_to_give(tmp_path):
     assert len(_rank_batches(url, 0)[1]) == 2
     with pytest.raises(DataError, match=r"equal_batches: rank 1 worker 0 read no batch of the 2"):
         _rank_batches(url, 1)
+
+
+def test_a_shard_whose_row_groups_differ_from_the_manifest_is_named(tmp_path):
+    url = str(tmp_path / "ds")
+    write_dataset([{"id": f"s{i}"} for i in range(8)], url, row_group_size=8)
+    shard = f"{url}/shard-00000.parquet"
+    pq.write_table(pq.read_table(shard), shard, row_group_size=2)  # same rows, other groups
+    with pytest.raises(ShardError, match=r"row groups: manifest says \[8\] rows, file has \[2, 2"):
+        _read_all(url)
+
+
+def _write_raw(path: Path, point_features: int, custom_dim: int, custom: list) -> None:
+    """A conforming file written with pyarrow alone, as another producer would."""
+    n = len(custom)
+    table = pa.table(
+        {
+            "id": [f"{path.stem}-{i}" for i in range(n)],
+            "split": ["train"] * n,
+            "label": [None] * n,
+            "text": [None] * n,
+            "image": pa.nulls(n, pa.binary()),
+            "audio": pa.nulls(n, AUDIO_TYPE),
+            "points": [[[0.0] * (3 + point_features)]] * n,
+            "custom": custom,
+        },
+        schema=sample_schema(point_features, custom_dim),
+    )
+    pq.write_table(table, path)
+
+
+def test_files_declaring_another_c_or_f_than_the_first_are_refused_or_skipped(tmp_path, caplog):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _write_raw(folder / "a.parquet", 2, 0, [None, None])
+    _write_raw(folder / "b.parquet", 0, 0, [None])
+    with pytest.raises(SchemaError, match=r"b\.parquet.*column='points'.*point_features=0"):
+        _read_all(str(folder))
+    with caplog.at_level(logging.WARNING, logger="jin_data"):
+        _, ids = _read_all(str(folder), on_error="skip")
+    assert sorted(ids) == ["a-0", "a-1"] and "skipped 1 rows" in caplog.text
+
+
+def test_a_file_declaring_another_f_than_its_manifest_is_named(tmp_path):
+    url = str(tmp_path / "ds")
+    write_dataset([{"id": "a", "custom": np.zeros(3)}], url)
+    _write_raw(tmp_path / "ds" / "shard-00000.parquet", 0, 4, [[0.0] * 4])
+    with pytest.raises(SchemaError, match=r"column='custom'.*custom_dim: the data set has 3"):
+        _read_all(url)
+
+
+def test_custom_vectors_of_another_width_than_f_are_named_or_skipped(tmp_path, caplog):
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    _write_raw(folder / "part.parquet", 0, 4, [[1.0] * 4, [1.0] * 6, None, [2.0]])
+    with pytest.raises(DecodeError) as err:
+        _read_all(str(folder))
+    assert (err.value.row_group, err.value.row, err.value.column) == (0, 1, "custom")
+    assert "holds 6 values, the data set's F is 4" in str(err.value)
+    reader, ids = _read_all(str(folder), on_error="skip")
+    assert ids == ["part-0", "part-2"] and reader.last_report.skipped_rows == 2
+
+
+def test_a_row_with_several_bad_columns_counts_as_one_skipped_row(tmp_path):
+    url = str(tmp_path / "ds")
+    rows = [{"id": "ok"}, {"id": "bad", "image": b"\x89PNGjunk", "audio": b"RIFF....WAVEjunk"}]
+    write_dataset(rows, url)
+    reader, ids = _read_all(url, on_error="skip")
+    report = reader.last_report
+    assert ids == ["ok"] and (report.rows, report.skipped_rows, len(report.errors)) == (1, 1, 2)
+
+
+def test_no_modalities_reads_no_modality_column(broken_rows):
+    reader, ids = _read_all(broken_rows, modalities=[])  # the broken image is not read
+    assert len(ids) == 12 and reader.columns == ["id", "split", "label"]
+    assert set(next(iter(reader))) == {"id", "split", "label"}
+
+
+def test_a_negative_seed_is_refused_naming_it(dataset):
+    with pytest.raises(ValueError, match="seed"):
+        ShardDataset(dataset, batch_size=1, seed=-1)

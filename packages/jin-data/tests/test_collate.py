@@ -1,5 +1,7 @@
 """Collation against a row-by-row reference: padding, masks, presence, zero-copy, slicing."""
 
+import io
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -156,3 +158,62 @@ def test_int16_audio_is_the_float_waveform_in_pcm_units(dataset, samples):
         collate(
             Decoder().decode(pa.table({"id": ["a"], "split": ["t"], "label": [1]}))[0], [], "int8"
         )
+
+
+def test_custom_is_b_by_f_also_when_no_row_of_the_batch_has_one(tmp_path):
+    import pyarrow.parquet as pq
+
+    from jin_data import ShardDataset
+
+    rows = [
+        {"id": f"{i}", "custom": np.full(4, i, np.float32) if i < 4 else None} for i in range(8)
+    ]
+    url = str(tmp_path / "z")
+    write_dataset(rows, url)
+    batches = list(ShardDataset(url, batch_size=4, shuffle=False))
+    assert [tuple(b["custom"].shape) for b in batches] == [(4, 4), (4, 4)]
+    assert batches[1]["custom"].eq(0).all() and not batches[1]["custom_present"].any()
+    # The Ray Data path's collation: F from the decoded table's metadata (a shard's), or given.
+    fs, [shard] = list_shards(url)
+    table, _ = Decoder().decode(pq.read_table(fs.open(shard.path, "rb")))
+    assert collate(table.slice(4), ["custom"])["custom"].shape == (4, 4)
+    bare = table.replace_schema_metadata(None)
+    assert collate(bare.slice(4), ["custom"], custom_dim=4)["custom"].shape == (4, 4)
+    with pytest.raises(ValueError, match="custom: row 0 of the batch holds 4 values, expected F=3"):
+        collate(bare, ["custom"], custom_dim=3)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", [None, "L", "RGB"])
+def test_16_bit_grayscale_keeps_its_top_8_bits(mode):
+    from jin_data.decode import decode_image
+
+    wide = np.array([[0, 255, 256, 1000], [30000, 40000, 65280, 65535]], np.uint16)
+    pixels = decode_image(_png(wide), mode)
+    expected = (wide >> 8).astype(np.uint8)
+    assert pixels.dtype == np.uint8
+    assert pixels.shape == ((3,) if mode == "RGB" else (1,)) + wide.shape
+    for channel in pixels:
+        np.testing.assert_array_equal(channel, expected)
+
+
+def test_grayscale_with_alpha_and_1_bit_keep_one_channel():
+    from PIL import Image
+
+    from jin_data.decode import decode_image
+
+    gray = np.array([[0, 100], [200, 255]], np.uint8)
+    for image in (Image.fromarray(gray).convert("LA"), Image.fromarray(gray > 127)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        pixels = decode_image(buffer.getvalue(), None)
+        assert pixels.shape == (1, 2, 2), image.mode
+        reference = np.asarray(image.convert("L"))
+        np.testing.assert_array_equal(pixels[0], reference)

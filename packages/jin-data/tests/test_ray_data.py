@@ -104,3 +104,18 @@ def test_unreadable_and_foreign_shards_raise_or_are_skipped_and_logged(local_ray
 def test_modalities_are_checked(local_ray, dataset):
     with pytest.raises(ValueError, match=r"unknown \['smell'\]"):
         read_ray_dataset(dataset, modalities=["smell"])
+
+
+def test_an_empty_data_set_is_an_empty_dataset(local_ray, tmp_path):
+    url = str(tmp_path / "empty")
+    write_dataset([], url)
+    assert read_ray_dataset(url).count() == 0
+
+
+def test_custom_is_b_by_f_when_no_row_has_one(local_ray, tmp_path):
+    # F travels in the decoded blocks' schema metadata from the shard to the collate function.
+    url = str(tmp_path / "nocustom")
+    write_dataset([{"id": f"{i}", "text": "x"} for i in range(6)], url, custom_dim=4)
+    batches = read_ray_dataset(url).iter_torch_batches(batch_size=3, collate_fn=ray_collate_fn())
+    shapes = [tuple(b["custom"].shape) for b in batches]
+    assert shapes == [(3, 4), (3, 4)]

@@ -1,11 +1,13 @@
 """Writer: shards, row groups, manifest and checksums; write-then-rename; bad samples."""
 
+import io
 from pathlib import Path
 
 import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from jin_data import (
     SampleError,
@@ -100,8 +102,68 @@ def test_bad_sample_names_index_id_and_key(tmp_path, bad, message):
 
 def test_inconsistent_custom_width_is_refused(tmp_path):
     rows = [{"id": "a", "custom": np.zeros(3)}, {"id": "b", "custom": np.zeros(4)}]
-    with pytest.raises(SampleError, match=r"id='b' key 'custom': expected last dim 3"):
+    with pytest.raises(SampleError, match=r"sample 1 \(id='b'\) key 'custom': expected \(3,\)"):
         write_dataset(rows, str(tmp_path / "x"))
+
+
+def _column(url: str, name: str) -> list:
+    """One column of every shard under ``url``, in shard order."""
+    shards = sorted(Path(url).glob("shard-*.parquet"))
+    return [v for shard in shards for v in pq.read_table(shard, columns=[name])[name].to_pylist()]
+
+
+@pytest.mark.parametrize(
+    ("key", "good", "bad", "argument"),
+    [
+        ("custom", np.zeros(4), np.zeros(5), {"custom_dim": 4}),
+        ("custom", np.zeros(4), np.zeros(5), {}),
+        ("points", np.zeros((2, 3)), np.zeros((2, 4)), {"point_features": 0}),
+        ("points", np.zeros((2, 5)), np.zeros((2, 3)), {}),
+    ],
+)
+def test_a_wrong_width_fails_at_its_own_write_and_the_writer_goes_on(
+    tmp_path, key, good, bad, argument
+):
+    url = str(tmp_path / "ds")
+    with ShardWriter(url, rows_per_shard=2, **argument) as writer:
+        writer.write({"id": "s0", key: good})
+        with pytest.raises(SampleError, match=rf"sample 1 \(id='s1'\) key '{key}'"):
+            writer.write({"id": "s1", key: bad})
+        for i in (2, 3, 4):  # later good samples are written, shards flushed as usual
+            writer.write({"id": f"s{i}", key: good})
+    assert sorted(_column(url, "id")) == ["s0", "s2", "s3", "s4"]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("split", None, "key 'split': expected a non-empty str"),
+        ("split", "", "key 'split': expected a non-empty str"),
+        ("text", 123, "key 'text': expected a str or None, received int"),
+        ("label", "cat", "key 'label': expected an int or None"),
+        ("label", True, "key 'label': expected an int or None"),
+        ("label", 2.5, "key 'label': expected an int or None"),
+        ("image", [1, 2, 3], "key 'image': expected encoded bytes, a PIL image or a uint8 array"),
+    ],
+)
+def test_a_field_of_the_wrong_type_names_the_sample_and_key(tmp_path, key, value, message):
+    with ShardWriter(str(tmp_path / "ds")) as writer:
+        writer.write({"id": "ok"})
+        with pytest.raises(SampleError, match=rf"sample 1 \(id='bad'\) {message}"):
+            writer.write({"id": "bad", key: value})
+
+
+def test_image_bytes_like_objects_are_stored_as_bytes(tmp_path):
+    png = io.BytesIO()
+    Image.fromarray(np.full((4, 5), 7, np.uint8)).save(png, format="PNG")
+    data = png.getvalue()
+    samples = [
+        {"id": "a", "image": bytearray(data), "label": np.int64(3)},
+        {"id": "b", "image": memoryview(data)},
+    ]
+    write_dataset(samples, str(tmp_path / "ds"))
+    assert _column(str(tmp_path / "ds"), "image") == [data, data]
+    assert _column(str(tmp_path / "ds"), "label") == [3, None]
 
 
 def test_encoded_media_stored_without_a_second_codec(tmp_path, samples):

@@ -13,7 +13,8 @@ Output, for each selected modality:
 - image: ``image`` (B,C,H,W) uint8 padded to the largest H, W, ``image_sizes`` (B,2) int64 (H, W);
 - audio: ``audio`` (B,S) float32 (or int16 PCM on request), ``audio_lengths`` (B,) int64;
 - points: ``points`` (B,N,3+C) float32, ``points_padding_mask`` (B,N);
-- custom: ``custom`` (B,F) float32;
+- custom: ``custom`` (B,F) float32, F the data set's (zeros where absent, also when no row of
+  the batch has one);
 - ``<modality>_present`` (B,) bool; and ``id`` list[str], ``label`` (B,) int64 (-1 absent),
   ``split`` list[str]. Padding masks are True at padding.
 
@@ -34,9 +35,9 @@ import torch
 
 from jin_data._arrow import single_array, to_numpy, valid
 from jin_data.decode import AudioDtype, wave_into
-from jin_data.schema import MODALITIES
+from jin_data.schema import META_CUSTOM_DIM, MODALITIES
 
-__all__ = ["build_batch", "collate", "decoded_modalities"]
+__all__ = ["build_batch", "collate", "custom_width", "decoded_modalities"]
 
 # Which decoded column carries each modality.
 _COLUMN = {
@@ -48,6 +49,16 @@ _COLUMN = {
 }
 # Tensors in a shared batch buffer start on cache-line boundaries (aligned for any dtype).
 _ALIGN = 64
+
+
+def custom_width(table: pa.Table, custom_dim: int | None = None) -> int | None:
+    """F, the width of every custom vector: ``custom_dim`` when given, else what the table's
+    schema metadata declares (a table read from a jin-data shard carries the file's), else
+    ``None`` (the batch's longest vector sets the width)."""
+    if custom_dim is not None:
+        return custom_dim
+    declared = (table.schema.metadata or {}).get(META_CUSTOM_DIM)
+    return None if declared is None else int(declared)
 
 
 def decoded_modalities(table: pa.Table) -> list[str]:
@@ -146,11 +157,17 @@ class _Outputs:
 
 
 def _padded(
-    outputs: _Outputs, key: str, mask_key: str | None, ragged: tuple[np.ndarray, ...]
+    outputs: _Outputs,
+    key: str,
+    mask_key: str | None,
+    ragged: tuple[np.ndarray, ...],
+    width: int | None = None,
 ) -> None:
-    """Plan ragged rows as a (B, T, ...) zero-padded tensor and a (B, T) mask, True at padding."""
+    """Plan ragged rows as a (B, T, ...) zero-padded tensor and a (B, T) mask, True at padding;
+    T is ``width`` when given (no row longer), else the longest row's length."""
     starts, lengths, values = ragged
     longest = int(lengths.max()) if len(lengths) else 0
+    longest = longest if width is None else width
     steps = np.arange(longest)
     real = steps[None, :] < lengths[:, None]
     total = int(lengths.sum())
@@ -233,9 +250,18 @@ def _arrow_waves(array: pa.Array) -> list[np.ndarray | None]:
     return [values[s : s + n] if v else None for s, n, v in rows]
 
 
-def _custom(array: pa.Array, outputs: _Outputs) -> None:
-    # Every present row holds exactly F values (the writer checks), absent rows none.
+def _custom(array: pa.Array, outputs: _Outputs, width: int | None) -> None:
+    """Plan ``custom`` (B, F); ``width`` is F, or ``None`` to take the longest vector's."""
     starts, lengths, values = _ragged(array)
+    if width is not None:
+        # The readers check widths against F first (`jin_data.decode.Decoder`), naming the row's
+        # place; this guards a table built by other means.
+        wrong = np.flatnonzero(valid(array) & (lengths != width))
+        if len(wrong):
+            raise ValueError(
+                f"custom: row {wrong[0]} of the batch holds {lengths[wrong[0]]} values, "
+                f"expected F={width}"
+            )
     if (
         len(lengths)
         and lengths.min() == lengths.max() > 0
@@ -246,7 +272,7 @@ def _custom(array: pa.Array, outputs: _Outputs) -> None:
         vectors = values[starts[0] : starts[0] + width * len(lengths)]
         outputs.ready("custom", vectors.reshape(-1, width))
     else:  # some absent: pad to (B, F), zeros where absent
-        _padded(outputs, "custom", None, (starts, lengths, values))
+        _padded(outputs, "custom", None, (starts, lengths, values), width)
 
 
 def build_batch(
@@ -257,9 +283,11 @@ def build_batch(
     waves: list[np.ndarray | None] | None = None,
     audio_dtype: AudioDtype = "float32",
     shared: bool = False,
+    custom_dim: int | None = None,
 ) -> dict[str, Any]:
     """The batch of ``modalities`` from ``table`` (bookkeeping, text, points, custom) plus decoded
     ``images`` and ``waves`` given per row in the table's order (see `jin_data.decode.Media`).
+    ``custom`` is (B, F), F as `custom_width` finds it.
 
     ``audio_dtype="int16"`` gives ``audio`` as 16-bit PCM (full scale 32768; float sources are
     rounded): half the bytes to move, converted to float on the accelerator. ``shared=True``
@@ -290,20 +318,23 @@ def build_batch(
             elif modality == "points":
                 _padded(outputs, "points", "points_padding_mask", _ragged(column))
             else:
-                _custom(column, outputs)
+                _custom(column, outputs, custom_width(table, custom_dim))
         outputs.ready(f"{modality}_present", present)
     batch.update(outputs.tensors(shared))
     return batch
 
 
 def collate(
-    table: pa.Table, modalities: Sequence[str] | None = None, audio_dtype: AudioDtype = "float32"
+    table: pa.Table,
+    modalities: Sequence[str] | None = None,
+    audio_dtype: AudioDtype = "float32",
+    custom_dim: int | None = None,
 ) -> dict[str, Any]:
     """Padded tensors and masks from a decoded batch (see `jin_data.decode.Decoder`).
 
     ``modalities`` defaults to every modality whose decoded column is in ``table``; naming one
     that is not there raises a ValueError listing the columns. ``audio_dtype`` as in
-    `build_batch`.
+    `build_batch`; ``custom_dim`` (F) as in `custom_width`.
     """
     chosen = decoded_modalities(table) if modalities is None else list(modalities)
     for modality in chosen:
@@ -319,4 +350,6 @@ def collate(
         )
     if "audio" in chosen:
         waves = _arrow_waves(single_array(table["audio_wave"]))
-    return build_batch(table, chosen, images=images, waves=waves, audio_dtype=audio_dtype)
+    return build_batch(
+        table, chosen, images=images, waves=waves, audio_dtype=audio_dtype, custom_dim=custom_dim
+    )

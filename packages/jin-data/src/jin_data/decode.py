@@ -36,6 +36,7 @@ from scipy.signal import resample_poly
 
 from jin_data._arrow import single_array, to_numpy, valid
 from jin_data.errors import DecodeError
+from jin_data.schema import META_CUSTOM_DIM
 
 __all__ = [
     "AudioDtype",
@@ -87,11 +88,30 @@ def load_lazy_modules() -> None:
     Image.preinit()
 
 
+# Pillow modes read as grayscale (one channel unless "RGB" is asked for): 8-bit, 1-bit, with alpha
+# (dropped, as from RGBA), and 16-/32-bit integer ones (depth maps, scientific images).
+_GRAY_MODES = ("L", "1", "LA", "La")
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def decode_image(data: Any, mode: str | None) -> np.ndarray:
-    """Encoded image bytes -> uint8 (C, H, W); ``mode`` "L"/"RGB" forces the channels."""
+    """Encoded image bytes -> uint8 (C, H, W); ``mode`` "L"/"RGB" forces the channels.
+
+    Without ``mode``, grayscale images (8-bit, 1-bit, with alpha, 16-bit) keep one channel and
+    every other mode becomes RGB, alpha dropped. 16-bit grayscale keeps its top 8 bits (Pillow's
+    own conversion would clip every value above 255 to 255); 32-bit integer images are read as
+    16-bit ones, values outside 0-65535 clipped. Floating-point images raise a ValueError.
+    """
     with Image.open(io.BytesIO(data)) as image:
-        target = mode or (image.mode if image.mode in ("L", "RGB") else "RGB")
-        pixels = np.asarray(image.convert(target) if image.mode != target else image)
+        if image.mode == "F":
+            raise ValueError("image mode 'F' (32-bit float) is not supported; store 8 or 16 bits")
+        if image.mode in _WIDE_GRAY_MODES:
+            wide = np.asarray(image).astype(np.int64)
+            gray = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+            pixels = np.stack([gray] * 3, axis=-1) if mode == "RGB" else gray
+        else:
+            target = mode or ("L" if image.mode in _GRAY_MODES else "RGB")
+            pixels = np.asarray(image.convert(target) if image.mode != target else image)
     return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
@@ -212,9 +232,13 @@ class Decoder:
     Args:
         audio_sample_rate: every waveform is resampled to this rate (Hz).
         image_mode: "L" or "RGB" to force the channel count; ``None`` keeps grayscale as one
-            channel and converts every other mode to RGB.
+            channel and converts every other mode to RGB (see `decode_image`).
         on_error: "raise" a `DecodeError` naming the URL, row group, row, column and id; or
-            "skip" the row, counting it (``skipped``) and logging it.
+            "skip" the row, counting it (``skipped``, rows) and logging it.
+
+    Custom vectors are checked too: each present one must hold F values, F as the table's schema
+    metadata declares it (a table read from a jin-data shard carries the file's); a table without
+    that metadata is not checked.
     """
 
     def __init__(
@@ -262,21 +286,41 @@ class Decoder:
     ) -> Media:
         """Decode the per-row stored ``images`` and ``audio`` of the rows of ``table``.
 
-        ``table`` (its ``id`` and provenance columns) only locates a row in an error. A row that
-        does not decode raises, or with ``on_error="skip"`` is dropped from ``keep`` and its error
-        returned; ``skipped`` counts them.
+        ``table`` (its ``id`` and provenance columns) only locates a row in an error; its
+        ``custom`` column, where present, is checked against F. A row that does not decode raises,
+        or with ``on_error="skip"`` is dropped from ``keep`` and its errors (one per bad column)
+        returned; ``skipped`` counts the rows.
         """
         errors: list[DecodeError] = []
         keep = np.ones(table.num_rows, bool)
         pixels = waves = None
+        if "custom" in table.column_names:
+            self._check_custom(table, keep, errors)
         if images is not None:
             image = lambda data: decode_image(data, self.image_mode)  # noqa: E731
             pixels = self._rows(table, "image", images, image, keep, errors)
         if audio is not None:
             wave = lambda view: decode_audio(view, self.audio_sample_rate)  # noqa: E731
             waves = self._rows(table, "audio", audio, wave, keep, errors)
-        self.skipped += len(errors)
+        self.skipped += int((~keep).sum())
         return Media(pixels, waves, keep, errors)
+
+    def _check_custom(self, table: pa.Table, keep: np.ndarray, errors: list[DecodeError]) -> None:
+        declared = (table.schema.metadata or {}).get(META_CUSTOM_DIM)
+        if declared is None:
+            return
+        width = int(declared)
+        column = single_array(table["custom"])
+        offsets = to_numpy(column.offsets)
+        lengths = np.diff(offsets)
+        for row in np.flatnonzero(valid(column) & (lengths != width)).tolist():
+            error = self._error(
+                table, row, "custom", f"holds {lengths[row]} values, the data set's F is {width}"
+            )
+            if self.on_error == "raise":
+                raise error
+            errors.append(error)
+            keep[row] = False
 
     def _rows(
         self,

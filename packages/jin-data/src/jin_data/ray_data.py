@@ -102,19 +102,21 @@ def read_ray_dataset(
     unknown = sorted(set(modalities or []) - set(MODALITIES))
     if unknown:
         raise ValueError(f"modalities: unknown {unknown}; expected a subset of {MODALITIES}")
-    fs, shards = list_shards(url, on_error)
-    shards = _readable_shards(fs, shards, on_error)
-    if not shards:
+    fs, listed = list_shards(url, on_error)
+    shards = _readable_shards(fs, listed, on_error)
+    if listed and not shards:
         raise ShardError(f"on_error='skip' left no readable shard of {url!r}", url=url)
     units = [
         {"shard": s, "row_group": g}
         for s, shard in enumerate(shards)
         for g in range(len(shard.row_groups))
     ]
-    columns = ["id", "split", "label", *(modalities or MODALITIES)]
+    columns = ["id", "split", "label", *(MODALITIES if modalities is None else modalities)]
     splits = [split] if isinstance(split, str) else split
     decoder = Decoder(audio_sample_rate=audio_sample_rate, image_mode=image_mode, on_error=on_error)
     step = RowGroupDecoder(fs, shards, columns, splits, decoder)
+    if not units:  # a data set of no rows (Ray refuses zero blocks)
+        return ray.data.from_items([])
     return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
         step, batch_size=1, batch_format="numpy"
     )
@@ -143,11 +145,15 @@ def _readable_shards(fs: Any, shards: list[Any], on_error: OnError) -> list[Any]
 
 
 def ray_collate_fn(
-    modalities: Sequence[str] | None = None, audio_dtype: AudioDtype = "float32"
+    modalities: Sequence[str] | None = None,
+    audio_dtype: AudioDtype = "float32",
+    custom_dim: int | None = None,
 ) -> Any:
     """A collate function for ``iter_torch_batches(collate_fn=...)`` giving jin-data batches.
 
     ``audio_dtype="int16"`` gives audio as 16-bit PCM, as `jin_data.collate.build_batch` does.
+    ``custom_dim`` is F, the width of ``custom``; by default the decoded blocks' schema metadata
+    gives it (see `jin_data.collate.custom_width`).
     """
     from ray.data.collate_fn import ArrowBatchCollateFn
 
@@ -157,7 +163,7 @@ def ray_collate_fn(
             self.modalities = None if chosen is None else list(chosen)
 
         def __call__(self, batch: pa.Table) -> dict[str, Any]:
-            return collate(batch, self.modalities, audio_dtype)
+            return collate(batch, self.modalities, audio_dtype, custom_dim)
 
     return _JinCollate(modalities)
 

@@ -38,9 +38,9 @@ from jin_data._arrow import bool_array, numeric_array, string_array
 from jin_data._config import StrictConfig
 from jin_data.collate import build_batch
 from jin_data.decode import AudioDtype, Decoder, OnError, load_lazy_modules, media_views
-from jin_data.errors import DataError, ShardError
+from jin_data.errors import DataError, SchemaError, ShardError
 from jin_data.manifest import load_manifest
-from jin_data.schema import MODALITIES, check_schema
+from jin_data.schema import META_CUSTOM_DIM, META_POINT_FEATURES, MODALITIES, check_schema
 
 __all__ = [
     "EpochReport",
@@ -65,7 +65,7 @@ class LoaderConfig(StrictConfig):
 
     batch_size: int = Field(ge=1)
     shuffle: bool = True
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     shuffle_buffer: int = Field(default=1024, ge=0, description="rows held back for mixing")
     drop_last: bool = False
     rank: int = Field(default=0, ge=0)
@@ -133,6 +133,27 @@ class _Shard:
     path: str
     row_groups: tuple[int, ...]
     num_rows: int
+    # C and F of the data set (the manifest's, else the first shard's): every shard must match.
+    point_features: int = 0
+    custom_dim: int = 0
+
+
+def _sizes(metadata: Any) -> tuple[int, ...]:
+    """Rows of each row group of a Parquet footer, in file order."""
+    return tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+
+
+def _declared(metadata: Any) -> tuple[int, int]:
+    """(C, F) as a footer's key-value metadata declares them (0 where absent or unreadable:
+    `open_shard` checks the schema itself and names what is wrong)."""
+    values = metadata.metadata or {}
+    sizes = []
+    for key in (META_POINT_FEATURES, META_CUSTOM_DIM):
+        try:
+            sizes.append(int(values.get(key, b"0")))
+        except ValueError:
+            sizes.append(0)
+    return sizes[0], sizes[1]
 
 
 def list_shards(
@@ -142,7 +163,9 @@ def list_shards(
 
     ``url`` may also name a single Parquet file. Without a manifest, a file whose footer does not
     read raises `ShardError`, or with ``on_error="skip"`` is logged and left out (its row count is
-    unknown: the footer holds it); `ShardError` if none is left.
+    unknown: the footer holds it); `ShardError` if none is left. Every shard must declare the point
+    features C and the custom width F of the first (or of the manifest): a file that declares
+    others raises `SchemaError`, or with ``on_error="skip"`` is logged and left out.
     """
     fs, root = fsspec.core.url_to_fs(url)
     protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
@@ -158,26 +181,52 @@ def list_shards(
             shards = []
             for s in manifest.shards:
                 path = posixpath.join(root, s.path)
-                shards.append(_Shard(full(path), path, tuple(s.row_groups), s.num_rows))
+                shards.append(
+                    _Shard(
+                        full(path),
+                        path,
+                        tuple(s.row_groups),
+                        s.num_rows,
+                        manifest.point_features,
+                        manifest.custom_dim,
+                    )
+                )
             return fs, shards
         paths = sorted(fs.glob(posixpath.join(root, "*.parquet")))
         if not paths:
             raise FileNotFoundError(f"no manifest.json and no *.parquet files under {url!r}")
-    shards = []
+    shards: list[_Shard] = []
     for path in paths:
         try:
             with fs.open(path, "rb") as f:
                 metadata = pq.ParquetFile(f).metadata
         except (OSError, pa.ArrowException) as err:
-            error = ShardError(f"cannot read the Parquet footer: {err}", url=full(path))
+            error: DataError = ShardError(f"cannot read the Parquet footer: {err}", url=full(path))
             if on_error == "raise":
                 raise error from None
             logger.warning(
                 "jin_data: skipped %d rows known (no manifest counts this shard's): %s", 0, error
             )
             continue
-        sizes = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
-        shards.append(_Shard(full(path), path, sizes, metadata.num_rows))
+        shard = _Shard(full(path), path, _sizes(metadata), metadata.num_rows, *_declared(metadata))
+        if shards and (shard.point_features, shard.custom_dim) != (
+            shards[0].point_features,
+            shards[0].custom_dim,
+        ):
+            first = shards[0]
+            column = "points" if shard.point_features != first.point_features else "custom"
+            error = SchemaError(
+                f"declares point_features={shard.point_features} custom_dim={shard.custom_dim}, "
+                f"but {first.url!r} declares point_features={first.point_features} "
+                f"custom_dim={first.custom_dim}: one data set has one C and one F",
+                url=shard.url,
+                column=column,
+            )
+            if on_error == "raise":
+                raise error
+            logger.warning("jin_data: skipped %d rows: %s", shard.num_rows, error)
+            continue
+        shards.append(shard)
     if not shards:
         raise ShardError(f"on_error='skip' left no readable shard of {url!r}", url=url)
     return fs, shards
@@ -211,7 +260,7 @@ def open_shard(fs: fsspec.AbstractFileSystem, shard: _Shard) -> pq.ParquetFile:
         parquet = pq.ParquetFile(
             fs.open(shard.path, "rb"), page_checksum_verification=True, pre_buffer=True
         )
-        check_schema(parquet.schema_arrow, shard.url)
+        info = check_schema(parquet.schema_arrow, shard.url)
     except (OSError, pa.ArrowException) as err:
         raise ShardError(f"cannot open shard: {err}", url=shard.url) from None
     if parquet.metadata.num_rows != shard.num_rows:
@@ -219,6 +268,23 @@ def open_shard(fs: fsspec.AbstractFileSystem, shard: _Shard) -> pq.ParquetFile:
             f"rows: manifest says {shard.num_rows}, file has {parquet.metadata.num_rows}",
             url=shard.url,
         )
+    sizes = _sizes(parquet.metadata)
+    if sizes != shard.row_groups:
+        # Reading the manifest's row groups from this file would leave rows out (or fail).
+        raise ShardError(
+            f"row groups: manifest says {list(shard.row_groups)} rows, file has {list(sizes)}",
+            url=shard.url,
+        )
+    for column, key, declared, expected in (
+        ("points", "point_features", info.point_features, shard.point_features),
+        ("custom", "custom_dim", info.custom_dim, shard.custom_dim),
+    ):
+        if declared != expected:
+            raise SchemaError(
+                f"{key}: the data set has {expected}, this file declares {declared}",
+                url=shard.url,
+                column=column,
+            )
     return parquet
 
 
@@ -429,7 +495,13 @@ class ShardDataset(IterableDataset):
     @property
     def columns(self) -> list[str]:
         """The stored columns read: bookkeeping plus the selected modalities."""
-        return ["id", "split", "label", *(self.config.modalities or MODALITIES)]
+        return ["id", "split", "label", *self.modalities]
+
+    @property
+    def modalities(self) -> list[str]:
+        """The modalities read: the configured ones (an empty list reads none), else all."""
+        chosen = self.config.modalities
+        return list(MODALITIES) if chosen is None else list(chosen)
 
     def plan(self, epoch: int) -> list[tuple[int, int]]:
         """Every ``(shard, row_group)`` of the data set, in the epoch's order (all consumers)."""
@@ -608,7 +680,7 @@ class ShardDataset(IterableDataset):
             image_mode=self.config.image_mode,
             on_error=self.config.on_error,
         )
-        modalities = self.config.modalities or list(MODALITIES)
+        modalities = self.modalities
         # In a DataLoader worker the batch is built in shared memory (see `build_batch`).
         shared = get_worker_info() is not None
         rng = np.random.default_rng([self.config.seed, epoch, consumer])
@@ -622,8 +694,11 @@ class ShardDataset(IterableDataset):
                 images = [pool[s].images[r] for s, r in pairs] if "image" in modalities else None
                 audio = [pool[s].audio[r] for s, r in pairs] if "audio" in modalities else None
                 media = decoder.decode_media(table, images, audio)
-                for error in media.errors:
-                    self._fail(error, report, 1)
+                for error in media.errors:  # raises the first under on_error="raise"
+                    self._fail(error, report, 0)
+                if media.errors:  # a row with several bad columns is one row skipped
+                    with _REPORT_LOCK:
+                        report.skipped_rows += int((~media.keep).sum())
                 pixels, waves = media.images, media.waves
                 if not media.keep.all():
                     table = table.filter(bool_array(media.keep))

@@ -102,13 +102,22 @@ class _Row:
             raise SampleError(f"{where} key 'id': expected a non-empty str, received {sample_id!r}")
         self.id = sample_id
         self.split = sample.get("split", "train")
+        if not isinstance(self.split, str) or not self.split:
+            raise SampleError(
+                f"{where} key 'split': expected a non-empty str, received {self.split!r}"
+            )
         label = sample.get("label")
+        if label is not None and (
+            isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer))
+        ):
+            raise SampleError(f"{where} key 'label': expected an int or None, received {label!r}")
         self.label = None if label is None else int(label)
         self.text = sample.get("text")
-        image = sample.get("image")
-        self.image = (
-            image if image is None or isinstance(image, bytes) else _encode_png(image, where)
-        )
+        if self.text is not None and not isinstance(self.text, str):
+            raise SampleError(
+                f"{where} key 'text': expected a str or None, received {type(self.text).__name__}"
+            )
+        self.image = self._image(sample.get("image"), where)
         self.audio = self._audio(sample, where)
         self.points = self._array(sample.get("points"), 2, where, "points")
         if self.points is not None and self.points.shape[1] < 3:
@@ -116,6 +125,19 @@ class _Row:
                 f"{where} key 'points': expected (N, 3 + C), received {self.points.shape}"
             )
         self.custom = self._array(sample.get("custom"), 1, where, "custom")
+
+    @staticmethod
+    def _image(image: Any, where: str) -> bytes | None:
+        if image is None or isinstance(image, bytes):
+            return image
+        if isinstance(image, (bytearray, memoryview)):
+            return bytes(image)
+        if isinstance(image, (np.ndarray, Image.Image)):
+            return _encode_png(image, where)
+        raise SampleError(
+            f"{where} key 'image': expected encoded bytes, a PIL image or a uint8 array, "
+            f"received {type(image).__name__}"
+        )
 
     @staticmethod
     def _audio(sample: Mapping[str, Any], where: str) -> dict[str, Any] | None:
@@ -229,6 +251,8 @@ class ShardWriter:
         self.compression = compression
         self.media_compression = media_compression
         self._rows: list[_Row] = []
+        # The first point-cloud channels (3 + C) and custom width F seen, until they are fixed.
+        self._first_widths: dict[str, int] = {}
         self._shards: list[ShardInfo] = []
         self._count = 0
         self._closed = False
@@ -249,10 +273,33 @@ class ShardWriter:
         """Validate and buffer one sample; a full shard is written out."""
         if self._closed:
             raise RuntimeError(f"ShardWriter for {self.url!r} is closed")
-        self._rows.append(_Row(sample, self._count))
+        row = _Row(sample, self._count)
+        self._check_widths(row)
+        self._rows.append(row)
         self._count += 1
         if len(self._rows) >= self.rows_per_shard:
             self._flush()
+
+    def _check_widths(self, row: _Row) -> None:
+        """Points' 3 + C and custom's F must be the data set's (the arguments, else the first
+        sample's): checked here, so that a bad sample fails alone and nothing is buffered."""
+        fixed = {
+            "points": None if self.point_features is None else 3 + self.point_features,
+            "custom": self.custom_dim,
+        }
+        for key, array in (("points", row.points), ("custom", row.custom)):
+            if array is None:
+                continue
+            width = array.shape[-1]
+            expected = fixed[key] if fixed[key] is not None else self._first_widths.get(key)
+            if expected is None:
+                self._first_widths[key] = width
+            elif width != expected:
+                what = f"(N, {expected})" if key == "points" else f"({expected},)"
+                raise SampleError(
+                    f"sample {self._count} (id={row.id!r}) key {key!r}: expected {what}, received "
+                    f"{array.shape} (fixed per data set by the argument or the first sample)"
+                )
 
     def _schema(self) -> pa.Schema:
         if self.point_features is None:

@@ -38,7 +38,7 @@ class NumberWorldConfig(StrictConfig):
     """Knobs of the corpus; defaults are sized for the CPU demo."""
 
     samples: int = Field(ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     held_out: list[int] = Field(default_factory=lambda: list(DEFAULT_HELD_OUT))
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
