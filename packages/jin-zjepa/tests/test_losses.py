@@ -63,18 +63,33 @@ def test_info_nce_present_mask_drops_rows_and_single_pair_gives_zero_with_graph(
     assert zero.item() == 0.0 and a.grad is not None and float(m["align/pairs"]) == 1.0
 
 
-def test_logit_scale_starts_at_clip_value_and_clamps_without_freezing():
+def test_logit_scale_returns_clamped_value_and_clamp_keeps_it_movable():
     scale = LogitScale()
     assert scale().item() == pytest.approx(1 / 0.07, rel=1e-6)
     with torch.no_grad():
         scale.log_scale.fill_(10.0)  # as if an optimiser pushed it past log(100)
-    value = scale()
-    assert value.item() == pytest.approx(100.0, rel=1e-6)
-    assert float(scale.log_scale) == pytest.approx(math.log(100.0))
-    value.backward()
-    assert float(scale.log_scale.grad) != 0.0  # can still move back down
+    assert scale().item() == pytest.approx(100.0, rel=1e-6)
+    assert scale.log_scale.item() == 10.0  # forward reads the parameter, never writes it
+    scale.clamp_()  # what the training loop runs after optimizer.step()
+    assert scale.log_scale.item() == pytest.approx(math.log(100.0))
+    scale().backward()
+    assert scale.log_scale.grad.item() != 0.0  # on the bound the gradient passes: it can move back
+    with torch.no_grad():
+        scale.log_scale.fill_(-1.0)
+    assert scale().item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="init_temperature"):
         LogitScale(init_temperature=0.001)
+
+
+def test_logit_scale_called_once_per_pair_before_one_backward():
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(4, 8, generator=g) for _ in range(3))
+    scale = LogitScale()
+    (info_nce(a, b, scale())[0] + info_nce(a, c, scale())[0]).backward()
+    # Reference: the same two losses on one fresh leaf s = exp(log_scale); d/dlog = s * d/ds.
+    s = torch.tensor(1 / 0.07, requires_grad=True)
+    (info_nce(a, b, s)[0] + info_nce(a, c, s)[0]).backward()
+    assert float(scale.log_scale.grad) == pytest.approx(float(s.grad) / 0.07, rel=1e-5)
 
 
 def test_jepa_loss_normalises_targets_and_ignores_padding():

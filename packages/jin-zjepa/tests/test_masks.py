@@ -101,6 +101,28 @@ def test_span_masks_stay_inside_valid_lengths():
     assert m.target_padding_mask is not None  # counts differ across these lengths
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SpanMaskConfig(),  # 4 spans: a length-2 row (empty text: BOS, EOS) is short 7 times in 8
+        SpanMaskConfig(num_targets=2, target_scale=(0.9, 1.0), min_context_tokens=2),
+    ],
+    ids=["defaults", "wide-spans"],
+)
+def test_span_masks_never_fail_on_accepted_lengths(cfg):
+    gen = SpanMaskGenerator(cfg)
+    lengths = torch.arange(cfg.min_context_tokens + 1, 9).repeat(4)  # every short length, 4x
+    seq_len = 10  # some padding after every row
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        m = gen(lengths, seq_len=seq_len, generator=g)
+        targets = _keep(m.target_idx, _padding_or_false(m.target_padding_mask, m.target_idx))
+        context = _keep(m.context_idx, _padding_or_false(m.context_padding_mask, m.context_idx))
+        for length, t, c in zip(lengths.tolist(), targets, context, strict=True):
+            assert t and len(c) >= cfg.min_context_tokens and t.isdisjoint(c)
+            assert t | c == set(range(length))
+
+
 def test_span_fraction_matches_config():
     cfg = SpanMaskConfig(num_targets=1, target_scale=(0.2, 0.3))
     lengths = torch.full((500,), 100)

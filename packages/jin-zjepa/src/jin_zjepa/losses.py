@@ -151,10 +151,13 @@ def zjepa_loss(
 class LogitScale(nn.Module):
     """CLIP's learnable inverse temperature ``1/τ``, stored as its log and clamped.
 
-    CLIP starts at ``τ = 0.07`` and clamps the scale to at most 100 after each optimiser step so
-    training cannot sharpen the softmax without bound. Here the clamp runs in place at the start of
-    ``forward`` (under ``no_grad``), where it cannot be forgotten, and the returned value is also
-    clamped; because ``clamp``'s gradient passes at the boundary, the scale can always move back.
+    CLIP starts at ``τ = 0.07`` and clamps the scale to at most 100 so training cannot sharpen the
+    softmax without bound. ``forward`` returns the clamped value and never writes the parameter,
+    so it can be called any number of times before one backward (e.g. once per aligned pair).
+
+    Call :meth:`clamp_` after each ``optimizer.step()``, as CLIP does: ``clamp``'s gradient is
+    zero outside the bounds, so a stored value the optimiser pushed past ``log(max_scale)`` would
+    stop receiving gradient and stay there. Put back on the bound, it can always move back.
     """
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:
@@ -169,9 +172,16 @@ class LogitScale(nn.Module):
 
     def forward(self) -> Tensor:
         """The current scale ``1/τ`` as a 0-dim tensor in ``[1, max_scale]``."""
-        with torch.no_grad():
-            self.log_scale.clamp_(0.0, self.max_log)
         return self.log_scale.clamp(0.0, self.max_log).exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Clamp the stored log-scale into ``[0, log(max_scale)]``; call after ``optimizer.step()``.
+
+        Not inside ``forward``: an in-place write there bumps the parameter's version counter and
+        breaks the backward of every earlier call in the same step.
+        """
+        self.log_scale.clamp_(0.0, self.max_log)
 
 
 def info_nce(

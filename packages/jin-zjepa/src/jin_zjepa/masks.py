@@ -229,7 +229,10 @@ class SpanMaskConfig(StrictConfig):
     ``num_targets`` contiguous target spans, each covering a fraction in ``target_scale`` of the
     sample's *valid* length (at least one token); the context is every other valid token. Defaults
     mirror the multi-block ones in 1-D: four spans of 10-15% each, so about half the sequence is
-    predicted from the rest.
+    predicted from the rest. A sample whose spans leave fewer than ``min_context_tokens`` context
+    tokens is redrawn up to ``max_tries`` times; if it is still short (likely only for short lengths
+    or wide spans), its targets are cut to the first ``length - min_context_tokens`` of them, so
+    every accepted length yields a mask.
     """
 
     num_targets: int = Field(4, ge=1)
@@ -247,8 +250,9 @@ class SpanMaskConfig(StrictConfig):
 class SpanMasks:
     """Output of :class:`SpanMaskGenerator`; indices are ascending, padding masks True at padding.
 
-    ``target_idx`` holds the union of the spans (an overlapped token appears once), so target
-    counts differ per sample and ``target_padding_mask`` is set whenever they do.
+    ``target_idx`` holds the union of the spans (an overlapped token appears once; cut short in a
+    sample still short of context after ``max_tries`` redraws), so target counts differ per sample
+    and ``target_padding_mask`` is set whenever they do.
     """
 
     context_idx: Tensor  # (B, Nc) long
@@ -288,7 +292,8 @@ class SpanMaskGenerator:
         """Masks for sequences of valid lengths ``lengths`` ``(B,)`` padded to ``seq_len`` tokens.
 
         ``seq_len`` defaults to ``lengths.max()``. Every length must be at least
-        ``min_context_tokens + 1`` (one target and the context).
+        ``min_context_tokens + 1``; each sample then gets at least one target token and at least
+        ``min_context_tokens`` context tokens, disjoint and covering its valid length.
         """
         cfg = self.config
         if lengths.dim() != 1 or lengths.dtype in (torch.bool, torch.float32, torch.float64):
@@ -306,24 +311,19 @@ class SpanMaskGenerator:
             )
         valid_BT = torch.arange(seq_len) < lengths[:, None]
         spans_BKT = self._sample(lengths, seq_len, generator)
-
-        def short() -> Tensor:
-            context_count_B = (valid_BT & ~spans_BKT.any(dim=1)).sum(dim=1)
-            return context_count_B < cfg.min_context_tokens
-
         for _ in range(cfg.max_tries):
-            short_B = short()
+            context_count_B = (valid_BT & ~spans_BKT.any(dim=1)).sum(dim=1)
+            short_B = context_count_B < cfg.min_context_tokens
             if not bool(short_B.any()):
                 break
             spans_BKT[short_B] = self._sample(lengths[short_B], seq_len, generator)
-        short_B = short()
-        if bool(short_B.any()):
-            raise ValueError(
-                f"span masks left fewer than min_context_tokens={cfg.min_context_tokens} context "
-                f"tokens after {cfg.max_tries} tries for lengths "
-                f"{lengths[short_B].tolist()}; lower num_targets or target_scale"
-            )
         target_BT = spans_BKT.any(dim=1)
+        # Redrawing alone can fail (4 one-token spans over 2 tokens leave a context only when they
+        # all coincide), so keep at most the first length - min_context_tokens target tokens. A
+        # sample with enough context has no more targets than that and is left as drawn; the cap
+        # is >= 1 by the length check above, and every span holds a token, so a target remains.
+        max_targets_B1 = (lengths - cfg.min_context_tokens)[:, None]
+        target_BT &= target_BT.cumsum(dim=1) <= max_targets_B1
         context_idx, context_padding = compact_indices(valid_BT & ~target_BT)
         target_idx, target_padding = compact_indices(target_BT)
         return SpanMasks(context_idx, context_padding, target_idx, target_padding)
