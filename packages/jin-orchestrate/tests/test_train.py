@@ -38,6 +38,16 @@ def test_steps_on_one_batch_lower_the_alignment_loss(test_config, batch):
     assert last < 0.5 * first, (first, last)
 
 
+def test_the_temperature_is_put_back_on_its_bound_after_each_step(test_config, batch):
+    trainer = _trainer(test_config)
+    scale = trainer.core.logit_scale
+    with torch.no_grad():
+        scale.log_scale.fill_(10.0)  # as if the optimiser had pushed it past log(100)
+    trainer.train_step(batch)
+    assert scale.log_scale.item() == pytest.approx(math.log(100.0))
+    assert scale().item() == pytest.approx(100.0)
+
+
 def test_non_finite_loss_is_skipped_counted_then_stops(test_config, batch, monkeypatch):
     trainer = _trainer(test_config)
     before = {n: p.clone() for n, p in trainer.core.named_parameters()}

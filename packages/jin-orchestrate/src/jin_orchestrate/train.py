@@ -183,6 +183,9 @@ class StageTrainer:
             self.nonfinite_total += 1
             return StepResult({"nonfinite_steps": float(self.nonfinite_total)}, True, tokens)
         self.optimizer.step()
+        # CLIP's bound on the temperature, kept on the stored value after the step (jin-zjepa
+        # 0.3.1): past it the scale would get no gradient and could not come back.
+        self.core.logit_scale.clamp_()
         self.step += 1
         self.global_step += 1
         self.core.update_target(self.global_step, self.total_steps)
