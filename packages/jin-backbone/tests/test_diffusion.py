@@ -5,6 +5,8 @@ import torch
 from pydantic import ValidationError
 
 from jin_backbone import (
+    Backbone,
+    BackboneConfig,
     DiffusionConfig,
     GaussianDiffusion,
     cosine_betas,
@@ -85,6 +87,48 @@ def test_training_loss_is_zero_for_an_oracle_and_deterministic_for_a_seed():
     a = diffusion.training_loss(model, x0, generator=torch.Generator().manual_seed(3))
     b = diffusion.training_loss(model, x0, generator=torch.Generator().manual_seed(3))
     assert a.item() == b.item()
+
+
+def test_training_loss_hands_the_padding_mask_to_the_model_as_a_keyword():
+    diffusion = _diffusion("x0")
+    x0 = torch.randn(2, 3, 4)
+    padding_mask = torch.tensor([[False, False, True], [False, True, True]])
+    seen = []
+
+    def model(x_t, t, cond, **kwargs):
+        seen.append(kwargs)
+        return x0
+
+    assert diffusion.training_loss(model, x0, padding_mask=padding_mask).item() == 0.0
+    diffusion.training_loss(model, x0)
+    assert seen[0].keys() == {"padding_mask"} and seen[0]["padding_mask"] is padding_mask
+    assert seen[1] == {}  # without a mask the three-argument call of the samplers
+
+
+def test_padded_content_does_not_change_a_backbone_denoisers_loss():
+    """The loss masks padded positions; the padding mask handed to the model keeps the noised
+    padding out of the real tokens' attention and routing, so only real content counts."""
+    torch.manual_seed(0)
+    cfg = BackboneConfig(dim=16, depth=2, num_heads=2, num_experts=4, top_k=2, moe_every=1)
+    backbone = Backbone(cfg)
+    for block in backbone.blocks:  # past adaLN-Zero's identity init, so attention counts
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
+
+    def model(x_t, t, cond, padding_mask=None):
+        return backbone(x_t, padding_mask, timestep=t, cond=cond).hidden
+
+    diffusion = _diffusion()
+    x0 = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(10))
+    padding_mask = torch.zeros(2, 6, dtype=torch.bool)
+    padding_mask[:, 4:] = True
+    other_padding = x0.masked_fill(padding_mask[..., None], 100.0)
+    losses = [
+        diffusion.training_loss(
+            model, x, padding_mask=padding_mask, generator=torch.Generator().manual_seed(0)
+        )
+        for x in (x0, other_padding)
+    ]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("gamma", [0.5, 5.0])

@@ -30,7 +30,9 @@ class BackboneConfig(StrictConfig):
 
     ``moe_every=n`` makes layers ``n-1, 2n-1, ...`` MoE (``n=1``: every layer, ``n=2``: every
     other layer as in GShard/Switch, ``0``: dense). Experts use ``expert_hidden_dim`` (default: the
-    dense hidden size ``mlp_ratio * dim``).
+    dense hidden size ``mlp_ratio * dim``). The router and expert fields mean what they do in
+    :class:`MoEConfig`; ``renormalize`` applies only for ``top_k > 1`` (a top-1 gate is the router
+    probability, so the router learns from the task loss).
     """
 
     dim: int = Field(default=256, gt=0)

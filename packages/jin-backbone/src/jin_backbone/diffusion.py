@@ -40,6 +40,12 @@ class Denoiser(Protocol):
     ``x_t`` has the sample's shape, ``t`` is ``(B,)`` int64 timesteps, ``cond`` is whatever the
     model is conditioned on (``None`` for unconditional). Any callable with this signature works
     (a ``Backbone`` wrapped with its heads, a ``JinModel``, a lambda in a test).
+
+    Given a padding mask, :meth:`GaussianDiffusion.training_loss` calls
+    ``model(x_t, t, cond, padding_mask=padding_mask)`` instead, so a model trained on padded
+    batches takes that keyword and keeps the padding away from the real tokens (a ``Backbone``:
+    its own ``padding_mask`` argument). The loss masks only the error at padded positions; what
+    the network attends to and routes is the model's to mask.
     """
 
     def __call__(self, x_t: Tensor, t: Tensor, cond: Any, /) -> Tensor: ...
@@ -246,9 +252,20 @@ class GaussianDiffusion(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """One denoising loss: draw ``t`` and noise, form ``x_t``, regress the target (weighted
-        over timesteps by ``cfg.loss_weighting``)."""
+        over timesteps by ``cfg.loss_weighting``).
+
+        ``padding_mask`` ``(B, T)`` (True at padding) leaves the padded tokens out of the loss and
+        is passed on to the model as ``model(x_t, t, cond, padding_mask=padding_mask)``
+        (:class:`Denoiser`): masking the loss alone would let the noised padding reach the real
+        tokens through attention and routing. Without it the model is called as
+        ``model(x_t, t, cond)``.
+        """
         t_B = self.sample_timesteps(x0.shape[0], generator, x0)
         noise = randn(tuple(x0.shape), generator, x0)
-        prediction = model(self.q_sample(x0, t_B, noise), t_B, cond)
+        x_t = self.q_sample(x0, t_B, noise)
+        if padding_mask is None:
+            prediction = model(x_t, t_B, cond)
+        else:
+            prediction = model(x_t, t_B, cond, padding_mask=padding_mask)
         weight_B = None if self.cfg.loss_weighting == "uniform" else self.loss_weights(t_B)
         return self.loss(prediction, self.target(x0, noise, t_B), padding_mask, weight_B)

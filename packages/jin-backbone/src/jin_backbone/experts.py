@@ -143,8 +143,19 @@ class Experts(nn.Module):
             rows_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))
             busy = (rows_E > 0)[:, None, None]
             w_in, w_out = (torch.where(busy, w, w.detach()) for w in (w_in, w_out))
-        h = F.grouped_mm(x_MD.to(dtype), w_in, offs=offsets_E)
-        return F.grouped_mm(_activate(h, self.activation), w_out, offs=offsets_E)
+        grouped_mm = F.grouped_mm
+        if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+            grouped_mm = _grouped_mm_outside_compile
+        h = grouped_mm(x_MD.to(dtype), w_in, offs=offsets_E)
+        return grouped_mm(_activate(h, self.activation), w_out, offs=offsets_E)
+
+
+@torch.compiler.disable
+def _grouped_mm_outside_compile(mat_a: Tensor, mat_b: Tensor, offs: Tensor) -> Tensor:
+    """``F.grouped_mm`` run eagerly under ``torch.compile`` (a graph break): the fake-tensor
+    kernel that compilation traces it with accepts bfloat16 only (torch 2.13), while the CPU
+    kernel also computes in float32."""
+    return F.grouped_mm(mat_a, mat_b, offs=offs)
 
 
 def _init_ffn(w_in: Tensor, w_out: Tensor) -> None:

@@ -53,7 +53,15 @@ class MoEConfig(StrictConfig):
     bfloat16, on CUDA with compute capability 8.x or 9.x in bfloat16 (the input's dtype, or
     autocast's), with ``dim`` and ``hidden_dim`` giving 16-byte rows (multiples of 4 in float32,
     8 in bfloat16); elsewhere the layouts above. ``True`` requires it (a ValueError where torch
-    cannot), ``False`` never. (Booleans, not words: YAML overrides read ``off`` as false.)
+    cannot), ``False`` never. (Booleans, not words: YAML overrides read ``off`` as false.) Under
+    ``torch.compile`` ``None`` takes it in bfloat16 only: the fake-tensor kernel compilation
+    traces ``grouped_mm`` with accepts bfloat16 alone (torch 2.13), so float32 layers compile
+    with the layouts above; with ``True`` their two grouped GEMMs run eagerly, outside the
+    compiled graph (a graph break each, so ``fullgraph=True`` cannot compile them).
+    ``renormalize``: rescale the ``top_k`` gates to sum to 1 (Mixtral, DeepSeek-MoE). Only for
+    ``top_k > 1``: with one expert it would make every gate exactly 1 and leave the router no
+    gradient from the task loss, so ``top_k=1`` always gates with the router probability
+    (Switch Transformer, the paper's Eq. 2).
     """
 
     dim: int = Field(gt=0)
@@ -206,6 +214,8 @@ class MoE(nn.Module):
             if not (available and aligned):
                 return False
             if x.device.type == "cpu":
+                if torch.compiler.is_compiling():
+                    return dtype == torch.bfloat16  # the only dtype grouped_mm's fake kernel takes
                 return dtype in (torch.float32, torch.bfloat16)
             # Ampere and Hopper. Blackwell (10.x) only on request: there torch's kernel has
             # given non-zero weight gradients to empty groups, masked at a cost (`Experts.grouped`).

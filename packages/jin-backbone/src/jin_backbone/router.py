@@ -8,7 +8,9 @@ losses are Switch Transformer's (Fedus et al. 2021, Eq. 4) and ST-MoE's (Zoph et
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +79,7 @@ class Router(nn.Module):
         top_k: ``K`` experts per token.
         renormalize: rescale the ``K`` selected probabilities to sum to 1 (Mixtral, DeepSeek-MoE);
             off, the weights are the raw softmax probabilities (Switch, the paper's listing).
+            Ignored for ``K=1``, where the gate stays the raw probability (see `forward`).
         jitter: Switch's multiplicative input jitter ``x * U(1-eps, 1+eps)`` in training.
         noise_std: Shazeer et al.'s additive Gaussian noise on the logits in training.
     """
@@ -105,20 +108,35 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x_ND: Tensor) -> RouterOutput:
-        """Route ``(N,D)`` tokens; the router itself runs in fp32 for stable softmax (ST-MoE §3)."""
-        x_ND = x_ND.float()
-        if self.training and self.jitter > 0:
-            x_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - self.jitter, 1 + self.jitter)
-        logits_NE = F.linear(x_ND, self.weight.float())
-        if self.training and self.noise_std > 0:
-            logits_NE = logits_NE + torch.randn_like(logits_NE) * self.noise_std
-        probs_NE = logits_NE.softmax(dim=-1)
-        weights_NK, experts_NK = torch.topk(probs_NE, self.top_k, dim=-1)
-        if self.renormalize:
-            weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
+        """Route ``(N,D)`` tokens; the router itself runs in fp32 for stable softmax (ST-MoE §3).
+
+        Autocast is turned off for it: ``F.linear`` is on autocast's lower-precision list, so
+        casting the operands to fp32 alone would still give bf16 logits under autocast, and
+        with them other expert choices and bf16 auxiliary losses.
+        """
+        with _autocast_off(x_ND.device):
+            x_ND = x_ND.float()
+            if self.training and self.jitter > 0:
+                x_ND = x_ND * torch.empty_like(x_ND).uniform_(1 - self.jitter, 1 + self.jitter)
+            logits_NE = F.linear(x_ND, self.weight.float())
+            if self.training and self.noise_std > 0:
+                logits_NE = logits_NE + torch.randn_like(logits_NE) * self.noise_std
+            probs_NE = logits_NE.softmax(dim=-1)
+            weights_NK, experts_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+            # With K=1 renormalising would make every gate exactly 1, and the task loss would
+            # send the router no gradient: Switch (top-1) and Eq. 2 gate with the probability.
+            if self.renormalize and self.top_k > 1:
+                weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
         return RouterOutput(weights_NK, experts_NK, logits_NE, probs_NE)
 
     @staticmethod
     def entropy(probs_NE: Tensor) -> Tensor:
         """Mean entropy of the routing distribution, in nats (0 for zero tokens)."""
         return torch.special.entr(probs_NE).sum() / max(probs_NE.shape[0], 1)
+
+
+def _autocast_off(device: torch.device) -> AbstractContextManager[Any]:
+    """Autocast disabled on ``device``; nothing to disable where it has none (the meta device)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
