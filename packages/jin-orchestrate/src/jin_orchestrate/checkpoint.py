@@ -144,6 +144,21 @@ def save_checkpoint(
     return final
 
 
+def _check_entry(manifest_path: Path, name: str, meta: Any) -> None:
+    """A manifest entry is ``{"sha256": str, "bytes": int}``; anything else is damage, which must
+    surface as `CheckpointError` so that :func:`latest_checkpoint` falls back to an older one."""
+    if not (
+        isinstance(meta, dict)
+        and isinstance(meta.get("sha256"), str)
+        # bool is an int subclass, but no file size
+        and type(meta.get("bytes")) is int
+    ):
+        raise CheckpointError(
+            f"corrupted checkpoint manifest {manifest_path}: entry {name!r} is {meta!r:.200}, not "
+            '{"sha256": str, "bytes": int}'
+        )
+
+
 def verify_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Check that every file listed in the manifest exists with its recorded checksum."""
     path = Path(directory)
@@ -156,7 +171,13 @@ def verify_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())["files"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"corrupted checkpoint manifest {manifest_path}: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise CheckpointError(
+            f"corrupted checkpoint manifest {manifest_path}: 'files' is a "
+            f"{type(manifest).__name__}, not a mapping of file names"
+        )
     for name, meta in manifest.items():
+        _check_entry(manifest_path, name, meta)
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"incomplete checkpoint: {file} is listed but missing")

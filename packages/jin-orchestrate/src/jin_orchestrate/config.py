@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,14 +40,18 @@ from jin_orchestrate.model import JinModelConfig
 from jin_orchestrate.overrides import apply_overrides, deep_merge, load_mapping
 
 __all__ = [
+    "DEFAULT_PRESET",
     "PRESETS",
     "VECTOR_COLUMNS",
     "DataConfig",
     "JinConfig",
     "StageConfig",
     "TrainConfig",
+    "apply_config_overrides",
+    "config_changes",
     "load_config",
     "preset",
+    "resolve_config",
 ]
 
 # jin-data columns whose collated batch a CustomModalityEncoder reads: (B,F) vectors.
@@ -155,7 +159,12 @@ class DataConfig(StrictConfig):
         description="modality -> the jin-data column it is read from, where the names differ "
         "(a runtime-added modality reading the custom column)",
     )
-    shuffle_buffer: int = Field(256, ge=0)
+    shuffle_buffer: int = Field(
+        256,
+        ge=0,
+        description="rows each training worker mixes anew every epoch (seeded by seed, stage, "
+        "epoch and rank) after one seeded global shuffle; 0 reads in file order",
+    )
 
     @model_validator(mode="after")
     def _check_columns(self) -> DataConfig:
@@ -380,6 +389,9 @@ PUBLISHED_PARAMETERS = {
 }
 
 
+DEFAULT_PRESET = "jin-tiny"
+
+
 def preset(name: str) -> dict[str, Any]:
     """The raw mapping of a preset (before file and overrides)."""
     if name not in PRESETS:
@@ -387,26 +399,62 @@ def preset(name: str) -> dict[str, Any]:
     return {"preset": name, **PRESETS[name]()}
 
 
+def apply_config_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """`apply_overrides` on a config mapping, with stage items addressed by their index in the
+    ``stages`` list (``--set stages.2.steps=500``); an index that names no stage is refused."""
+    out = dict(data)
+    for text in overrides:
+        stages = out.get("stages")
+        if not isinstance(stages, list):
+            out = apply_overrides(out, [text])
+            continue
+        # The list as a mapping from canonical index ("2", never "02") for this one override.
+        indices = [str(i) for i in range(len(stages))]
+        out = apply_overrides({**out, "stages": dict(zip(indices, stages, strict=True))}, [text])
+        if isinstance(out["stages"], Mapping):
+            bad = [k for k in out["stages"] if k not in indices]
+            if bad:
+                raise ValueError(
+                    f"override {text!r}: no stage with index {bad[0]!r}; the stages are "
+                    f"indexed {', '.join(indices)}"
+                )
+            out["stages"] = [out["stages"][i] for i in indices]
+    return out
+
+
+def resolve_config(
+    base: Mapping[str, Any],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> JinConfig:
+    """A config mapping -> file -> ``--set`` overrides -> validated :class:`JinConfig`."""
+    data = dict(base) if path is None else deep_merge(base, load_mapping(path))
+    return JinConfig.model_validate(apply_config_overrides(data, overrides))
+
+
 def load_config(
-    preset_name: str = "jin-tiny",
+    preset_name: str = DEFAULT_PRESET,
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
 ) -> JinConfig:
     """Preset -> file -> ``--set`` overrides -> validated :class:`JinConfig`."""
-    data = preset(preset_name)
-    if path is not None:
-        data = deep_merge(data, load_mapping(path))
-    stages = data.get("stages")
-    if isinstance(stages, list):  # let --set stages.0.steps=5 address list items by index
-        data["stages"] = {str(i): s for i, s in enumerate(stages)}
-    data = apply_overrides(data, overrides)
-    if isinstance(data.get("stages"), dict):
-        items = data["stages"]
-        bad = [k for k in items if not str(k).isdigit() or int(k) >= len(stages or [])]
-        if bad:
-            raise ValueError(f"stages: no stage with index {bad}; there are {len(stages or [])}")
-        data["stages"] = [items[str(i)] for i in range(len(items))]
-    return JinConfig.model_validate(data)
+    return resolve_config(preset(preset_name), path, overrides)
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """``{"stages.2.steps": (20, 2), ...}``: the keys whose values differ between two config
+    mappings (JSON dumps), with the old and new value; list items are compared by index where
+    both lists have the same length, else the list is one value."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        pairs = [(k, old.get(k), new.get(k)) for k in dict.fromkeys([*old, *new])]
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        pairs = [(str(i), a, b) for i, (a, b) in enumerate(zip(old, new, strict=True))]
+    else:
+        return {} if old == new else {prefix: (old, new)}
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key, a, b in pairs:
+        changes.update(config_changes(a, b, f"{prefix}.{key}" if prefix else key))
+    return changes
 
 
 def _show(name: str) -> str:

@@ -52,7 +52,8 @@ def default_corpus(cfg: DataConfig, *, progress: bool = True) -> str:
 
 
 def ray_train_dataset(url: str, cfg: DataConfig, split: str = "train") -> ray.data.Dataset:
-    """The shards at ``url`` as a decoded Ray Dataset of one split, randomly shuffled per epoch.
+    """The shards at ``url`` as a decoded Ray Dataset of one split, in one seeded random order
+    (Ray repeats it on every pass; `jin_orchestrate.train.epoch_shuffle` mixes each epoch anew).
 
     Bad data is handled per ``cfg.on_error`` (see `jin_orchestrate.data_faults`): with "skip",
     jin-data leaves out the shards whose schema does not read, each logged with its row count.

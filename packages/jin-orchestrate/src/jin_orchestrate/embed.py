@@ -8,12 +8,13 @@ the shards not embedded yet; an actor streams its shard in batches of ``batch_si
 stays bounded), decodes them with jin-data's `Decoder`, embeds them with
 `EmbeddingModel.embed_table` (the path serving takes) and writes the output shard under a
 temporary name that is renamed when complete. So a shard's output is complete or absent, a rerun
-skips every shard already done, and outputs of another model version are refused, never mixed.
+skips every shard already done, and outputs of another model version or another selection
+(modalities, split, ``custom_as``) are refused, never mixed.
 
 Output, under ``--output``: one Parquet file per input shard, of the same name, with columns
 ``id``, ``split``, ``label`` and ``<modality>_embedding`` (``list<float32>`` of R values, null
 where the sample lacks the modality), and in its metadata the model version, the checkpoint, the
-source shard and the embedding width (``jin.embed.*`` keys).
+source shard, the embedding width and the selection (``jin.embed.*`` keys).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ __all__ = [
 
 logger = logging.getLogger("jin_orchestrate.embed")
 META_VERSION = b"jin.embed.model_version"
+# What decides an output's content besides the model; a rerun skips only outputs with the job's own.
+META_SELECTION = {
+    b"jin.embed.modalities": "--modalities",
+    b"jin.embed.split": "--split",
+    b"jin.embed.custom_as": "--custom-as",
+}
 
 
 class EmbedConfig(StrictConfig):
@@ -140,7 +147,18 @@ def _modalities(cfg: EmbedConfig, card: ModelCard) -> list[str]:
     return chosen
 
 
-def _output_schema(modalities: list[str], card: ModelCard, source: str) -> pa.Schema:
+def _selection(cfg: EmbedConfig, modalities: list[str]) -> dict[bytes, bytes]:
+    """The :data:`META_SELECTION` entries of a job embedding ``modalities`` (JSON values)."""
+    split = None if cfg.split is None else sorted(set(cfg.split))  # a filter: order is moot
+    # Only the modality that actually embeds the custom column decides the content.
+    custom_as = cfg.custom_as if cfg.custom_as in modalities else None
+    values = [modalities, split, custom_as]
+    return {key: json.dumps(v).encode() for key, v in zip(META_SELECTION, values, strict=True)}
+
+
+def _output_schema(
+    cfg: EmbedConfig, modalities: list[str], card: ModelCard, source: str
+) -> pa.Schema:
     fields = [
         pa.field("id", pa.string()),
         pa.field("split", pa.string()),
@@ -152,7 +170,7 @@ def _output_schema(modalities: list[str], card: ModelCard, source: str) -> pa.Sc
         b"jin.embed.checkpoint": card.checkpoint.encode(),
         b"jin.embed.source": source.encode(),
         b"jin.embed.dim": str(card.dim).encode(),
-        b"jin.embed.modalities": json.dumps(modalities).encode(),
+        **_selection(cfg, modalities),
     }
     return pa.schema(fields, metadata=metadata)
 
@@ -178,7 +196,7 @@ def embed_shard(model: EmbeddingModel, shard: str, cfg: EmbedConfig) -> ShardRes
     name = posixpath.basename(in_path)
     final = posixpath.join(out_root, name)
     tmp = posixpath.join(out_root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    schema = _output_schema(modalities, model.card, shard)
+    schema = _output_schema(cfg, modalities, model.card, shard)
     rows = skipped = 0
     out_fs.makedirs(out_root, exist_ok=True)
     try:
@@ -255,24 +273,55 @@ class ShardEmbedder:
         return {key: [getattr(r, key) for r in results] for key in ShardResult.__dataclass_fields__}
 
 
-def _plan(cfg: EmbedConfig, card: ModelCard) -> tuple[list[str], list[str]]:
-    """Input shards to embed, and those whose complete output of this model already exists."""
+def _check_output(
+    url: str, metadata: dict[bytes, bytes], card: ModelCard, want: dict[bytes, bytes]
+) -> None:
+    """Refuse an existing output that is not this job's: another model version, a selection
+    (:data:`META_SELECTION`) other than ``want``, or one not recorded (written before it was)."""
+    remedy = "choose another --output or delete it"
+    version = metadata.get(META_VERSION, b"").decode(errors="replace")
+    if version != card.version:
+        raise ValueError(
+            f"{url} holds embeddings of model version {version or 'unknown'!r}, not "
+            f"{card.version!r} ({card.checkpoint}); {remedy}"
+        )
+    missing = [key.decode() for key in want if key not in metadata]
+    if missing:
+        raise ValueError(
+            f"{url} does not record {missing} (written by an older jin-orchestrate), so whether it "
+            f"holds this job's selection is unknown; {remedy}"
+        )
+    differences = [
+        f"{flag} {metadata[key].decode(errors='replace')}, this job {want[key].decode()}"
+        for key, flag in META_SELECTION.items()
+        if metadata[key] != want[key]
+    ]
+    if differences:
+        raise ValueError(
+            f"{url} was embedded with another selection ({'; '.join(differences)}); {remedy}"
+        )
+
+
+def _plan(cfg: EmbedConfig, card: ModelCard, modalities: list[str]) -> tuple[list[str], list[str]]:
+    """Input shards to embed, and those whose complete output of this job already exists."""
     _, shards = list_shards(cfg.input, cfg.on_error)
     out_fs, out_root = fsspec.core.url_to_fs(cfg.output)
+    want = _selection(cfg, modalities)
     todo, done = [], []
     for shard in shards:
         final = posixpath.join(out_root, posixpath.basename(shard.path))
         if not out_fs.exists(final):
             todo.append(shard.url)
             continue
-        with out_fs.open(final, "rb") as f:
-            version = (pq.read_schema(f).metadata or {}).get(META_VERSION, b"").decode()
-        if version != card.version:
+        url = _url(out_fs, final)
+        try:
+            with out_fs.open(final, "rb") as f:
+                metadata = pq.read_schema(f).metadata or {}
+        except (OSError, pa.ArrowException) as err:
             raise ValueError(
-                f"{_url(out_fs, final)} holds embeddings of model version "
-                f"{version or 'unknown'!r}, not {card.version!r} ({card.checkpoint}); choose "
-                "another --output or delete it"
-            )
+                f"{url} is not a readable Parquet file ({err}); delete it to embed its shard again"
+            ) from None
+        _check_output(url, metadata, card, want)
         done.append(shard.url)
     return todo, done
 
@@ -294,8 +343,8 @@ def run_embedding_job(
         local_checkpoint(cfg.checkpoint, tracking_uri=cfg.mlflow_tracking_uri), cfg.checkpoint
     )
     cfg = _recorded_custom_as(cfg, card)
-    _modalities(cfg, card)  # fail on a bad modality before any Ray start
-    todo, done = _plan(cfg, card)
+    modalities = _modalities(cfg, card)  # fails on a bad modality before any Ray start
+    todo, done = _plan(cfg, card, modalities)
     say = print if progress else (lambda *a, **k: None)
     if done:
         say(f"[jin] {len(done)} of {len(todo) + len(done)} shards already embedded; skipping them")

@@ -38,10 +38,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from pydantic import ValidationError
 
 from jin_data import ShardDataset, ShardError, collate, list_shards
 from jin_data.numberworld.text import CAPTION_TEMPLATES, number_words
-from jin_orchestrate.checkpoint import CheckpointError, load_checkpoint, read_config
+from jin_orchestrate.checkpoint import CONFIG, CheckpointError, load_checkpoint, read_config
+from jin_orchestrate.config import DataConfig
 from jin_orchestrate.data import rename_columns
 from jin_orchestrate.ema import apply_ema
 from jin_orchestrate.metrics import (
@@ -156,6 +158,16 @@ def load_model(
     if ema is not False and loaded.ema is not None:
         apply_ema(model, loaded.ema)
     return model.to(device).eval()
+
+
+def _stored_data_config(checkpoint: str | Path) -> DataConfig:
+    """The data config ``checkpoint`` was trained with (the default where it records none): what
+    :func:`evaluate` needs to give runtime-added modalities (``extend``) their rows and to treat
+    bad rows as training did (``data.on_error``), as pretraining's own evaluation does."""
+    try:
+        return DataConfig.model_validate(read_config(checkpoint).get("data", {}))
+    except ValidationError as err:
+        raise CheckpointError(f"{Path(checkpoint) / CONFIG}: data: {err}") from None
 
 
 def _train_labels(url: str, on_error: str = "raise") -> set[int]:
@@ -537,12 +549,13 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = local_checkpoint(args.checkpoint)
         list_shards(args.data)
         model = load_model(checkpoint, ema=weights_choice(args), device=device_choice(args))
+        data_cfg = _stored_data_config(checkpoint)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.generation:
         return _generation_main(args, model)
-    evaluation = evaluate(model, args.data)
+    evaluation = evaluate(model, args.data, data_cfg)
     markdown = evaluation_markdown({"this checkpoint": evaluation.metrics})
     print(markdown)
     report = {

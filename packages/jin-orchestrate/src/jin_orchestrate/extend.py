@@ -95,9 +95,8 @@ def build_extension_config(
     that trains ``modality`` alone, aligned with ``align_with`` (default: text, the hub, when the
     checkpoint trained on it, else all it trained on). ``overrides`` (``--set``) apply last.
     """
-    from jin_orchestrate.config import JinConfig
+    from jin_orchestrate.config import JinConfig, resolve_config
     from jin_orchestrate.model import HUB
-    from jin_orchestrate.overrides import apply_overrides
 
     if not NAME.match(modality):
         raise ValueError(
@@ -142,7 +141,7 @@ def build_extension_config(
     data["train"]["warmup_steps"] = min(cfg.train.warmup_steps, max(1, steps // 10))
     if batch_size is not None:
         data["train"]["batch_size"] = batch_size
-    return JinConfig.model_validate(apply_overrides(data, overrides))
+    return resolve_config(data, overrides=overrides)
 
 
 def check_column(url: str, column: str, input_dim: int) -> None:

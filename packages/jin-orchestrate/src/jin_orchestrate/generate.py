@@ -57,8 +57,7 @@ def build_generation_config(
     it has them), the data reads the text, image and audio columns, and the curriculum is one
     ``generation`` stage. ``overrides`` (``--set``) apply last.
     """
-    from jin_orchestrate.config import JinConfig
-    from jin_orchestrate.overrides import apply_overrides
+    from jin_orchestrate.config import JinConfig, resolve_config
 
     data = JinConfig.model_validate(base).model_dump(mode="json")
     generation = data["model"].get("generation") or {}
@@ -77,7 +76,7 @@ def build_generation_config(
         }
     ]
     data["train"]["warmup_steps"] = min(data["train"]["warmup_steps"], max(1, steps // 10))
-    return JinConfig.model_validate(apply_overrides(data, overrides))
+    return resolve_config(data, overrides=overrides)
 
 
 # -- files in and out ----------------------------------------------------------------------

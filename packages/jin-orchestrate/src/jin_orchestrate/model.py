@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from jin_backbone import Backbone, BackboneConfig, BackboneOutput
@@ -104,7 +104,11 @@ class JinModelConfig(StrictConfig):
     )
     image_mask: MultiBlockMaskConfig = MultiBlockMaskConfig()
     span_mask: SpanMaskConfig = SpanMaskConfig()
-    ema_momentum: tuple[float, float] = (0.996, 1.0)
+    ema_momentum: tuple[float, float] = Field(
+        (0.996, 1.0),
+        description="(start, end) momentum of the EMA target (jin_zjepa's EMAConfig), rising "
+        "from start to end: 0 <= start <= end <= 1",
+    )
     extra_modalities: dict[str, CustomEncoderConfig] = Field(
         default_factory=dict, description="modalities added at run time (add_modality), in order"
     )
@@ -128,6 +132,19 @@ class JinModelConfig(StrictConfig):
                     for k, v in extra.items()
                 }
         return data
+
+    @field_validator("ema_momentum")
+    @classmethod
+    def _check_ema_momentum(cls, momentum: tuple[float, float]) -> tuple[float, float]:
+        # EMAConfig's rules, checked here so a bad value fails with the config, not in JinModel
+        # inside every Ray worker.
+        start, end = momentum
+        if not 0.0 <= start <= end <= 1.0:
+            raise ValueError(
+                f"model.ema_momentum: expected (start, end) with 0 <= start <= end <= 1 (the EMA "
+                f"target slows down, never speeds up), got {list(momentum)}"
+            )
+        return momentum
 
     @model_validator(mode="after")
     def _check_widths(self) -> JinModelConfig:

@@ -7,8 +7,9 @@ NumberWorld corpus once, into a cache, and trains on it.
 
 Stages (paper §4.2) run one after another as separate ``TorchTrainer.fit`` calls, each starting from
 the previous stage's final checkpoint; MLflow gets one parent run for the job and a nested run per
-stage. ``--resume`` continues an interrupted job in the same ``--output`` directory: finished stages
-are skipped and the unfinished one restarts from its latest complete checkpoint.
+stage. ``--resume`` continues an interrupted job in the same ``--output`` directory under the config
+its ``job.json`` holds: finished stages are skipped and the unfinished one restarts from its latest
+complete checkpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jin_orchestrate.overrides import add_override_argument
 __all__ = [
     "PretrainResult",
     "add_job_arguments",
+    "check_resumed_config",
     "checkpoint_source",
     "main",
     "output_dir",
@@ -38,6 +40,8 @@ __all__ = [
 
 RUNS_ROOT = Path("jin_runs")
 JOB_FILE = "job.json"
+# What a resumed job may change in its config: where it runs, not what it trains.
+RESUMABLE_KEYS = ("train.num_workers",)
 
 
 @dataclass
@@ -60,10 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--preset",
-        default="jin-tiny",
-        help="size preset (see `python -m jin_orchestrate.config list`)",
+        help="size preset (see `python -m jin_orchestrate.config list`); default: jin-tiny, or "
+        "with --resume the job's own config",
     )
-    p.add_argument("--config", type=Path, help="YAML or JSON file merged over the preset")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="YAML or JSON file merged over the preset (with --resume: over the job's config)",
+    )
     p.add_argument(
         "--data",
         help="fsspec URL of jin-data shards; default: generate NumberWorld once into the cache",
@@ -89,7 +97,8 @@ def add_job_arguments(p: argparse.ArgumentParser, *, experiment: str) -> None:
         "--resume",
         action="store_true",
         help="continue the job in --output (default: the newest job under jin_runs/) from its "
-        "latest checkpoint",
+        "latest checkpoint, under the config it started with; flags that would change that "
+        "config are refused (the worker count may change)",
     )
     p.add_argument("--experiment", default=experiment, help="MLflow experiment name")
     p.add_argument(
@@ -119,6 +128,37 @@ def output_dir(args: argparse.Namespace) -> Path:
     return out.resolve()
 
 
+def check_resumed_config(job_file: Path, cfg: Any) -> None:
+    """Refuse, naming the keys, to resume the job of ``job_file`` under a config other than the
+    one it started with (``train.num_workers`` aside): its checkpoints and finished stages belong
+    to that config."""
+    from jin_orchestrate.config import JinConfig, config_changes
+
+    started = JinConfig.model_validate(_started_config(job_file)).model_dump(mode="json")
+    changes = {
+        key: values
+        for key, values in config_changes(started, cfg.model_dump(mode="json")).items()
+        if key not in RESUMABLE_KEYS
+    }
+    if changes:
+        shown = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()]
+        more = f"; and {len(shown) - 10} more" if len(shown) > 10 else ""
+        raise ValueError(
+            f"--resume: the job in {job_file.parent} started with another config; "
+            f"{len(changes)} key(s) differ from its {JOB_FILE} ({'; '.join(shown[:10])}{more}). "
+            "A resumed job keeps its config: pass the flags it started with (pretrain: --resume "
+            "alone takes the job's config) or start a new job with another --output"
+        )
+
+
+def _started_config(job_file: Path) -> dict[str, Any]:
+    """The config a job started with, as its ``job.json`` records it."""
+    job = json.loads(job_file.read_text())
+    if "config" not in job:
+        raise ValueError(f"{job_file} records no config; the job cannot be resumed")
+    return job["config"]
+
+
 def run_pretraining(
     cfg: Any,
     *,
@@ -138,7 +178,13 @@ def run_pretraining(
     Data skipped under ``data.on_error="skip"`` is counted by a tally actor; the Ray data tasks
     report to it through a ``worker_process_setup_hook`` that this function sets when it connects
     to Ray. Where the caller connected to Ray already, skips are logged but not counted.
+
+    With ``resume``, ``cfg`` must be the config the job in ``output`` started with (its
+    ``job.json``; only ``train.num_workers`` may differ), else a ``ValueError`` names the keys
+    before Ray or MLflow start.
     """
+    if resume:
+        check_resumed_config(output / JOB_FILE, cfg)
     import mlflow
 
     from jin_orchestrate.cluster import prefer_loopback
@@ -358,10 +404,17 @@ def run_job_from_checkpoint(
 
     if args.num_workers is not None:
         cfg.train.num_workers = args.num_workers
+    output = output_dir(args)
+    if args.resume:  # the job's flags rebuilt the config: they must be the ones it started with
+        try:
+            check_resumed_config(output / JOB_FILE, cfg)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     started = time.perf_counter()
     result = run_pretraining(
         cfg,
-        output=output_dir(args),
+        output=output,
         data_url=data_url,
         resume=args.resume,
         experiment=args.experiment,
@@ -377,21 +430,34 @@ def run_job_from_checkpoint(
     return 0
 
 
+def _job_config(args: argparse.Namespace, output: Path) -> Any:
+    """The `JinConfig` of ``python -m jin_orchestrate.pretrain``: preset, ``--config``, ``--set``;
+    with ``--resume``, the config in the job's ``job.json``, which those flags may only repeat."""
+    from jin_orchestrate.config import DEFAULT_PRESET, load_config, preset, resolve_config
+
+    if not args.resume:
+        return load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)
+    job_file = output / JOB_FILE
+    base = preset(args.preset) if args.preset else _started_config(job_file)
+    cfg = resolve_config(base, args.config, args.overrides)
+    check_resumed_config(job_file, cfg)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, build the config, run the job and print the closing summary."""
-    from jin_orchestrate.config import load_config
     from jin_orchestrate.evaluate import format_summary
     from jin_orchestrate.train import JobStopped
 
     args = _parser().parse_args(argv)
+    output = output_dir(args)
     try:
-        cfg = load_config(args.preset, args.config, args.overrides)
+        cfg = _job_config(args, output)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.num_workers is not None:
         cfg.train.num_workers = args.num_workers
-    output = output_dir(args)
     try:
         result = run_pretraining(
             cfg,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from jin_orchestrate._worker_log import quiet_report_dumps, say
@@ -29,7 +30,7 @@ from jin_orchestrate.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from jin_orchestrate.config import JinConfig, StageConfig
+from jin_orchestrate.config import DataConfig, JinConfig, StageConfig
 from jin_orchestrate.data_faults import tally_metrics
 from jin_orchestrate.ema import WeightEMA
 from jin_orchestrate.faults import FaultPlan
@@ -281,6 +282,20 @@ def _batches(
         skip_first = 0
 
 
+def epoch_shuffle(data: DataConfig, stage_seed: int, epoch: int, rank: int) -> dict[str, Any]:
+    """``iter_torch_batches`` arguments that mix a worker's rows anew every epoch.
+
+    The dataset's seeded ``random_shuffle`` is one fixed permutation: Ray repeats it on every
+    pass, so without this each epoch (and stage) would see the rows in the same order. A local
+    buffer of ``data.shuffle_buffer`` rows, seeded by (seed, stage, epoch, rank), reorders each
+    epoch differently, and the same way again when a resumed run replays that epoch.
+    """
+    if not data.shuffle_buffer:
+        return {}
+    seed = np.random.SeedSequence([data.seed, stage_seed, epoch, rank]).generate_state(1)[0]
+    return {"local_shuffle_buffer_size": data.shuffle_buffer, "local_shuffle_seed": int(seed)}
+
+
 def train_stage_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry point for one stage (see module docstring for resumption)."""
     import mlflow
@@ -337,7 +352,10 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
 
     def make_epoch(epoch: int) -> Iterable[dict[str, Any]]:
         batches = shard.iter_torch_batches(
-            batch_size=per_worker_batch, collate_fn=ray_collate(cfg.data), drop_last=True
+            batch_size=per_worker_batch,
+            collate_fn=ray_collate(cfg.data),
+            drop_last=True,
+            **epoch_shuffle(cfg.data, stage_seed, epoch, rank),
         )
         return (rename_columns(b, cfg.data.columns) for b in batches)
 

@@ -40,13 +40,29 @@ class RequestFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently to retry; ``seed`` fixes the jitter (tests, benchmarks)."""
+    """How often and how patiently to retry; ``seed`` fixes the jitter (tests, benchmarks).
+
+    ``attempts`` counts the first try, so it is at least 1; a ``ValueError`` names a field out of
+    range.
+    """
 
     attempts: int = 6
     backoff_s: float = 0.25
     max_backoff_s: float = 8.0
     timeout_s: float = 120.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Written as `not (x >= bound)` so NaN is refused too.
+        if not self.attempts >= 1:
+            raise ValueError(
+                f"attempts: expected >= 1 (the first try counts), got {self.attempts!r}"
+            )
+        for name in ("backoff_s", "max_backoff_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: expected >= 0 seconds, got {getattr(self, name)!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s: expected > 0 seconds, got {self.timeout_s!r}")
 
     def delay(self, attempt: int, response: httpx.Response | None, rng: random.Random) -> float:
         """Seconds before the next attempt: ``Retry-After``, else jittered exponential backoff."""

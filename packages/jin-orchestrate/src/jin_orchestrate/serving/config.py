@@ -78,7 +78,10 @@ class ServeConfig(StrictConfig):
         2048 * 2048, gt=0, description="H*W of one decoded image (413 beyond)"
     )
     max_audio_seconds: float = Field(
-        60.0, gt=0, description="length of one decoded clip (413 beyond)"
+        60.0,
+        gt=0,
+        description="length of one clip, read from its header before decoding (413 beyond); "
+        "its samples (frames x channels) may fill this many seconds of 8 channels at 48 kHz",
     )
     use_gpu: bool | None = Field(
         None, description="one GPU per model replica (default: when the cluster has GPUs)"

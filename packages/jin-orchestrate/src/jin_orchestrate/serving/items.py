@@ -7,7 +7,8 @@ modalities as extra ``list<float32>`` columns named after them), decoded by jin-
 the same bytes-to-pixels and bytes-to-waveform path as training shards, so serving and training
 see identical inputs. Everything a client can get wrong is caught here, before the request joins
 a batch: unknown modality names, data of the wrong JSON shape, invalid base64, files that do not
-decode, wrong array widths, NaN/Inf (or values beyond float32), and items over the size limits.
+decode, wrong array widths, NaN/Inf (or values beyond float32), and items over the size limits
+(images and audio by their headers, before they are decoded).
 Each becomes an :class:`InputError` listing every bad item by its location
 (``["body", "items", 3, "data"]``), answered as a 422 (or 413 for size limits).
 """
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import soundfile
 from PIL import Image, UnidentifiedImageError
 
 from jin_data import Decoder, sample_schema
@@ -30,6 +32,13 @@ from jin_orchestrate.inference import ModalitySpec, ModelCard
 from jin_orchestrate.serving.api import ErrorDetail, Item, Limits
 
 __all__ = ["InputError", "items_table"]
+
+# Samples (frames x channels) one second of a clip may hold before it is mixed down: 8 channels
+# at 48 kHz, or stereo at 192 kHz. The decoder reads every channel as float32, so a duration limit
+# alone lets a small Ogg Vorbis file of silence (up to 255 channels) expand to gigabytes.
+_AUDIO_SAMPLES_PER_SECOND = 8 * 48_000
+# libsndfile's frame count (SF_COUNT_MAX) for a stream whose header does not state its length.
+_UNKNOWN_FRAMES = 2**63 - 1
 
 
 class InputError(ValueError):
@@ -140,15 +149,17 @@ def items_table(
             )
             continue
         if spec.kind == "text":
-            if isinstance(item.data, str):
-                text[i] = item.data
+            problem = _text_problem(item.data)
+            if problem is not None:
+                problems.add(i, "data", problem)
             else:
-                problems.add(i, "data", "text: expected a string")
+                text[i] = item.data
         elif spec.kind in ("image", "audio"):
             encoded, problem = _encoded(item.data, spec)
             size = False
-            if problem is None and spec.kind == "image":
-                problem, size = _image_problem(encoded, limits)
+            if problem is None:
+                check = _image_problem if spec.kind == "image" else _audio_problem
+                problem, size = check(encoded, limits)
             if problem is not None:
                 problems.add(i, "data", problem, size=size)
             elif spec.kind == "image":
@@ -193,6 +204,25 @@ def items_table(
     return decoded
 
 
+def _text_problem(data: Any) -> str | None:
+    """Why ``data`` is not a text item: not a string, or not encodable as UTF-8.
+
+    JSON may escape a lone UTF-16 surrogate (``"\\ud800"``), which Python decodes into a ``str``
+    that has no UTF-8 form; Arrow's string column cannot hold it.
+    """
+    if not isinstance(data, str):
+        return "text: expected a string"
+    try:
+        data.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # The character is quoted escaped: the answer itself must be valid UTF-8 JSON.
+        return (
+            f"text: not valid Unicode: a lone surrogate {data[exc.start]!r} at character "
+            f"{exc.start} (JSON \\uD800-\\uDFFF escapes must come in high-low pairs)"
+        )
+    return None
+
+
 def _image_problem(data: bytes | None, limits: Limits) -> tuple[str | None, bool]:
     """Why an encoded image cannot be served (and whether it is for its size); reads the header.
 
@@ -215,10 +245,44 @@ def _image_problem(data: bytes | None, limits: Limits) -> tuple[str | None, bool
     return None, False
 
 
+def _audio_problem(data: bytes | None, limits: Limits) -> tuple[str | None, bool]:
+    """Why an encoded clip cannot be served (and whether it is for its size); reads the header.
+
+    jin-data's decoder allocates as many frames as the header states, every channel as float32,
+    and then resamples: checking the header first keeps a small file that expands to hours of
+    audio (FLAC and Vorbis compress silence thousands of times; a decompression bomb) from ever
+    being decoded. libsndfile reads the same header as the decoder's fast path for 16-bit WAV.
+    """
+    try:
+        info = soundfile.info(io.BytesIO(data or b""))
+    except soundfile.LibsndfileError as exc:
+        return f"audio: does not decode: {exc.error_string}", False
+    except Exception as exc:  # a damaged header can fail in soundfile's own code
+        return f"audio: does not decode: {exc}", False
+    if info.frames == _UNKNOWN_FRAMES:
+        return "audio: does not decode: the header does not give the clip's length", False
+    if info.duration > limits.max_audio_seconds:
+        return (
+            f"audio: {info.duration:.1f} s is over the limit of {limits.max_audio_seconds:g} s "
+            "(max_audio_seconds)",
+            True,
+        )
+    budget = limits.max_audio_seconds * _AUDIO_SAMPLES_PER_SECOND
+    if info.frames * info.channels > budget:
+        return (
+            f"audio: {info.channels} channels of {info.frames} frames ({info.samplerate} Hz) is "
+            f"over the limit of {budget:.0f} samples ({limits.max_audio_seconds:g} s of 8 "
+            "channels at 48 kHz; max_audio_seconds)",
+            True,
+        )
+    return None, False
+
+
 def _check_audio(table: pa.Table, spec: ModalitySpec, limits: Limits, problems: _Problems) -> None:
     """Decoded clips too short to encode (422) or over ``max_audio_seconds`` (413).
 
-    Rows are named by their ``id`` (the item's index): rows that did not decode are gone.
+    The length limit backs up `_audio_problem`'s header check. Rows are named by their ``id``
+    (the item's index): rows that did not decode are gone.
     """
     rate = spec.sample_rate or 16000
     lengths = pc.list_value_length(table["audio_wave"]).to_numpy(zero_copy_only=False)

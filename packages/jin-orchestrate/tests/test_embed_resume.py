@@ -1,0 +1,118 @@
+"""A rerun of the embed job skips only outputs of its own selection; others, outputs that do not
+record it, and damaged ones are refused, naming the file and the remedy. None of these start Ray:
+the plan is made before."""
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from jin_data import list_shards
+from jin_orchestrate.embed import EmbedConfig, embed_shard, main, run_embedding_job
+from jin_orchestrate.inference import EmbeddingModel
+
+NAMES = ["shard-00000.parquet", "shard-00001.parquet"]
+
+
+@pytest.fixture(scope="module")
+def first_job(corpus_url, checkpoint, tmp_path_factory):
+    """Two 6-row input shards and their outputs of a job embedding text of the test split only."""
+    fs, [shard] = list_shards(corpus_url)
+    with fs.open(shard.path, "rb") as f:
+        table = pq.read_table(f)
+    inputs = tmp_path_factory.mktemp("inputs")
+    for i, name in enumerate(NAMES):
+        pq.write_table(table.slice(6 * i, 6), inputs / name)
+    outputs = tmp_path_factory.mktemp("outputs")
+    cfg = EmbedConfig(
+        checkpoint=str(checkpoint),
+        input=str(inputs),
+        output=str(outputs),
+        modalities=["text"],
+        split=["test"],
+    )
+    model = EmbeddingModel.from_checkpoint(checkpoint, device="cpu")
+    for name in NAMES:
+        embed_shard(model, str(inputs / name), cfg)
+    return cfg, outputs
+
+
+@pytest.fixture
+def rerun(first_job, tmp_path):
+    """The first job's config and a copy of its outputs to damage."""
+    cfg, outputs = first_job
+    out = tmp_path / "out"
+    shutil.copytree(outputs, out)
+    return cfg.model_copy(update={"output": str(out)}), out
+
+
+def _rewrite_metadata(path, change):
+    table = pq.read_table(path)
+    metadata = dict(table.schema.metadata)
+    change(metadata)
+    pq.write_table(table.replace_schema_metadata(metadata), path)
+
+
+@pytest.mark.parametrize(
+    ("update", "difference"),
+    [
+        ({"modalities": None}, r'--modalities \["text"\], this job \["text", "image", '),
+        ({"split": None}, r'--split \["test"\], this job null'),
+    ],
+    ids=["modalities", "split"],
+)
+def test_a_rerun_skips_its_own_outputs_and_refuses_another_selections(rerun, update, difference):
+    cfg, _ = rerun
+    # The same selection, the split spelt otherwise, a runtime modality named that is not
+    # embedded: complete, nothing to do.
+    same = cfg.model_copy(update={"split": ["test", "test"], "custom_as": "seven_segment"})
+    again = run_embedding_job(same, progress=False)
+    assert (again.embedded, len(again.already_done)) == ([], 2)
+    with pytest.raises(
+        ValueError,
+        match=rf"shard-00000\.parquet was embedded with another selection \({difference}.*\); "
+        "choose another --output or delete it",
+    ):
+        run_embedding_job(cfg.model_copy(update=update), progress=False)
+
+
+def test_an_output_of_another_custom_as_is_refused(rerun):
+    cfg, out = rerun
+    _rewrite_metadata(
+        out / NAMES[1], lambda m: m.update({b"jin.embed.custom_as": b'"other_modality"'})
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"shard-00001\.parquet was embedded with another selection \(--custom-as "
+        r'"other_modality", this job null\); choose another --output or delete it',
+    ):
+        run_embedding_job(cfg, progress=False)
+
+
+def test_an_output_that_does_not_record_its_selection_is_refused(rerun):
+    cfg, out = rerun
+
+    def forget_selection(metadata):  # as written before the split and custom_as were recorded
+        metadata.pop(b"jin.embed.split", None)
+        metadata.pop(b"jin.embed.custom_as", None)
+
+    for name in NAMES:
+        _rewrite_metadata(out / name, forget_selection)
+    with pytest.raises(
+        ValueError,
+        match=r"shard-00000\.parquet does not record \['jin\.embed\.split', "
+        r"'jin\.embed\.custom_as'\] .*; choose another --output or delete it",
+    ):
+        run_embedding_job(cfg, progress=False)
+
+
+def test_a_damaged_output_is_named_with_the_remedy(rerun, capsys):
+    cfg, out = rerun
+    damaged = out / NAMES[1]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a copy cut short
+    argv = ["--checkpoint", cfg.checkpoint, "--input", cfg.input, "--output", cfg.output,
+            "--modalities", "text", "--split", "test"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {damaged} is not a readable Parquet file (" in err
+    assert err.rstrip().endswith("; delete it to embed its shard again")

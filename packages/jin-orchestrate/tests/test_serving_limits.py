@@ -1,0 +1,218 @@
+"""Serving limits that must hold before any work: audio refused from its header, text that has no
+UTF-8 form, and retry policies that could never send a request."""
+
+import io
+import json
+import types
+
+import numpy as np
+import pytest
+import soundfile
+from encoded import b64, wav
+
+from jin_orchestrate.inference import ModelCard, card_decoder
+from jin_orchestrate.serving import ServeConfig
+from jin_orchestrate.serving.api import EmbedRequest, Item, Limits
+from jin_orchestrate.serving.client import RetryPolicy
+from jin_orchestrate.serving.items import InputError, items_table
+
+LIMITS = Limits(
+    max_items=8, max_request_bytes=2**20, max_image_pixels=64 * 64, max_audio_seconds=2.0
+)
+
+
+@pytest.fixture(scope="module")
+def card(checkpoint):
+    return ModelCard.from_checkpoint(checkpoint)
+
+
+class SpyDecoder:
+    """The card's decoder, recording which rows it was handed audio for."""
+
+    def __init__(self, card: ModelCard) -> None:
+        self.decoder = card_decoder(card, on_error="skip")
+        self.audio_rows: list[int] = []
+
+    def decode(self, table):
+        # Row i of the table is item i.
+        present = table["audio"].is_valid().to_pylist()
+        self.audio_rows += [i for i, p in enumerate(present) if p]
+        return self.decoder.decode(table)
+
+
+def encoded(seconds: float, rate: int, channels: int = 1, fmt: str = "FLAC", sub: str = "PCM_16"):
+    """``seconds`` of silence (the most compressible audio) as an encoded file."""
+    out = io.BytesIO()
+    frames, block = round(seconds * rate), np.zeros((4800, channels), np.float32)
+    with soundfile.SoundFile(out, "w", rate, channels, format=fmt, subtype=sub) as f:
+        # In blocks: libsndfile's Vorbis encoder segfaults on one write of a minute of audio.
+        for start in range(0, frames, len(block)):
+            f.write(block[: frames - start])
+    return out.getvalue()
+
+
+def run(card, items, decoder=None):
+    decoder = decoder or SpyDecoder(card)
+    return items_table([Item(**i) for i in items], card, LIMITS, decoder, "items")
+
+
+def refused(card, items):
+    """Status, ``{loc: msg}`` and the rows whose audio reached the decoder."""
+    spy = SpyDecoder(card)
+    with pytest.raises(InputError) as info:
+        run(card, items, spy)
+    return info.value.status, {tuple(d.loc): d.msg for d in info.value.details}, spy.audio_rows
+
+
+@pytest.mark.parametrize(
+    ("fmt", "sub"),
+    [("FLAC", "PCM_16"), ("WAV", "PCM_16"), ("OGG", "VORBIS")],
+    ids=["flac", "wav-pcm16-fast-path", "ogg-vorbis"],
+)
+def test_audio_over_the_time_limit_is_refused_from_its_header_unread(card, fmt, sub):
+    long_clip = encoded(60, 48000, fmt=fmt, sub=sub)
+    fine_clip = encoded(1.5, 48000, fmt=fmt, sub=sub)
+    if fmt == "WAV":  # the canonical 44-byte header that jin-data reads without libsndfile
+        assert long_clip[36:40] == b"data"
+    status, errors, decoded = refused(
+        card,
+        [
+            {"modality": "audio", "data": b64(long_clip)},
+            {"modality": "audio", "data": b64(fine_clip)},
+        ],
+    )
+    assert status == 413
+    assert errors == {
+        ("body", "items", 0, "data"): "audio: 60.0 s is over the limit of 2 s (max_audio_seconds)"
+    }
+    assert decoded == [1], "the clip over the limit reached the decoder"
+    table = run(card, [{"modality": "audio", "data": b64(fine_clip)}])
+    assert len(table["audio_wave"][0].as_py()) == 1.5 * card.spec("audio").sample_rate
+
+
+def test_a_flac_bomb_far_below_the_body_limit_is_refused_unread(card):
+    bomb = encoded(30 * 60, 48000)  # 30 min: 0.26 MiB of FLAC, 330 MiB as float32
+    assert len(b64(bomb)) < LIMITS.max_request_bytes
+    status, errors, decoded = refused(card, [{"modality": "audio", "data": b64(bomb)}])
+    assert status == 413
+    assert "1800.0 s is over the limit of 2 s" in errors[("body", "items", 0, "data")]
+    assert decoded == []
+
+
+def test_audio_of_many_channels_is_refused_from_its_header_unread(card):
+    # 1 s, within max_audio_seconds, but 32 channels: the decoder would hold 32 s of samples.
+    clip = encoded(1.0, 48000, channels=32, fmt="OGG", sub="VORBIS")
+    status, errors, decoded = refused(card, [{"modality": "audio", "data": b64(clip)}])
+    assert status == 413
+    assert errors[("body", "items", 0, "data")] == (
+        "audio: 32 channels of 48000 frames (48000 Hz) is over the limit of 768000 samples "
+        "(2 s of 8 channels at 48 kHz; max_audio_seconds)"
+    )
+    assert decoded == []
+    stereo = encoded(1.5, 44100, channels=2)
+    table = run(card, [{"modality": "audio", "data": b64(stereo)}])
+    assert len(table["audio_wave"][0].as_py()) == 1.5 * card.spec("audio").sample_rate
+
+
+def test_audio_whose_header_does_not_read_is_a_422_unread(card):
+    unknown_length = bytearray(encoded(1.0, 16000))
+    # STREAMINFO's last 36 bits of bytes 18..25 hold the total samples; 0 means "unknown".
+    fields = int.from_bytes(unknown_length[18:26], "big") & ~((1 << 36) - 1)
+    unknown_length[18:26] = fields.to_bytes(8, "big")
+    status, errors, decoded = refused(
+        card,
+        [
+            {"modality": "audio", "data": b64(b"RIFF....WAVE broken")},
+            {"modality": "audio", "data": b64(bytes(unknown_length))},
+            {"modality": "audio", "data": b64(wav(16000, 0))},
+            {"modality": "audio", "data": b64(wav(100, 0))},
+        ],
+    )
+    assert status == 422
+    assert errors[("body", "items", 0, "data")].startswith("audio: does not decode: ")
+    assert errors[("body", "items", 1, "data")] == (
+        "audio: does not decode: the header does not give the clip's length"
+    )
+    assert "100 samples at 16000 Hz" in errors[("body", "items", 3, "data")]
+    assert len(errors) == 3
+    assert decoded == [2, 3]
+
+
+LONE_SURROGATES = '{"items": [{"modality": "text", "data": "fine \\ud83d\\ude00"}, \
+{"modality": "text", "data": "abc\\ud800"}, {"modality": "text", "data": "\\udc00"}]}'
+
+
+def test_text_with_a_lone_surrogate_is_a_422_naming_the_item(card):
+    # Parsed as FastAPI parses a body: json.loads keeps a lone surrogate, joins a pair.
+    request = EmbedRequest.model_validate(json.loads(LONE_SURROGATES))
+    with pytest.raises(InputError) as info:
+        items_table(request.items, card, LIMITS, card_decoder(card, on_error="skip"), "items")
+    assert info.value.status == 422
+    assert {tuple(d.loc): d.msg for d in info.value.details} == {
+        ("body", "items", 1, "data"): "text: not valid Unicode: a lone surrogate '\\ud800' at "
+        "character 3 (JSON \\uD800-\\uDFFF escapes must come in high-low pairs)",
+        ("body", "items", 2, "data"): "text: not valid Unicode: a lone surrogate '\\udc00' at "
+        "character 0 (JSON \\uD800-\\uDFFF escapes must come in high-low pairs)",
+    }
+    table = items_table(
+        request.items[:1], card, LIMITS, card_decoder(card, on_error="skip"), "items"
+    )
+    assert table["text"].to_pylist() == ["fine \U0001f600"]
+
+
+class _Remote:
+    def __init__(self, value) -> None:
+        self.value = value
+
+    async def remote(self, *args):
+        return self.value
+
+
+def test_a_lone_surrogate_is_a_422_over_http(card, monkeypatch):
+    """The ingress's own FastAPI app, its replica object made here instead of by Serve."""
+    from fastapi.testclient import TestClient
+    from ray import serve
+
+    from jin_orchestrate.serving.app import Ingress, app
+
+    # Serve's ASGI wrapper subclasses the class as written; that one builds without a replica.
+    ingress_class = Ingress.func_or_class.__bases__[0]
+    assert ingress_class.__qualname__ == "Ingress"
+    replica = ingress_class(
+        types.SimpleNamespace(card=_Remote(card)), ServeConfig(checkpoint="unused")
+    )
+    context = types.SimpleNamespace(servable_object=replica)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        embed = client.post(
+            "/v1/embed",
+            content='{"items": [{"modality": "text", "data": "abc\\ud800"}]}',
+            headers={"content-type": "application/json"},
+        )
+        similarity = client.post(
+            "/v1/similarity",
+            content='{"queries": [{"modality": "text", "data": "a"}], '
+            '"candidates": [{"modality": "text", "data": "\\udfff"}]}',
+            headers={"content-type": "application/json"},
+        )
+    assert embed.status_code == 422, embed.text
+    assert [d["loc"] for d in embed.json()["detail"]] == [["body", "items", 0, "data"]]
+    assert "lone surrogate '\\ud800'" in embed.json()["detail"][0]["msg"]
+    assert similarity.status_code == 422, similarity.text
+    assert [d["loc"] for d in similarity.json()["detail"]] == [["body", "candidates", 0, "data"]]
+
+
+@pytest.mark.parametrize(
+    ("field", "bad", "least"),
+    [
+        ("attempts", 0, 1),
+        ("attempts", -2, 1),
+        ("backoff_s", -0.5, 0.0),
+        ("max_backoff_s", float("nan"), 0.0),
+        ("timeout_s", 0.0, 0.001),
+    ],
+)
+def test_a_retry_policy_out_of_range_is_refused_naming_the_field(field, bad, least):
+    with pytest.raises(ValueError, match=rf"^{field}: expected"):
+        RetryPolicy(**{field: bad})
+    assert getattr(RetryPolicy(**{field: least}), field) == least
