@@ -80,6 +80,26 @@ def test_multiblock_impossible_context_names_grid():
         MultiBlockMaskGenerator(cfg)(2, (4, 4), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("grid", [(2, 3), (3, 3), (3, 4), (4, 3), (2, 4), (4, 4)])
+def test_multiblock_never_gives_up_on_a_grid_with_room_for_a_context(grid):
+    gen = MultiBlockMaskGenerator()
+    h, w = grid
+    for seed in range(150):
+        masks = gen(8, grid, generator=torch.Generator().manual_seed(seed))
+        bh, bw = masks.block_shape
+        assert h * w - bh * bw >= gen.config.min_context_tokens  # else it would have raised
+        context = ~masks.context_padding_mask if masks.context_padding_mask is not None else None
+        for b in range(8):
+            ctx = masks.context_idx[b] if context is None else masks.context_idx[b][context[b]]
+            assert len(ctx) >= gen.config.min_context_tokens, (grid, seed, b)
+            assert not set(ctx.tolist()) & set(masks.target_idx[b].tolist())
+
+
+def test_multiblock_refuses_a_grid_one_block_leaves_too_small_naming_it():
+    with pytest.raises(ValueError, match=r"grid \(2, 2\).*min_context_tokens=4"):
+        MultiBlockMaskGenerator()(8, (2, 2), generator=torch.Generator().manual_seed(0))
+
+
 def test_mask_config_rejects_bad_ranges():
     with pytest.raises(ValueError, match="target_scale"):
         MultiBlockMaskConfig(target_scale=(0.3, 0.2))

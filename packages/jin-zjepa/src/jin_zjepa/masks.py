@@ -164,7 +164,9 @@ class MultiBlockMaskGenerator:
     sample has the same number of target tokens (no target padding); block *positions* are drawn
     per sample. Context counts differ per sample (targets are cut out of the context block) and
     are padded. A sample whose context keeps fewer than ``min_context_tokens`` is redrawn, up to
-    ``max_tries`` times.
+    ``max_tries`` times; one still short then takes every non-target token as context (and, if
+    need be, its target blocks stacked in one place). A grid that one target block leaves too
+    little context raises a ValueError naming it.
     """
 
     def __init__(self, config: MultiBlockMaskConfig | None = None) -> None:
@@ -195,6 +197,12 @@ class MultiBlockMaskGenerator:
         targets_BKT = _block_masks(batch_size, cfg.num_targets, t_shape, grid, generator)
         context_BT = _block_masks(batch_size, 1, c_shape, grid, generator)[:, 0]
         context_BT &= ~targets_BKT.any(dim=1)
+        if h * w - t_shape[0] * t_shape[1] < cfg.min_context_tokens:
+            raise ValueError(
+                f"multi-block masks on grid {grid}: a target block of shape {t_shape} leaves "
+                f"fewer than min_context_tokens={cfg.min_context_tokens} context tokens; lower "
+                "target_scale or min_context_tokens, or use larger inputs"
+            )
         for _ in range(cfg.max_tries):
             short_B = context_BT.sum(dim=1) < cfg.min_context_tokens
             n_short = int(short_B.sum())
@@ -204,12 +212,19 @@ class MultiBlockMaskGenerator:
             new_context = _block_masks(n_short, 1, c_shape, grid, generator)[:, 0]
             targets_BKT[short_B] = new_targets
             context_BT[short_B] = new_context & ~new_targets.any(dim=1)
-        if bool((context_BT.sum(dim=1) < cfg.min_context_tokens).any()):
-            raise ValueError(
-                f"multi-block masks on grid {grid}: {cfg.num_targets} target blocks of shape "
-                f"{t_shape} left fewer than min_context_tokens={cfg.min_context_tokens} context "
-                f"tokens after {cfg.max_tries} tries; lower num_targets or target_scale"
-            )
+        short_B = context_BT.sum(dim=1) < cfg.min_context_tokens
+        if bool(short_B.any()):
+            # Redrawing alone can fail on small grids (3x4: ~2% of batches of 8 did). Then the
+            # context is every token outside the targets, and where that is still short the
+            # blocks are stacked on the first one's place: the most context their shape leaves,
+            # at least min_context_tokens by the check above. No draw is made here, so masks
+            # that redrawing settles are unchanged.
+            context_BT[short_B] = ~targets_BKT[short_B].any(dim=1)
+            stack_B = context_BT.sum(dim=1) < cfg.min_context_tokens
+            if bool(stack_B.any()):
+                first = targets_BKT[stack_B][:, :1]
+                targets_BKT[stack_B] = first.expand(-1, cfg.num_targets, -1)
+                context_BT[stack_B] = ~first[:, 0]
         context_idx, context_padding = compact_indices(context_BT)
         # Each block has exactly bh*bw tokens, so the per-block compaction never pads.
         block_idx = compact_indices(targets_BKT.reshape(batch_size * cfg.num_targets, h * w))[0]
