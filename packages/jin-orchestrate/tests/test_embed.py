@@ -101,6 +101,29 @@ def test_a_row_that_does_not_decode_fails_the_shard_or_is_skipped(shards, embedd
     assert table["id"][2].as_py() not in pq.read_table(result.output)["id"].to_pylist()
 
 
+def test_a_row_with_several_bad_columns_is_one_skipped_row(shards, embedder, tmp_path):
+    _, table = shards
+    rows = table.slice(0, 4)
+    images, audio = rows["image"].to_pylist(), rows["audio"].to_pylist()
+    images[2] = b"not an image"
+    audio[2] = {**audio[2], "bytes": b"RIFF....WAVEjunk"}
+    for name, values in (("image", pa.array(images, pa.binary())), ("audio", audio)):
+        column = pa.array(values, rows.schema.field(name).type)
+        rows = rows.set_column(rows.schema.get_field_index(name), name, column)
+    path = tmp_path / "in" / "bad.parquet"
+    path.parent.mkdir()
+    pq.write_table(rows, path)
+    cfg = EmbedConfig(
+        checkpoint="unused",
+        input=str(path),
+        output=str(tmp_path / "out"),
+        modalities=["image", "audio"],
+        on_error="skip",
+    )
+    result = embed_shard(embedder, str(path), cfg)
+    assert (result.rows, result.skipped) == (3, 1)
+
+
 @pytest.mark.slow
 def test_the_job_embeds_every_shard_once_and_a_rerun_skips_complete_ones(
     ray_local, shards, checkpoint, embedder, tmp_path, capsys

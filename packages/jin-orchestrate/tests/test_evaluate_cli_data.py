@@ -1,6 +1,6 @@
-"""``python -m jin_orchestrate.evaluate`` evaluates with the data config stored in the checkpoint,
-as pretraining's own evaluation does: runtime-added modalities get their rows, and its
-``data.on_error`` decides what a bad row does."""
+"""``python -m jin_orchestrate.evaluate`` (and `evaluate_checkpoint` by default) evaluates with
+the data config stored in the checkpoint, as pretraining's own evaluation does: runtime-added
+modalities get their rows, and its ``data.on_error`` decides what a bad row does."""
 
 import json
 
@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from jin_data import list_shards
 from jin_orchestrate.checkpoint import read_config, save_checkpoint
-from jin_orchestrate.evaluate import load_model, main
+from jin_orchestrate.evaluate import evaluate_checkpoint, load_model, main
 
 
 def test_the_cli_uses_the_checkpoints_columns_and_on_error(checkpoint, corpus_url, tmp_path):
@@ -45,3 +45,7 @@ def test_the_cli_uses_the_checkpoints_columns_and_on_error(checkpoint, corpus_ur
     for direction in ("seven_segment_to_text", "text_to_seven_segment"):
         assert 0.0 <= metrics[f"retrieval/{direction}/R10"] <= 1.0
     assert "zero_shot_seven_segment_top1_all_test" in metrics
+    # The library call defaults to the same stored config.
+    library = evaluate_checkpoint(extended, str(damaged.parent))
+    assert library["test_samples"] == metrics["test_samples"]
+    assert "retrieval/seven_segment_to_text/R10" in library

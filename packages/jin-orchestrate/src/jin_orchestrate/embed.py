@@ -206,46 +206,45 @@ def embed_shard(model: EmbeddingModel, shard: str, cfg: EmbedConfig) -> ShardRes
                 check_schema(source.schema_arrow, shard)
             except (OSError, pa.ArrowException) as err:
                 raise DataError(f"cannot read the Parquet file: {err}", url=shard) from None
-            writer = pq.ParquetWriter(out, schema)
-            for record_batch in source.iter_batches(
-                batch_size=cfg.batch_size, columns=["id", "split", "label", *columns]
-            ):
-                table = pa.Table.from_batches([record_batch])
-                if splits is not None:
-                    table = table.filter(pc.is_in(table["split"], splits))
-                table = table.append_column("__url", pa.array([shard] * table.num_rows))
-                decoded, errors = decoder.decode(table)
-                for error in errors:
-                    logger.warning("jin embed: skipped row: %s", error)
-                skipped += len(errors)
-                if cfg.custom_as is not None:
-                    decoded = decoded.rename_columns(
-                        [cfg.custom_as if c == "custom" else c for c in decoded.column_names]
-                    )
-                result = model.embed_table(decoded, modalities)
-                keep = np.ones(decoded.num_rows, bool)
-                for row, problem in sorted(result.errors.items()):
-                    error = DataError(problem, url=shard, id=decoded["id"][row].as_py())
-                    if cfg.on_error == "raise":
-                        raise error
-                    logger.warning("jin embed: skipped row: %s", error)
-                    keep[row] = False
-                skipped += int((~keep).sum())
-                batch = pa.table(
-                    [
-                        decoded["id"],
-                        decoded["split"],
-                        decoded["label"],
-                        *(
-                            _vectors_column(result.vectors[m], result.present[m])
-                            for m in modalities
-                        ),
-                    ],
-                    schema=schema,
-                ).filter(pa.array(keep))
-                writer.write_table(batch)
-                rows += batch.num_rows
-            writer.close()
+            with pq.ParquetWriter(out, schema) as writer:  # closed on errors too
+                for record_batch in source.iter_batches(
+                    batch_size=cfg.batch_size, columns=["id", "split", "label", *columns]
+                ):
+                    table = pa.Table.from_batches([record_batch])
+                    if splits is not None:
+                        table = table.filter(pc.is_in(table["split"], splits))
+                    table = table.append_column("__url", pa.array([shard] * table.num_rows))
+                    decoded, errors = decoder.decode(table)
+                    for error in errors:
+                        logger.warning("jin embed: skipped row: %s", error)
+                    skipped += table.num_rows - decoded.num_rows  # rows, not errors
+                    if cfg.custom_as is not None:
+                        decoded = decoded.rename_columns(
+                            [cfg.custom_as if c == "custom" else c for c in decoded.column_names]
+                        )
+                    result = model.embed_table(decoded, modalities)
+                    keep = np.ones(decoded.num_rows, bool)
+                    for row, problem in sorted(result.errors.items()):
+                        error = DataError(problem, url=shard, id=decoded["id"][row].as_py())
+                        if cfg.on_error == "raise":
+                            raise error
+                        logger.warning("jin embed: skipped row: %s", error)
+                        keep[row] = False
+                    skipped += int((~keep).sum())
+                    batch = pa.table(
+                        [
+                            decoded["id"],
+                            decoded["split"],
+                            decoded["label"],
+                            *(
+                                _vectors_column(result.vectors[m], result.present[m])
+                                for m in modalities
+                            ),
+                        ],
+                        schema=schema,
+                    ).filter(pa.array(keep))
+                    writer.write_table(batch)
+                    rows += batch.num_rows
         out_fs.mv(tmp, final)
     except BaseException:
         if out_fs.exists(tmp):

@@ -255,7 +255,10 @@ class Evaluation:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, url: str, data_cfg: Any = None) -> dict[str, float]:
-    """Zero-shot, retrieval and linear-probe figures of ``checkpoint`` on ``url``."""
+    """Zero-shot, retrieval and linear-probe figures of ``checkpoint`` on ``url``; ``data_cfg``
+    defaults to the data config the checkpoint records, as in the CLI."""
+    if data_cfg is None:
+        data_cfg = _stored_data_config(checkpoint)
     return evaluate_model(load_model(checkpoint), url, data_cfg)
 
 
