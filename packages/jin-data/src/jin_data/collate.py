@@ -35,7 +35,7 @@ import torch
 
 from jin_data._arrow import single_array, to_numpy, valid
 from jin_data.decode import AudioDtype, wave_into
-from jin_data.schema import META_CUSTOM_DIM, MODALITIES
+from jin_data.schema import MODALITIES, declared_custom_dim
 
 __all__ = ["build_batch", "collate", "custom_width", "decoded_modalities"]
 
@@ -55,10 +55,7 @@ def custom_width(table: pa.Table, custom_dim: int | None = None) -> int | None:
     """F, the width of every custom vector: ``custom_dim`` when given, else what the table's
     schema metadata declares (a table read from a jin-data shard carries the file's), else
     ``None`` (the batch's longest vector sets the width)."""
-    if custom_dim is not None:
-        return custom_dim
-    declared = (table.schema.metadata or {}).get(META_CUSTOM_DIM)
-    return None if declared is None else int(declared)
+    return custom_dim if custom_dim is not None else declared_custom_dim(table.schema)
 
 
 def decoded_modalities(table: pa.Table) -> list[str]:

@@ -36,7 +36,7 @@ from scipy.signal import resample_poly
 
 from jin_data._arrow import single_array, to_numpy, valid
 from jin_data.errors import DecodeError
-from jin_data.schema import META_CUSTOM_DIM
+from jin_data.schema import declared_custom_dim
 
 __all__ = [
     "AudioDtype",
@@ -306,10 +306,9 @@ class Decoder:
         return Media(pixels, waves, keep, errors)
 
     def _check_custom(self, table: pa.Table, keep: np.ndarray, errors: list[DecodeError]) -> None:
-        declared = (table.schema.metadata or {}).get(META_CUSTOM_DIM)
-        if declared is None:
+        width = declared_custom_dim(table.schema)
+        if width is None:
             return
-        width = int(declared)
         column = single_array(table["custom"])
         offsets = to_numpy(column.offsets)
         lengths = np.diff(offsets)

@@ -31,6 +31,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SchemaInfo",
     "check_schema",
+    "declared_custom_dim",
     "sample_schema",
 ]
 
@@ -136,3 +137,10 @@ def check_schema(schema: pa.Schema, url: str) -> SchemaInfo:
                 column=field.name,
             )
     return SchemaInfo(SCHEMA_VERSION, point_features, custom_dim)
+
+
+def declared_custom_dim(schema: pa.Schema) -> int | None:
+    """F as ``schema``'s metadata declares it (a table read from a shard carries the file's), or
+    ``None`` where it declares none."""
+    declared = (schema.metadata or {}).get(META_CUSTOM_DIM)
+    return None if declared is None else int(declared)
