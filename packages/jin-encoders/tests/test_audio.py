@@ -89,8 +89,12 @@ def test_bad_input_names_modality_expected_and_received(encoder):
         EncoderInputError, match=r"audio: mel frames: expected \(B,T,80\), received \(1, 10, 64\)"
     ):
         encoder(torch.zeros(1, 10, 64))
-    with pytest.raises(EncoderInputError, match=r"audio: input: expected \(B,S\) float waveform"):
+    with pytest.raises(
+        EncoderInputError, match=r"audio: input: expected \(B,S\) float or int16 waveform"
+    ):
         encoder(torch.zeros(4000))
+    with pytest.raises(EncoderInputError, match=r"received torch.int32 of shape \(1, 4000\)"):
+        encoder(torch.zeros(1, 4000, dtype=torch.int32))  # the dtype is what is wrong
     with pytest.raises(EncoderInputError, match="audio: input: expected finite values"):
         encoder(torch.tensor([[0.0, float("inf")] * 200]))
     with pytest.raises(

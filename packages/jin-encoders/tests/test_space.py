@@ -242,6 +242,42 @@ def test_encode_batch_reads_the_collate_layout(space):
     assert from_batch["custom"].padding_mask.tolist() == [[False], [True], [False]]
 
 
+def test_encode_batch_takes_a_batch_where_no_row_has_a_modality(space):
+    # jin-data's collate gives such a modality empty columns: no pixels, samples or points.
+    b, absent = 2, torch.zeros(2, dtype=torch.bool)
+    batch = {
+        "text_bytes": torch.zeros(b, 0, dtype=torch.uint8),
+        "text_padding_mask": torch.ones(b, 0, dtype=torch.bool),
+        "image": torch.zeros(b, 1, 0, 0, dtype=torch.uint8),
+        "image_sizes": torch.zeros(b, 2, dtype=torch.long),
+        "audio": torch.zeros(b, 0),
+        "audio_lengths": torch.zeros(b, dtype=torch.long),
+        "points": torch.zeros(b, 0, 4),
+        "points_padding_mask": torch.ones(b, 0, dtype=torch.bool),
+        "custom": torch.zeros(b, 7),
+        **{f"{name}_present": absent for name in ("text", "image", "audio", "points", "custom")},
+    }
+    encoded = space.encode_batch(batch)
+    assert sorted(encoded) == ["audio", "custom", "image", "points", "text"]
+    for out in encoded.values():
+        assert out.tokens.shape[0] == b and out.tokens.shape[1] >= 1
+        assert bool(out.padding_mask.all()) and not bool(out.tokens.any())
+    space.fuse(encoded)  # the all-padding sequence still fuses
+    # An empty input with a row present is still an error.
+    with pytest.raises(EncoderInputError, match="audio: input: expected at least one row"):
+        space.encode({"audio": {"x": torch.zeros(2, 0), "present": torch.tensor([True, False])}})
+
+
+def test_encode_batch_reads_int16_audio_as_pcm(space):
+    # jin-data's audio_dtype="int16": full scale 32768, for the model to convert.
+    gen = torch.Generator().manual_seed(4)
+    pcm = ((torch.rand(2, 3000, generator=gen) - 0.5) * 30000).round().to(torch.int16)
+    lengths = torch.tensor([3000, 2000])
+    from_pcm = space.encode_batch({"audio": pcm, "audio_lengths": lengths})["audio"]
+    from_float = space.encode_batch({"audio": pcm.float() / 32768, "audio_lengths": lengths})
+    torch.testing.assert_close(from_pcm.tokens, from_float["audio"].tokens, rtol=0, atol=0)
+
+
 def test_bad_input_names_the_modality(space):
     with pytest.raises(
         EncoderInputError,

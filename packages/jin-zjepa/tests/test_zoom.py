@@ -99,6 +99,26 @@ def test_adaptive_zoom_gradients_reach_the_roi_network():
     assert all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in encoder.parameters())
 
 
+def test_adaptive_zoom_pools_token_features_without_their_padding():
+    torch.manual_seed(1)
+    zoom = AdaptiveZoom(ZJEPAConfig(), feature_dim=8)
+    for p in zoom.parameters():  # a trained ROI network (the fresh one predicts the centre)
+        torch.nn.init.normal_(p, std=0.5)
+    images = torch.rand(1, 1, 16, 16)
+    tokens = torch.randn(1, 4, 8)
+    alone = zoom(images, global_features=tokens)
+    # Batched with a larger image: 5 padded slots holding what a backbone leaves there.
+    padded = torch.cat([tokens, torch.randn(1, 5, 8)], dim=1)
+    mask = torch.arange(9)[None] >= 4
+    batched = zoom(images, global_features=padded, padding_mask=mask)
+    torch.testing.assert_close(batched.boxes, alone.boxes)
+    torch.testing.assert_close(batched.importance, alone.importance)
+    with pytest.raises(ValueError, match=r"padding_mask must be bool \(B, T\) = \(1, 9\)"):
+        zoom(images, global_features=padded, padding_mask=mask[:, :4])
+    with pytest.raises(ValueError, match="padding_mask goes with"):
+        zoom(images, global_features=tokens.mean(dim=1), padding_mask=mask)
+
+
 def test_adaptive_zoom_input_checks_and_fusion():
     zoom = AdaptiveZoom(ZJEPAConfig(), feature_dim=8)
     images = torch.rand(2, 1, 16, 16)

@@ -70,15 +70,22 @@ class AudioEncoder(ModalityEncoder):
         """Waveforms or precomputed mels to ``(mel (B,T,M), frame padding_mask (B,T))``.
 
         Args:
-            x: ``(B,S)`` float waveform or ``(B,T,M)`` float log-mel frames.
+            x: ``(B,S)`` float waveform, ``(B,S)`` int16 PCM (full scale 32768, as jin-data's
+                ``audio_dtype="int16"``), or ``(B,T,M)`` float log-mel frames.
             padding_mask: ``(B,S)`` or ``(B,T)`` bool, True at padding (alternative to lengths).
             lengths: ``(B,)`` valid samples (waveform) or frames (mels) per row.
             sample_rate: the waveform's rate; resampled to the config's when it differs.
         """
+        if isinstance(x, Tensor) and x.ndim == 2 and x.dtype == torch.int16:
+            x = x.float() / 32768.0
         if not isinstance(x, Tensor) or x.ndim not in (2, 3) or not x.is_floating_point():
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            received = type(x).__name__
+            if isinstance(x, Tensor):
+                received = f"{x.dtype} of shape {tuple(x.shape)}"
             raise self._error(
-                "input", f"(B,S) float waveform or (B,T,{self.n_mels}) float mel frames", shape
+                "input",
+                f"(B,S) float or int16 waveform or (B,T,{self.n_mels}) float mel frames",
+                received,
             )
         if x.ndim == 3 and x.shape[-1] != self.n_mels:
             raise self._error("mel frames", f"(B,T,{self.n_mels})", tuple(x.shape))
@@ -114,7 +121,10 @@ class AudioEncoder(ModalityEncoder):
         sample_rate: int | None = None,
         present: Tensor | None = None,
     ) -> EncoderOutput:
-        """Encode audio; arguments as ``mel_frames``, plus ``present (B,)`` for absent samples."""
+        """Encode audio; arguments as ``mel_frames``, plus ``present (B,)`` for absent samples
+        (with none present ``x`` may be ``(B, 0)``, giving one padded token a row)."""
+        if (empty := self._empty_absent(x, present)) is not None:
+            return empty  # no row has audio: (B, 0) from jin-data's collate
         mel, frame_mask = self.mel_frames(x, padding_mask, lengths, sample_rate)
         frames = (~frame_mask).sum(dim=1)
         hop = self.config.hop_length

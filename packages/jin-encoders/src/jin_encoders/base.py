@@ -133,6 +133,25 @@ class ModalityEncoder(nn.Module):
             rows = empty.nonzero().flatten().tolist()
             raise self._error(f"batch rows {rows}", f"at least one {unit}{why}", f"0 {unit}s")
 
+    def _empty_absent(self, x: Any, present: Tensor | None) -> EncoderOutput | None:
+        """All padding, one token per row, for a batch in which no row has this modality and the
+        input holds nothing: jin-data's collate then gives the modality empty columns (``(B,C,0,0)``
+        images, ``(B,0)`` audio, ``(B,0,F)`` points), which no stem can read. None otherwise."""
+        if (
+            present is None
+            or not isinstance(x, Tensor)
+            or x.ndim < 2
+            or x.shape[0] == 0
+            or x.numel()
+            or tuple(present.shape) != (x.shape[0],)
+            or bool(present.to(torch.bool).any())
+        ):
+            return None
+        weight = next(self.parameters(), None)
+        dtype = torch.get_default_dtype() if weight is None else weight.dtype
+        tokens = torch.zeros(x.shape[0], 1, self.dim, dtype=dtype, device=x.device)
+        return self._finish(tokens, tokens, None, present.to(x.device))
+
     def _finish(
         self,
         tokens: Tensor,

@@ -268,7 +268,13 @@ class PointCloudEncoder(ModalityEncoder):
     def forward(
         self, x: Tensor, padding_mask: Tensor | None = None, present: Tensor | None = None
     ) -> EncoderOutput:
-        """Encode clouds ``x (B,N,3+C)`` with ``padding_mask (B,N)`` True at padded points."""
+        """Encode clouds ``x (B,N,3+C)`` with ``padding_mask (B,N)`` True at padded points.
+
+        ``present (B,)`` bool: absent clouds become all padding and may be empty; with no cloud
+        present ``x`` may have no point at all (``(B, 0, 3+C)``), giving one padded token a row.
+        """
+        if (empty := self._empty_absent(x, present)) is not None:
+            return empty  # no row has a cloud: (B, 0, F) from jin-data's collate
         if present is not None and padding_mask is not None:
             # Absent clouds may be empty: give them one fake point so grouping stays defined.
             empty = (~padding_mask).sum(dim=1) == 0

@@ -204,10 +204,13 @@ class VisionEncoder(ModalityEncoder):
                 (already normalised), padded at the bottom/right to the largest image.
             padding_mask: unused for images (sizes say where the padding is); must be None.
             sizes: ``(B,2)`` int ``(H_i, W_i)`` of each image; defaults to the full ``(H, W)``.
-            present: ``(B,)`` bool; absent samples become all padding.
+            present: ``(B,)`` bool; absent samples become all padding. When no sample is present
+                ``x`` may be empty (``(B, C, 0, 0)``); the output is then one padded token a row.
         """
         if padding_mask is not None:
             raise self._error("padding_mask", "None (pass sizes (B,2) instead)", "a tensor")
+        if (empty := self._empty_absent(x, present)) is not None:
+            return empty  # no row has an image: (B, C, 0, 0) from jin-data's collate
         if present is not None and sizes is not None:
             # Absent images may come with size (0, 0); give them one pixel, _finish masks them.
             absent = ~present.to(device=sizes.device, dtype=torch.bool)[:, None]

@@ -111,6 +111,19 @@ def fuse_levels(level_embeddings: Tensor, importance: Tensor) -> Tensor:
     return torch.einsum("bld,bl->bd", level_embeddings, importance)
 
 
+def _masked_mean(tokens_BTF: Tensor, padding_mask: Tensor | None) -> Tensor:
+    """Mean over the tokens of ``(B, T, F)``, padding (True in ``(B, T)``) left out."""
+    if padding_mask is None:
+        return tokens_BTF.mean(dim=1)
+    if padding_mask.shape != tokens_BTF.shape[:2] or padding_mask.dtype != torch.bool:
+        raise ValueError(
+            f"AdaptiveZoom: padding_mask must be bool (B, T) = {tuple(tokens_BTF.shape[:2])}; got "
+            f"{padding_mask.dtype} {tuple(padding_mask.shape)}"
+        )
+    total_BF = tokens_BTF.masked_fill(padding_mask[..., None], 0.0).sum(dim=1)
+    return total_BF / (~padding_mask).sum(dim=1, keepdim=True).clamp(min=1).to(total_BF.dtype)
+
+
 @dataclass(frozen=True)
 class ZoomOutput:
     """What :class:`AdaptiveZoom` returns."""
@@ -168,12 +181,15 @@ class AdaptiveZoom(nn.Module):
         global_features: Tensor | None = None,
         encoder: Encoder | None = None,
         size: tuple[int, int] | None = None,
+        padding_mask: Tensor | None = None,
     ) -> ZoomOutput:
         """Zoom into ``images`` ``(B, C, H, W)``.
 
         Pass exactly one of ``global_features`` (``(B, F)`` pooled, or ``(B, T, F)`` tokens that
         are mean-pooled) or ``encoder``, a callable mapping images to either; it is called on the
         whole image. ``size`` is the crops' resolution (the image's by default).
+        ``padding_mask`` ``(B, T)`` bool, True at padding, leaves padded tokens out of that mean
+        (a batch of several image sizes pads the smaller images' tokens).
         """
         if (global_features is None) == (encoder is None):
             raise ValueError("AdaptiveZoom: pass exactly one of global_features and encoder")
@@ -182,7 +198,12 @@ class AdaptiveZoom(nn.Module):
         if global_features is None:
             global_features = encoder(images)
         if global_features.dim() == 3:
-            global_features = global_features.mean(dim=1)
+            global_features = _masked_mean(global_features, padding_mask)
+        elif padding_mask is not None:
+            raise ValueError(
+                "AdaptiveZoom: padding_mask goes with (B, T, F) token features; got pooled "
+                f"features {tuple(global_features.shape)}"
+            )
         if global_features.shape != (images.shape[0], self.feature_dim):
             raise ValueError(
                 f"AdaptiveZoom: global features must be (B={images.shape[0]}, "
