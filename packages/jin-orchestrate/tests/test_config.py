@@ -50,6 +50,10 @@ def test_yaml_file_layer(tmp_path):
         ("stages.0.steps=0", "steps"),
         ("stages.5.steps=1", "no stage with index"),
         ("data.modalities=[smell]", "data.modalities"),
+        # accepted once, then failing inside every Ray worker with an error naming no key
+        ("train.seed=-1", "train.seed"),
+        ("data.seed=-3", "data.seed"),
+        ("data.modalities=[]", "data.modalities"),
     ],
 )
 def test_bad_settings_fail_naming_the_key(override, fragment):

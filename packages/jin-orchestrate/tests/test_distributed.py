@@ -39,3 +39,31 @@ def test_gathered_infonce_equals_the_global_batch_loss(tmp_path):
         # Each rank holds the same global loss; the all-gather's backward sums both ranks'
         # contributions, which DDP's gradient averaging then divides back: 2x here.
         torch.testing.assert_close(grad / 2, full_a.grad[rank * 4 : (rank + 1) * 4])
+
+
+class _Streams:
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def rng_states(self) -> dict[str, torch.Tensor]:
+        return {"mask_generator": torch.full((4,), self.rank, dtype=torch.uint8)}
+
+
+def _peer_worker(rank: int, world: int, init: str, out) -> None:
+    from jin_orchestrate.train import _peer_rng_states
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        out[rank] = _peer_rng_states(_Streams(rank), world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_gets_every_ranks_random_streams_for_the_checkpoint(tmp_path):
+    out = mp.Manager().dict()
+    mp.spawn(_peer_worker, args=(2, f"file://{tmp_path / 'rdzv'}", out), nprocs=2)
+    for rank in range(2):
+        states = out[rank]
+        assert sorted(states) == [0, 1]
+        for peer in range(2):
+            assert states[peer]["mask_generator"].tolist() == [peer] * 4

@@ -79,16 +79,33 @@ def test_a_split_keeps_only_its_rows(shards, embedder, tmp_path):
     assert out.column_names == ["id", "split", "label", "text_embedding"]
 
 
-def test_a_row_that_does_not_decode_fails_the_shard_or_is_skipped(shards, embedder, tmp_path):
-    _, table = shards
+def test_a_modality_named_twice_is_embedded_once(shards, embedder, tmp_path):
+    """One column each: a file with two columns of one name does not even read back."""
+    root, _ = shards
+    cfg = EmbedConfig(
+        checkpoint="unused", input=root, output=str(tmp_path), modalities=["text", "text"]
+    )
+    result = embed_shard(embedder, f"{root}/shard-00000.parquet", cfg)
+    out = pq.read_table(result.output)
+    assert out.column_names == ["id", "split", "label", "text_embedding"]
+    assert out.schema.metadata[b"jin.embed.modalities"] == b'["text"]'
+
+
+def _bad_image_shard(table: pa.Table, path) -> None:
+    """The first 4 rows of ``table`` at ``path``, the third one's image not an image."""
     images = table["image"].to_pylist()[:4]
     images[2] = b"not an image"
     bad = table.slice(0, 4).set_column(
         table.schema.get_field_index("image"), "image", pa.array(images, pa.binary())
     )
-    path = tmp_path / "in" / "bad.parquet"
-    path.parent.mkdir()
+    path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(bad, path)
+
+
+def test_a_row_that_does_not_decode_fails_the_shard_or_is_skipped(shards, embedder, tmp_path):
+    _, table = shards
+    path = tmp_path / "in" / "bad.parquet"
+    _bad_image_shard(table, path)
     out = tmp_path / "out"
     cfg = EmbedConfig(checkpoint="unused", input=str(path), output=str(out), modalities=["image"])
     with pytest.raises(DataError, match=r"bad\.parquet.*column='image'.*id=") as info:
@@ -149,6 +166,15 @@ def test_the_job_embeds_every_shard_once_and_a_rerun_skips_complete_ones(
     assert "2 of 3 shards already embedded" in printed
     assert "1 shards embedded (32 rows, 0 skipped), 2 already complete" in printed
     assert sorted(p.name for p in out.iterdir()) == names
+
+    # A row that does not decode, on an actor: the CLI's answer to bad input (the message, exit
+    # status 2), as when it runs in the driver, not Ray's wrapped task error.
+    _bad_image_shard(table, tmp_path / "bad" / "bad.parquet")
+    bad = ["--checkpoint", str(checkpoint), "--input", str(tmp_path / "bad")]
+    assert main([*bad, "--output", str(tmp_path / "bad_out"), "--modalities", "image"]) == 2
+    error = capsys.readouterr().err
+    assert "error: url=" in error and "bad.parquet" in error and "column='image'" in error
+    assert not list((tmp_path / "bad_out").iterdir()), "a failed shard left a file"
 
 
 def test_outputs_of_another_model_are_refused(shards, checkpoint, tmp_path):

@@ -76,6 +76,42 @@ def test_a_rerun_skips_its_own_outputs_and_refuses_another_selections(rerun, upd
         run_embedding_job(cfg.model_copy(update=update), progress=False)
 
 
+def test_an_output_of_another_data_sets_shard_of_the_same_name_is_refused(
+    rerun, corpus_url, tmp_path
+):
+    """jin-data names every data set's shards alike: the name alone does not make it this job's."""
+    cfg, _ = rerun
+    fs, [shard] = list_shards(corpus_url)
+    with fs.open(shard.path, "rb") as f:
+        table = pq.read_table(f)
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, name in enumerate(NAMES):
+        pq.write_table(table.slice(12 + 6 * i, 6), other / name)
+    with pytest.raises(
+        ValueError,
+        match=rf"shard-00000\.parquet holds the embeddings of {cfg.input}/shard-00000\.parquet, "
+        rf"not of {other}/shard-00000\.parquet; choose another --output or delete it",
+    ):
+        run_embedding_job(cfg.model_copy(update={"input": str(other)}), progress=False)
+
+
+def test_a_shard_embedded_by_a_relative_path_is_its_own_on_a_rerun(
+    first_job, checkpoint, tmp_path, monkeypatch
+):
+    """The source is recorded as jin-data lists it (absolute), which the rerun compares."""
+    cfg, _ = first_job
+    parent, folder = cfg.input.rsplit("/", 1)
+    monkeypatch.chdir(parent)
+    relative = cfg.model_copy(update={"input": f"{folder}/{NAMES[0]}", "output": str(tmp_path)})
+    model = EmbeddingModel.from_checkpoint(checkpoint, device="cpu")
+    result = embed_shard(model, relative.input, relative)
+    source = pq.read_schema(result.output).metadata[b"jin.embed.source"].decode()
+    assert source == f"{cfg.input}/{NAMES[0]}"
+    again = run_embedding_job(relative, progress=False)
+    assert (again.embedded, len(again.already_done)) == ([], 1)
+
+
 def test_an_output_of_another_custom_as_is_refused(rerun):
     cfg, out = rerun
     _rewrite_metadata(

@@ -186,3 +186,106 @@ def test_the_cli_uses_the_checkpoints_columns_and_on_error(checkpoint, corpus_ur
     library = evaluate_checkpoint(extended, str(damaged.parent))
     assert library["test_samples"] == metrics["test_samples"]
     assert "retrieval/seven_segment_to_text/R10" in library
+
+
+# A sample may lack a modality (jin-data: `<modality>_present` False; `extend`'s README: "rows
+# without the vector are fine") or a label (-1). Such a sample used to be scored anyway: its
+# all-padding embedding (a zero vector) as a query and a candidate, -1 as a "held-out number" and
+# a class, and a null train label crashed `_train_labels`.
+
+
+class _Oracle(torch.nn.Module):
+    """A perfectly aligned stand-in (`evaluate` takes anything with ``cfg`` and ``embed``): an item
+    of number n embeds as the one-hot of n (its number read from its id, also where the label is
+    withheld; a text's from its caption), an absent item as the model does, a zero vector."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        from jin_data.numberworld.text import CAPTION_TEMPLATES, number_words
+
+        super().__init__()
+        self.cfg = SimpleNamespace(
+            builtin_modalities=["text", "image", "audio", "points"],
+            extra_modalities={"seven_segment": None},
+        )
+        self.numbers = {
+            t.format(digits=str(n), words=number_words(n)): n
+            for n in range(100)
+            for t in CAPTION_TEMPLATES
+        }
+
+    def embed(self, batch: dict) -> dict:
+        out = {}
+        for name in ("text", "image", "audio", "points", "seven_segment"):
+            if f"{name}_present" not in batch:
+                continue
+            if name == "text":
+                numbers = [self.numbers[t] if t else 0 for t in batch["text"]]
+            else:
+                numbers = [int(i.split("_")[0][1:]) for i in batch["id"]]
+            one_hot = torch.nn.functional.one_hot(torch.tensor(numbers), 100).float()
+            out[name] = one_hot * batch[f"{name}_present"][:, None]
+        return out
+
+
+def _corpus(url, *, unlabelled=(), no_image=(), no_custom=()):
+    """Numbers 0-7 twice in train, 0-8 twice in test (8 held out); text, image and custom."""
+    import numpy as np
+
+    from jin_data import write_dataset
+
+    samples = []
+    for i in range(34):
+        split, n = ("train", i % 8) if i < 16 else ("test", (i - 16) % 9)
+        samples.append(
+            {
+                "id": f"n{n}_{i}",
+                "split": split,
+                "label": None if i in unlabelled else n,
+                "text": f"the number {n}",
+                "image": None if i in no_image else np.full((8, 8), 10 * n, np.uint8),
+                "custom": None if i in no_custom else np.full(14, float(n), np.float32),
+            }
+        )
+    write_dataset(samples, url, custom_dim=14)
+    return url
+
+
+def test_samples_lacking_a_modality_are_not_scored_for_it(tmp_path):
+    from jin_orchestrate.config import DataConfig
+    from jin_orchestrate.evaluate import evaluate
+
+    # Test rows 17, 19, ... lack the vector (numbers 1, 3, 5, 7 have none), 20 and 21 the image.
+    url = _corpus(str(tmp_path / "d"), no_image=(20, 21), no_custom=range(17, 34, 2))
+    data_cfg = DataConfig.model_validate(
+        {"modalities": ["text", "image", "seven_segment"], "columns": {"seven_segment": "custom"}}
+    )
+    m = evaluate(_Oracle(), url, data_cfg).metrics
+    assert m["test_samples"] == 18
+    assert not any("audio" in k or "points" in k for k in m)  # no sample has them
+    for direction in ("image_to_text", "text_to_image", "seven_segment_to_text"):
+        assert m[f"retrieval/{direction}/R1"] == 1.0, direction
+    # Text queries of 1, 3, 5, 7 have no seven-segment candidate of their number.
+    assert m["retrieval/text_to_seven_segment/R1"] == 1.0
+    assert m["zero_shot_top1"] == 1.0 and m["zero_shot_samples"] == 2.0
+    assert m["zero_shot_top1_all_test"] == 1.0
+    assert m["zero_shot_seven_segment_top1_all_test"] == 1.0
+    assert (
+        m["linear_probe/image_top1"] == 1.0 and m["linear_probe/image_samples"] == 14.0
+    )  # 8 held out
+    assert m["retrieval_pool"] == 9.0 and m["retrieval_instance_pool"] == 18.0
+
+
+def test_samples_without_a_label_are_not_a_number(tmp_path):
+    from jin_orchestrate.evaluate import evaluate
+
+    # Train row 3 and test rows 24 (an 8, held out) and 30 have no label.
+    url = _corpus(str(tmp_path / "d"), unlabelled=(3, 24, 30))
+    m = evaluate(_Oracle(), url).metrics
+    assert m["zero_shot_samples"] == 1.0  # the labelled 8 only
+    for prefix in ("zero_shot", "zero_shot_text"):
+        assert m[f"{prefix}_top1"] == 1.0 and m[f"{prefix}_top1_all_test"] == 1.0
+    assert m["retrieval_pool"] == 9.0
+    assert m["retrieval/image_to_text/R1"] == m["retrieval/text_to_image/R1"] == 1.0
+    assert m["linear_probe/image_top1"] == 1.0 and m["linear_probe/image_classes"] == 8.0

@@ -125,6 +125,20 @@ def test_extension_trains_only_the_new_modality_and_keeps_the_rest_bitwise(base,
             assert got["seven_segment"].shape == want["text"].shape
 
 
+def test_extension_trains_on_batches_where_samples_lack_text(base, corpus_url):
+    """A sample may lack text (jin-data's columns are nullable); a batch may have none at all."""
+    path, ext = _extension(base)
+    model, _ = model_from_checkpoint(path, ext.model)
+    trainer = StageTrainer.create(ext, ext.stages[0], model, seed=0)
+    batch = _batches(corpus_url, ext)[0]
+    for absent in ([0, 3], list(range(8))):
+        present = batch["text_present"].clone()
+        present[absent] = False
+        result = trainer.train_step({**batch, "text_present": present})
+        assert not result.skipped
+        assert ("cross_modal/seven_segment_to_text" in result.metrics) == (len(absent) < 8)
+
+
 def test_a_frozen_stage_refuses_a_model_not_frozen_for_it(base, batch):
     path, ext = _extension(base)
     model, _ = model_from_checkpoint(path, ext.model)

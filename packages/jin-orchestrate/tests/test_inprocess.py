@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from jin_orchestrate.checkpoint import latest_checkpoint
 from jin_orchestrate.inprocess import batches, train_in_process, validation_losses
 from jin_orchestrate.model import JinModel
 
@@ -72,6 +73,29 @@ def test_train_in_process_resumes_to_the_weights_of_an_uninterrupted_run(
     # a finished run restored from its checkpoints trains nothing more
     again = JinModel(cfg.model)
     assert train_in_process(cfg, again, corpus_url, checkpoint_dir=ckpt).steps == []
+    for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_damaged_checkpoint_is_trained_again_and_replaced(test_config, corpus_url, tmp_path):
+    # latest_checkpoint passes over a damaged checkpoint; the stage is trained again from the
+    # previous one, and its checkpoint of the same step used to be refused ("already exists").
+    stages = [s.model_copy(update={"steps": 1}) for s in test_config.stages]
+    cfg = test_config.model_copy(update={"stages": stages})
+    ckpt = tmp_path / "ckpt"
+    torch.manual_seed(0)
+    model = JinModel(cfg.model)
+    train_in_process(cfg, model, corpus_url, checkpoint_dir=ckpt)
+    stage3 = ckpt / f"stage3-{cfg.stages[2].name}"
+    weights = stage3 / "step-00000001" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    torch.manual_seed(0)
+    again = JinModel(cfg.model)
+    history = train_in_process(cfg, again, corpus_url, checkpoint_dir=ckpt)
+    assert [r["global_step"] for r in history.steps] == [3]
+    assert latest_checkpoint(stage3) == stage3 / "step-00000001"
     for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 

@@ -80,6 +80,55 @@ def test_batch_without_known_modality_is_rejected(model, test_config):
         model({"label": torch.zeros(2)}, stage=test_config.stages[0])
 
 
+def _without(batch, name, rows, fill=0):
+    """``batch`` with ``name`` absent from ``rows``, its data there set to ``fill``."""
+    present = batch[f"{name}_present"].clone()
+    present[rows] = False
+    out = {**batch, f"{name}_present": present}
+    if name == "image":
+        out["image"] = batch["image"].clone()
+        out["image"][rows] = fill
+    return out
+
+
+def test_samples_without_a_modality_train_on_what_they_have(model, test_config, batch):
+    # jin-data's columns are nullable: a sample may lack any modality. Such a batch used to fail
+    # in the span masks (an absent sample has no token); z-JEPA took blank images for images.
+    partial = _without(_without(batch, "image", [4, 5, 6, 7]), "text", [0, 3])
+    no_image = _without(batch, "image", list(range(8)))
+    # As jin-data collates a batch in which no row has an image: an empty column.
+    empty = torch.zeros(8, 1, 0, 0, dtype=torch.uint8)
+    no_image_column = {
+        **no_image,
+        "image": empty,
+        "image_sizes": torch.zeros(8, 2, dtype=torch.long),
+    }
+    for b in (partial, no_image, no_image_column):
+        for stage in test_config.stages:
+            out = model(b, stage=stage, generator=torch.Generator().manual_seed(0))
+            out["loss"].backward()
+            assert torch.isfinite(out["loss"]), stage.name
+            for name, p in model.named_parameters():
+                assert p.grad is None or torch.isfinite(p.grad).all(), name
+            model.zero_grad(set_to_none=True)
+    assert "jepa/image" not in out and "cross_modal/text_to_image" not in out
+    assert out["zjepa"] == 0 and "jepa/text" in out
+    # In eval mode samples are independent: what an absent sample holds changes no loss term.
+    model.eval()
+    with torch.no_grad():
+        zero, full = (
+            model(
+                _without(batch, "image", [4, 5, 6, 7], fill),
+                stage=test_config.stages[2],
+                generator=torch.Generator().manual_seed(0),
+            )
+            for fill in (0, 255)
+        )
+    assert zero["zjepa"] > 0
+    for key in ("loss", "jepa/image", "zjepa", "zjepa/level0", "align"):
+        assert torch.equal(zero[key], full[key]), key
+
+
 def test_add_modality_keeps_existing_embeddings_and_extends_the_target(model, batch):
     from jin_encoders import CustomEncoderConfig, CustomModalityEncoder
 

@@ -1,10 +1,12 @@
 """Serving limits that must hold before any work: audio refused from its header, text that has no
 UTF-8 form, and retry policies that could never send a request."""
 
+import asyncio
 import io
 import json
 import types
 
+import httpx
 import numpy as np
 import pytest
 import soundfile
@@ -13,7 +15,12 @@ from encoded import b64, wav
 from jin_orchestrate.inference import ModelCard, card_decoder
 from jin_orchestrate.serving import ServeConfig
 from jin_orchestrate.serving.api import EmbedRequest, Item, Limits
-from jin_orchestrate.serving.client import RetryPolicy
+from jin_orchestrate.serving.client import (
+    AsyncEmbeddingClient,
+    EmbeddingClient,
+    RequestFailed,
+    RetryPolicy,
+)
 from jin_orchestrate.serving.items import InputError, items_table
 
 LIMITS = Limits(
@@ -168,7 +175,7 @@ class _Remote:
         return self.value
 
 
-def test_a_lone_surrogate_is_a_422_over_http(card, monkeypatch):
+def ingress_client(card, monkeypatch):
     """The ingress's own FastAPI app, its replica object made here instead of by Serve."""
     from fastapi.testclient import TestClient
     from ray import serve
@@ -183,7 +190,11 @@ def test_a_lone_surrogate_is_a_422_over_http(card, monkeypatch):
     )
     context = types.SimpleNamespace(servable_object=replica)
     monkeypatch.setattr(serve, "get_replica_context", lambda: context)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_a_lone_surrogate_is_a_422_over_http(card, monkeypatch):
+    with ingress_client(card, monkeypatch) as client:
         embed = client.post(
             "/v1/embed",
             content='{"items": [{"modality": "text", "data": "abc\\ud800"}]}',
@@ -200,6 +211,87 @@ def test_a_lone_surrogate_is_a_422_over_http(card, monkeypatch):
     assert "lone surrogate '\\ud800'" in embed.json()["detail"][0]["msg"]
     assert similarity.status_code == 422, similarity.text
     assert [d["loc"] for d in similarity.json()["detail"]] == [["body", "candidates", 0, "data"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "cause"),
+    [
+        (b'{"items": [{"modality": "text", "data": "caf\xe9"}]}', "UnicodeDecodeError"),
+        (b'{"items": [{"modality": "seven_segment", "data": [' + b"9" * 5000 + b"]}]}", "digits"),
+        (
+            b'{"items": [{"modality": "text", "data": ' + b"[" * 10**5 + b"]" * 10**5 + b"}]}",
+            "Recursion",
+        ),
+    ],
+    ids=["invalid-utf8", "5000-digit-integer", "deep-nesting"],
+)
+def test_a_body_json_cannot_parse_is_a_located_422(card, monkeypatch, body, cause):
+    """Not FastAPI's own 400 with a string ``detail``: malformed JSON is a 422 of the one shape."""
+    with ingress_client(card, monkeypatch) as client:
+        response = client.post(
+            "/v1/embed", content=body, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["detail"]
+    assert (detail["loc"], detail["type"]) == (["body"], "json_invalid")
+    assert detail["msg"].startswith("JSON decode error: ") and cause in detail["msg"]
+
+
+def test_every_error_answer_has_the_documented_shape(card, monkeypatch):
+    with ingress_client(card, monkeypatch) as client:
+        wrong_method = client.get("/v1/embed")
+        unknown_path = client.get("/v2/embed")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json() == {
+        "detail": [{"loc": [], "msg": "Method Not Allowed", "type": "http_error"}]
+    }
+    assert unknown_path.status_code == 404
+    assert unknown_path.json()["detail"] == [{"loc": [], "msg": "Not Found", "type": "http_error"}]
+
+
+def _client_errors(error: type[Exception]):
+    """A transport whose every attempt fails with ``error``, and the attempts it saw."""
+    calls = []
+
+    def answer(request):
+        calls.append(1)
+        raise error("failed", request=request)
+
+    return httpx.MockTransport(answer), calls
+
+
+@pytest.mark.parametrize(
+    ("error", "attempts"),
+    [
+        ("ConnectError", 3),
+        ("ReadTimeout", 3),
+        ("RemoteProtocolError", 3),
+        ("LocalProtocolError", 1),
+    ],
+)
+def test_the_client_retries_transport_errors_a_retry_can_fix(error, attempts):
+    policy = RetryPolicy(attempts=3, backoff_s=0.0)
+    transport, calls = _client_errors(getattr(httpx, error))
+    client = EmbeddingClient("http://jin.test", policy, transport=transport)
+    with client, pytest.raises(RequestFailed) as info:
+        client.embed([{"modality": "text", "data": "x"}])
+    assert (len(calls), info.value.attempts, info.value.status) == (attempts, attempts, None)
+
+    async def embed_async():
+        transport, calls = _client_errors(getattr(httpx, error))
+        async with AsyncEmbeddingClient("http://jin.test", policy, transport=transport) as client:
+            with pytest.raises(RequestFailed):
+                await client.embed([{"modality": "text", "data": "x"}])
+        return len(calls)
+
+    assert asyncio.run(embed_async()) == attempts
+
+
+def test_a_url_without_its_scheme_fails_at_once():
+    client = EmbeddingClient("127.0.0.1:8000", RetryPolicy(backoff_s=0.0))
+    with client, pytest.raises(RequestFailed, match=r"not retried.*UnsupportedProtocol") as info:
+        client.embed([{"modality": "text", "data": "x"}])
+    assert info.value.attempts == 1
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,37 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(test_config, bat
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_each_data_parallel_rank_resumes_its_own_random_streams(test_config, batch, tmp_path):
+    # Rank 0 alone writes a Ray job's checkpoint, but every rank draws its own masks and noise
+    # (seeded by rank); restored from rank 0's states, all ranks drew the same ones after a resume.
+    # One process stands in for two ranks: rank 1 steps first, rank 0 last, so that the global RNG
+    # rank 0 saves is its own.
+    def rank_trainer(rank):  # as train_stage_worker: the same weights, then seeds by rank
+        trainer = _trainer(test_config, seed=7 * (rank + 1))
+        torch.manual_seed(100 + rank)
+        return trainer
+
+    one = rank_trainer(1)
+    one.train_step(batch)
+    peers = {1: one.rng_states()}  # what _peer_rng_states all-gathers
+    zero = rank_trainer(0)
+    zero.train_step(batch)
+    path = zero.save(tmp_path / "ckpt", epoch=0, batch_in_epoch=1, peers=peers)
+    expected = {0: zero.rng_states(), 1: peers[1]}
+    for name in ("mask_generator", "torch_cpu"):
+        assert not torch.equal(expected[0][name], expected[1][name]), name
+    for rank in (1, 0):
+        resumed = rank_trainer(rank)
+        resumed.restore(path, rank)
+        for name, state in expected[rank].items():
+            assert torch.equal(resumed.rng_states()[name], state), (rank, name)
+    # a rank the checkpoint has no states for (more workers than before) keeps its own seeds
+    extra = rank_trainer(2)
+    seeds = extra.rng_states()
+    extra.restore(path, 2)
+    assert all(torch.equal(extra.rng_states()[k], v) for k, v in seeds.items())
+
+
 def test_a_trainer_made_for_a_device_resumes_its_optimiser_state_there(
     test_config, batch, tmp_path
 ):

@@ -79,7 +79,8 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states (CPU and CUDA), as a checkpoint stores them."""
     states = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -121,7 +122,7 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_model(model, str(tmp / WEIGHTS))
-        states = {**_rng_state(), **(rng or {})}
+        states = {**rng_state(), **(rng or {})}
         save_file({k: v.contiguous() for k, v in states.items()}, str(tmp / RNG))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)

@@ -134,7 +134,7 @@ class TrainConfig(StrictConfig):
         "losses in float32; weights, gradients and optimiser state stay float32); fp32: float32 "
         "throughout",
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="masks, weights and data order (numpy seeds are >= 0)")
     num_workers: int = Field(2, gt=0)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     torch_threads: int | None = Field(1, gt=0, description="intra-op threads per worker")
@@ -150,10 +150,10 @@ class DataConfig(StrictConfig):
 
     url: str | None = None
     samples: int = Field(2400, gt=0, description="NumberWorld samples generated when url is None")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     cache_dir: str = "~/.cache/jin"
     on_error: Literal["raise", "skip"] = "raise"
-    modalities: tuple[str, ...] = ("text", "image", "audio", "points")
+    modalities: tuple[str, ...] = Field(("text", "image", "audio", "points"), min_length=1)
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="modality -> the jin-data column it is read from, where the names differ "

@@ -8,8 +8,9 @@ the shards not embedded yet; an actor streams its shard in batches of ``batch_si
 stays bounded), decodes them with jin-data's `Decoder`, embeds them with
 `EmbeddingModel.embed_table` (the path serving takes) and writes the output shard under a
 temporary name that is renamed when complete. So a shard's output is complete or absent, a rerun
-skips every shard already done, and outputs of another model version or another selection
-(modalities, split, ``custom_as``) are refused, never mixed.
+skips every shard already done, and outputs of another model version, of another source shard
+(another data set's shard of the same name) or of another selection (modalities, split,
+``custom_as``) are refused, never mixed.
 
 Output, under ``--output``: one Parquet file per input shard, of the same name, with columns
 ``id``, ``split``, ``label`` and ``<modality>_embedding`` (``list<float32>`` of R values, null
@@ -52,6 +53,7 @@ __all__ = [
 
 logger = logging.getLogger("jin_orchestrate.embed")
 META_VERSION = b"jin.embed.model_version"
+META_SOURCE = b"jin.embed.source"
 # What decides an output's content besides the model; a rerun skips only outputs with the job's own.
 META_SELECTION = {
     b"jin.embed.modalities": "--modalities",
@@ -88,13 +90,15 @@ class EmbedConfig(StrictConfig):
 
 @dataclass
 class ShardResult:
-    """One shard embedded: where from, where to, rows written and skipped, seconds taken."""
+    """One shard embedded: where from, where to, rows written and skipped, seconds taken; or,
+    from an actor, the bad data that stopped it (``error``, the `jin_data.DataError`'s message)."""
 
     shard: str
     output: str
     rows: int
     skipped: int
     seconds: float
+    error: str = ""
 
 
 @dataclass
@@ -136,6 +140,7 @@ def _modalities(cfg: EmbedConfig, card: ModelCard) -> list[str]:
             )
         data = (data - {"custom"}) | {cfg.custom_as}
     chosen = cfg.modalities if cfg.modalities is not None else [m for m in known if m in data]
+    chosen = list(dict.fromkeys(chosen))  # one column each: a name given twice counts once
     unknown = [m for m in chosen if m not in known or m not in data]
     if unknown:
         raise ValueError(
@@ -168,7 +173,7 @@ def _output_schema(
     metadata = {
         META_VERSION: card.version.encode(),
         b"jin.embed.checkpoint": card.checkpoint.encode(),
-        b"jin.embed.source": source.encode(),
+        META_SOURCE: source.encode(),
         b"jin.embed.dim": str(card.dim).encode(),
         **_selection(cfg, modalities),
     }
@@ -196,7 +201,8 @@ def embed_shard(model: EmbeddingModel, shard: str, cfg: EmbedConfig) -> ShardRes
     name = posixpath.basename(in_path)
     final = posixpath.join(out_root, name)
     tmp = posixpath.join(out_root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-    schema = _output_schema(cfg, modalities, model.card, shard)
+    # Recorded as jin-data lists it (a local path made absolute), which a rerun compares.
+    schema = _output_schema(cfg, modalities, model.card, _url(in_fs, in_path))
     rows = skipped = 0
     out_fs.makedirs(out_root, exist_ok=True)
     try:
@@ -268,21 +274,40 @@ class ShardEmbedder:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        results = [embed_shard(self.model, str(shard), self.cfg) for shard in batch["shard"]]
+        results = [self._embed(str(shard)) for shard in batch["shard"]]
         return {key: [getattr(r, key) for r in results] for key in ShardResult.__dataclass_fields__}
+
+    def _embed(self, shard: str) -> ShardResult:
+        try:
+            return embed_shard(self.model, shard, self.cfg)
+        except DataError as err:
+            # Returned, not raised: Ray would wrap it in its task error, and the driver then
+            # could not answer as for any other bad input (the message, exit status 2).
+            return ShardResult(shard, "", 0, 0, 0.0, error=str(err))
 
 
 def _check_output(
-    url: str, metadata: dict[bytes, bytes], card: ModelCard, want: dict[bytes, bytes]
+    url: str,
+    metadata: dict[bytes, bytes],
+    card: ModelCard,
+    want: dict[bytes, bytes],
+    source: str,
 ) -> None:
-    """Refuse an existing output that is not this job's: another model version, a selection
-    (:data:`META_SELECTION`) other than ``want``, or one not recorded (written before it was)."""
+    """Refuse an existing output that is not this job's: another model version, another source
+    shard (another data set's of the same name), a selection (:data:`META_SELECTION`) other than
+    ``want``, or one not recorded (written before it was)."""
     remedy = "choose another --output or delete it"
     version = metadata.get(META_VERSION, b"").decode(errors="replace")
     if version != card.version:
         raise ValueError(
             f"{url} holds embeddings of model version {version or 'unknown'!r}, not "
             f"{card.version!r} ({card.checkpoint}); {remedy}"
+        )
+    embedded = metadata.get(META_SOURCE, b"").decode(errors="replace")
+    if embedded != source:
+        raise ValueError(
+            f"{url} holds the embeddings of {embedded or 'an unrecorded shard'}, not of {source}; "
+            f"{remedy}"
         )
     missing = [key.decode() for key in want if key not in metadata]
     if missing:
@@ -320,7 +345,7 @@ def _plan(cfg: EmbedConfig, card: ModelCard, modalities: list[str]) -> tuple[lis
             raise ValueError(
                 f"{url} is not a readable Parquet file ({err}); delete it to embed its shard again"
             ) from None
-        _check_output(url, metadata, card, want)
+        _check_output(url, metadata, card, want, shard.url)
         done.append(shard.url)
     return todo, done
 
@@ -372,6 +397,8 @@ def run_embedding_job(
         )
         for row in results.iter_rows():
             result = ShardResult(**{k: row[k] for k in ShardResult.__dataclass_fields__})
+            if result.error:
+                raise DataError(result.error)
             embedded.append(result)
             say(
                 f"[jin] {len(embedded)}/{len(todo)} {posixpath.basename(result.output)}: "

@@ -182,9 +182,9 @@ def _train_labels(url: str, on_error: str = "raise") -> set[int]:
                 continue
             raise ShardError(f"cannot read labels: {err}", url=shard.url) from None
         mask = np.asarray(table["split"].to_numpy(zero_copy_only=False) == "train")
-        labels.update(
-            int(x) for x in np.asarray(table["label"].to_numpy(zero_copy_only=False))[mask]
-        )
+        # A row without a label (null; -1 in a batch) names no number.
+        numbers = np.asarray(table["label"].fill_null(-1).to_numpy(zero_copy_only=False))
+        labels.update(int(x) for x in numbers[mask & (numbers >= 0)])
     return labels
 
 
@@ -199,11 +199,28 @@ def embed_dataset(
     on_error: str = "raise",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Embeddings ``(N, R)`` float32 on the CPU per modality of the samples of ``split`` (the model
-    may be on an accelerator), and labels ``(N,)``.
+    may be on an accelerator), and labels ``(N,)`` (-1: none).
 
     ``columns`` maps a modality to the column it is read from where the names differ;
-    ``on_error`` is jin-data's (``"skip"`` leaves out what does not read or decode).
+    ``on_error`` is jin-data's (``"skip"`` leaves out what does not read or decode). A sample
+    that lacks a modality still has a row (the embedding of nothing); :func:`evaluate` scores
+    only the samples that have it.
     """
+    emb, _, labels = _embed_split(model, url, split, modalities, batch_size, columns, on_error)
+    return emb, labels
+
+
+def _embed_split(
+    model: torch.nn.Module,
+    url: str,
+    split: str | list[str],
+    modalities: list[str],
+    batch_size: int = 64,
+    columns: Mapping[str, str] | None = None,
+    on_error: str = "raise",
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`embed_dataset`'s embeddings, each modality's ``(N,)`` bool of the samples that have
+    it (jin-data's ``<modality>_present``), and the labels."""
     columns = dict(columns or {})
     data = ShardDataset(
         url,
@@ -216,13 +233,23 @@ def embed_dataset(
         on_error=on_error,
     )
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
+    present: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     labels = []
     for batch in data:
-        emb = model.embed(rename_columns(batch, columns))
+        renamed = rename_columns(batch, columns)
+        emb = model.embed(renamed)
         for m in modalities:
             chunks[m].append(emb[m].float().cpu())
+            rows = renamed.get(f"{m}_present")
+            present[m].append(
+                torch.ones(len(batch["label"]), dtype=torch.bool) if rows is None else rows.cpu()
+            )
         labels.append(batch["label"])
-    return {m: torch.cat(v) for m, v in chunks.items()}, torch.cat(labels)
+    return (
+        {m: torch.cat(v) for m, v in chunks.items()},
+        {m: torch.cat(v) for m, v in present.items()},
+        torch.cat(labels),
+    )
 
 
 @torch.no_grad()
@@ -298,18 +325,27 @@ def evaluate(
         extra = getattr(model.cfg, "extra_modalities", {})
         columns = {m: c for m, c in data_cfg.columns.items() if m in extra}
         modalities += list(columns)
-    emb, labels = embed_dataset(model, url, "test", modalities, columns=columns, on_error=on_error)
+    emb, present, labels = _embed_split(
+        model, url, "test", modalities, columns=columns, on_error=on_error
+    )
     result: dict[str, float] = {"test_samples": float(len(labels))}
     if "text" in emb:
         seen = _train_labels(url, on_error)
-        result.update(_zero_shot(model, emb, labels, seen, list(columns)))
+        result.update(_zero_shot(model, emb, labels, seen, list(columns), present))
     pairs = [*((m, "text") for m in columns), *(("text", m) for m in columns)]
-    result.update(_retrieval(emb, labels, [*RETRIEVAL_PAIRS, *pairs]))
+    result.update(_retrieval(emb, labels, [*RETRIEVAL_PAIRS, *pairs], present))
     probed = [m for m in probe_modalities if m in emb]
     if probed:
-        train_emb, train_labels = embed_dataset(model, url, "train", probed, on_error=on_error)
+        train_emb, train_present, train_labels = _embed_split(
+            model, url, "train", probed, on_error=on_error
+        )
         for m in probed:
-            probe = linear_probe_accuracy(train_emb[m], train_labels, emb[m], labels)
+            # Only samples that have the modality and a label (-1: none) train or test a probe.
+            fit = train_present[m] & (train_labels >= 0)
+            test = present[m] & (labels >= 0)
+            probe = linear_probe_accuracy(
+                train_emb[m][fit], train_labels[fit], emb[m][test], labels[test]
+            )
             result[f"linear_probe/{m}_top1"] = probe.accuracy
             result[f"linear_probe/{m}_samples"] = float(probe.samples)
             result[f"linear_probe/{m}_classes"] = float(probe.classes)
@@ -322,13 +358,16 @@ def _zero_shot(
     labels: torch.Tensor,
     seen: set[int],
     extra: Sequence[str] = (),
+    present: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Images (CLIP), speech (CLAP), runtime modalities ``extra`` and the captions themselves (the
     text tower's reading) of held-out numbers against every number's prompts; and every test
-    sample against them (``*_all_test``)."""
+    sample against them (``*_all_test``). Only samples with a label (-1: none) and, per
+    modality, those that have it (``present``, default all) are scored."""
     numbers = list(range(100))
     classes = prompt_embeddings(model, numbers)
-    held_out = torch.tensor([int(x) not in seen for x in labels])
+    labelled = labels >= 0
+    held_out = torch.tensor([int(x) not in seen for x in labels], dtype=torch.bool) & labelled
     result: dict[str, float] = {}
     named = [
         ("image", "zero_shot"),
@@ -339,19 +378,23 @@ def _zero_shot(
     for name, prefix in named:
         if name not in emb:
             continue
-        if held_out.any():
-            acc = zero_shot_accuracy(
-                emb[name][held_out], labels[held_out], classes, torch.tensor(numbers)
-            )
+        has = labelled if present is None or name not in present else present[name] & labelled
+        if not has.any():
+            continue
+        rows = held_out & has
+        if rows.any():
+            acc = zero_shot_accuracy(emb[name][rows], labels[rows], classes, torch.tensor(numbers))
             result.update(
                 {
                     f"{prefix}_top1": acc[1],
                     f"{prefix}_top5": acc[5],
-                    f"{prefix}_samples": float(held_out.sum()),
+                    f"{prefix}_samples": float(rows.sum()),
                     f"{prefix}_chance": 1 / len(numbers),
                 }
             )
-        acc_all = zero_shot_accuracy(emb[name], labels, classes, torch.tensor(numbers), ks=(1, 10))
+        acc_all = zero_shot_accuracy(
+            emb[name][has], labels[has], classes, torch.tensor(numbers), ks=(1, 10)
+        )
         result[f"{prefix}_top1_all_test"] = acc_all[1]
         result[f"{prefix}_top10_all_test"] = acc_all[10]
     return result
@@ -361,23 +404,42 @@ def _retrieval(
     emb: dict[str, torch.Tensor],
     labels: torch.Tensor,
     directions: Sequence[tuple[str, str]] = RETRIEVAL_PAIRS,
+    present: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """R@1/5/10 against class prototypes (one per number) and against every test item.
 
     In the instance pool only a query's own paired item counts (AudioCaps scoring), although
     other items of the same number are as good a match: it is the stricter measure.
+
+    Only samples that have a modality (``present``, default all) are its queries or candidates;
+    prototypes are built from labelled samples (-1: no label) and queried by the labelled samples
+    of a number that has one; instance queries are the samples whose own pair is in the pool.
     """
     result: dict[str, float] = {}
     pairs = torch.arange(len(labels))
+    labelled = labels >= 0
+    everyone = torch.ones(len(labels), dtype=torch.bool)
+    has = {m: everyone if present is None or m not in present else present[m] for m in emb}
     for query, pool in directions:
         if query not in emb or pool not in emb:
             continue
-        protos, proto_labels = class_prototypes(emb[pool], labels)
-        for k, v in recall_at_k(emb[query], protos, labels, proto_labels).items():
-            result[f"retrieval/{query}_to_{pool}/R{k}"] = v
-        for k, v in recall_at_k(emb[query], emb[pool], pairs, pairs).items():
-            result[f"retrieval_instance/{query}_to_{pool}/R{k}"] = v
-        result["retrieval_pool"] = float(len(proto_labels))
+        candidates = has[pool] & labelled
+        if candidates.any():
+            protos, proto_labels = class_prototypes(emb[pool][candidates], labels[candidates])
+            rows = has[query] & labelled & torch.isin(labels, proto_labels)
+            if rows.any():
+                recall = recall_at_k(emb[query][rows], protos, labels[rows], proto_labels)
+                for k, v in recall.items():
+                    result[f"retrieval/{query}_to_{pool}/R{k}"] = v
+        rows = has[query] & has[pool]
+        if rows.any():
+            pool_rows = has[pool]
+            recall = recall_at_k(
+                emb[query][rows], emb[pool][pool_rows], pairs[rows], pairs[pool_rows]
+            )
+            for k, v in recall.items():
+                result[f"retrieval_instance/{query}_to_{pool}/R{k}"] = v
+        result["retrieval_pool"] = float(labels[labelled].unique().numel())
         result["retrieval_instance_pool"] = float(len(labels))
     return result
 

@@ -118,13 +118,14 @@ def extension_losses(
 
     # Eq. 5: the text hub's masked targets from the new modality's whole sequence.
     cross_terms = []
-    if stage.beta > 0 and HUB in encoded and HUB not in new:
+    # A batch without any text has no targets for it (a mask needs tokens).
+    if stage.beta > 0 and HUB in encoded and HUB not in new and bool(present[HUB].any()):
         text = encoded[HUB]
         with torch.no_grad():
             target = model.target.module
             t_enc = target.space.encode_batch(_only(batch, HUB))[HUB]
             t_hidden, _ = target.process(t_enc.tokens, t_enc.padding_mask)
-        _, _, tgt_idx, tgt_pad = model._masks(HUB, text, generator)
+        _, _, tgt_idx, tgt_pad = model._masks(HUB, text, generator, present[HUB])
         for a in new:
             pred = model.predictor(
                 hidden[a],

@@ -149,7 +149,11 @@ def train_in_process(
 def _replace_checkpoint(trainer: StageTrainer, stage_dir: Path, epoch: int, batch: int) -> None:
     """Write the trainer's state under ``stage_dir``, then drop the older ones: the newest
     complete checkpoint is on disk at every moment."""
-    new = trainer.save(stage_dir / f"step-{trainer.step:08d}", epoch, batch)
+    new = stage_dir / f"step-{trainer.step:08d}"
+    # One of that name is a damaged checkpoint `latest_checkpoint` passed over (this run resumed
+    # from an older one, or from the stage's start): this one takes its place.
+    shutil.rmtree(new, ignore_errors=True)
+    new = trainer.save(new, epoch, batch)
     for old in stage_dir.iterdir():
         if old != new:
             shutil.rmtree(old, ignore_errors=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -387,14 +387,25 @@ class JinModel(nn.Module):
         return self.target.update(self.encoder, step)
 
     def _masks(
-        self, name: str, enc: EncoderOutput, generator: torch.Generator | None
+        self,
+        name: str,
+        enc: EncoderOutput,
+        generator: torch.Generator | None,
+        present: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
-        """Context and target indices (and padding masks) for one modality's tokens."""
+        """Context and target indices (and padding masks) for one modality's tokens.
+
+        A sample without the modality (``present`` False) is all padding, and a mask needs tokens:
+        it is masked as a sample of the full length, whose loss terms ``present`` leaves out.
+        """
         b, t = enc.tokens.shape[:2]
         if enc.grid is not None and enc.padding_mask is None:
             m = self.image_masks(b, enc.grid, generator=generator)
         else:
-            lengths = enc.valid_mask.sum(dim=1).clamp(min=1)
+            valid = enc.valid_mask
+            if present is not None:
+                valid = valid | ~present[:, None]
+            lengths = valid.sum(dim=1).clamp(min=1)
             m = self.span_masks(lengths.cpu(), t, generator=generator)
         dev = enc.tokens.device
         to = lambda x: None if x is None else x.to(dev)  # noqa: E731
@@ -457,13 +468,19 @@ class JinModel(nn.Module):
             out[f"collapse/{name}_content_std"] = content_std(hidden)
         aux_terms: list[Tensor] = []
         present = {n: _present(batch, n, e.tokens) for n, e in encoded.items()}
-        masks = {n: self._masks(n, e, generator) for n, e in encoded.items()}
+        # A modality no sample of the batch has gives no JEPA term (a mask needs tokens); it stays
+        # in `encoded` for alignment, whose all-gathers every data-parallel rank must make alike.
+        masks = {
+            n: self._masks(n, e, generator, present[n])
+            for n, e in encoded.items()
+            if bool(present[n].any())
+        }
 
         # Eq. 1, per modality, from its own context.
         jepa_terms = []
         if stage.alpha > 0:
-            for name, enc in encoded.items():
-                ctx_idx, ctx_pad, tgt_idx, tgt_pad = masks[name]
+            for name, (ctx_idx, ctx_pad, tgt_idx, tgt_pad) in masks.items():
+                enc = encoded[name]
                 ctx = gather_tokens(enc.tokens, ctx_idx)
                 hidden, aux = self.encoder.process(ctx, ctx_pad)
                 aux_terms.append(aux)
@@ -489,8 +506,8 @@ class JinModel(nn.Module):
 
         # Eq. 5: modality B's targets from modality A's whole sequence, through the text hub.
         cross_terms = []
-        if stage.beta > 0 and HUB in encoded:
-            for a, b in self._hub_pairs(encoded):
+        if stage.beta > 0 and HUB in masks:
+            for a, b in self._hub_pairs(masks):
                 _, _, tgt_idx, tgt_pad = masks[b]
                 pred = self.predictor(
                     full[a],
@@ -513,8 +530,11 @@ class JinModel(nn.Module):
 
         # Eq. 4 and Eq. 1 on the levels of the zoom pyramid (images only).
         out["zjepa"] = zero
-        if stage.zjepa > 0 and "image" in encoded and self.cfg.zjepa.num_z_levels > 1:
-            out["zjepa"], z_aux = self._zjepa(batch, full["image"], generator, out)
+        if stage.zjepa > 0 and "image" in masks and self.cfg.zjepa.num_z_levels > 1:
+            image_present = present["image"]
+            out["zjepa"], z_aux = self._zjepa(
+                batch, full["image"], encoded["image"].padding_mask, image_present, generator, out
+            )
             aux_terms.append(z_aux)
 
         out["router_aux"] = torch.stack(aux_terms).mean() if aux_terms else zero
@@ -533,8 +553,8 @@ class JinModel(nn.Module):
         return self.space.modality_embed[self.space.modality_ids[name]]
 
     @staticmethod
-    def _hub_pairs(encoded: Mapping[str, EncoderOutput]) -> list[tuple[str, str]]:
-        others = [n for n in encoded if n != HUB]
+    def _hub_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
+        others = [n for n in names if n != HUB]
         return [(HUB, n) for n in others] + [(n, HUB) for n in others]
 
     def _images(self, batch: Mapping[str, Any]) -> Tensor:
@@ -570,16 +590,24 @@ class JinModel(nn.Module):
         self,
         batch: Mapping[str, Any],
         image_hidden: Tensor,
+        padding_mask: Tensor | None,
+        present: Tensor,
         generator: torch.Generator | None,
         out: dict[str, Tensor],
     ) -> tuple[Tensor, Tensor]:
         z = self.cfg.zjepa
         images = self._images(batch)
+        if not bool(present.all()):  # the samples that have an image (at least one has)
+            images, image_hidden = images[present], image_hidden[present]
+            padding_mask = None if padding_mask is None else padding_mask[present]
         b = images.shape[0]
         side = self.cfg.zoom_crop_size
         size = None if side is None else (side, side)
         if self.zoom is not None:
-            zoomed = self.zoom(images, global_features=image_hidden, size=size)
+            # Pooled without the padding of smaller images (a batch of several sizes).
+            zoomed = self.zoom(
+                images, global_features=image_hidden, size=size, padding_mask=padding_mask
+            )
             crops, boxes = zoomed.crops, zoomed.boxes
         else:
             centers = random_roi_centers(b, generator).to(images.device)

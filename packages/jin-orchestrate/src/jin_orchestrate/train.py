@@ -28,6 +28,7 @@ from jin_orchestrate.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     restore_rng,
+    rng_state,
     save_checkpoint,
 )
 from jin_orchestrate.config import DataConfig, JinConfig, StageConfig
@@ -211,26 +212,49 @@ class StageTrainer:
             **({"ema_updates": self.ema.updates} if self.ema is not None else {}),
         }
 
-    def save(self, directory: Path, epoch: int, batch_in_epoch: int) -> Path:
+    def rng_states(self) -> dict[str, torch.Tensor]:
+        """This process's random streams: torch's global RNGs and the mask generator."""
+        return {**rng_state(), "mask_generator": self.generator.get_state()}
+
+    def save(
+        self,
+        directory: Path,
+        epoch: int,
+        batch_in_epoch: int,
+        peers: dict[int, dict[str, torch.Tensor]] | None = None,
+    ) -> Path:
+        """Checkpoint the stage; ``peers`` are the other data-parallel ranks' :meth:`rng_states`
+        by rank (each rank draws its own masks and noise), stored as ``rank<r>.<name>``."""
+        rng = {"mask_generator": self.generator.get_state()}
+        for rank, states in (peers or {}).items():
+            if rank != 0:
+                rng.update({f"rank{rank}.{name}": t for name, t in states.items()})
         return save_checkpoint(
             directory,
             self.core,
             config=self.cfg.model_dump(mode="json"),
             state=self.state(epoch, batch_in_epoch),
             optimizer=self.optimizer,
-            rng={"mask_generator": self.generator.get_state()},
+            rng=rng,
             ema=self.ema.state() if self.ema is not None else None,
         )
 
-    def restore(self, path: str | os.PathLike[str]) -> tuple[int, int]:
-        """Resume this stage: weights, optimiser, counters and RNG; returns (epoch, batch)."""
+    def restore(self, path: str | os.PathLike[str], rank: int = 0) -> tuple[int, int]:
+        """Resume this stage: weights, optimiser, counters and this ``rank``'s RNG; returns
+        (epoch, batch). A rank the checkpoint holds no RNG states for keeps its own seeds."""
         loaded = load_checkpoint(path, self.core, load_optimizer=True)
         self.global_step = int(loaded.state.get("global_step", 0))
         if loaded.optimizer_state is not None:
             self.optimizer.load_state_dict(loaded.optimizer_state)
-        restore_rng(loaded.rng)
-        if "mask_generator" in loaded.rng:
-            self.generator.set_state(loaded.rng["mask_generator"])
+        prefix = f"rank{rank}."
+        rng = (
+            loaded.rng
+            if rank == 0
+            else {k.removeprefix(prefix): t for k, t in loaded.rng.items() if k.startswith(prefix)}
+        )
+        restore_rng(rng)
+        if "mask_generator" in rng:
+            self.generator.set_state(rng["mask_generator"])
         self.step = int(loaded.state["stage_step"])
         self.nonfinite_total = int(loaded.state.get("nonfinite_total", 0))
         if self.ema is not None and loaded.ema is not None:
@@ -337,10 +361,10 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     trainer.global_step = int(init_state.get("global_step", 0))
     start_epoch, skip = 0, 0
     if resume is not None:
-        start_epoch, skip = trainer.restore(resume)
+        start_epoch, skip = trainer.restore(resume, rank)
     elif ray_ckpt is not None:
         with ray_ckpt.as_directory() as d:
-            start_epoch, skip = trainer.restore(d)
+            start_epoch, skip = trainer.restore(d, rank)
     if rank == 0 and (resume or ray_ckpt):
         say(f"[jin] {stage.name} resumes after step {trainer.step}")
     trainer.model = ray.train.torch.prepare_model(
@@ -396,10 +420,11 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
                     say(_progress_line(stage, step, last_metrics))
             if step % cfg.train.checkpoint_every == 0 or step == stage.steps:
                 report = {"stage_step": step, "global_step": trainer.global_step, **last_metrics}
+                peers = _peer_rng_states(trainer, ctx.get_world_size())
                 with tempfile.TemporaryDirectory() as tmp:
                     checkpoint = None
                     if rank == 0:  # DDP keeps replicas identical: one writer is enough
-                        ckpt_dir = trainer.save(Path(tmp) / "ckpt", epoch, batch_in_epoch)
+                        ckpt_dir = trainer.save(Path(tmp) / "ckpt", epoch, batch_in_epoch, peers)
                         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
                     ray.train.report(report, checkpoint=checkpoint)
             trainer.faults.maybe_pause(step, rank)
@@ -426,6 +451,18 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
         raise
     if run is not None:
         mlflow.end_run()
+
+
+def _peer_rng_states(trainer: StageTrainer, world_size: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Every rank's :meth:`StageTrainer.rng_states` by rank, on every rank (a collective).
+
+    The weights and optimiser are the same on every rank, but each rank draws its own masks and
+    noise; rank 0 writes them all into the checkpoint so each resumes its own streams."""
+    if world_size == 1:
+        return {}
+    states: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(states, trainer.rng_states())
+    return dict(enumerate(states))
 
 
 def _skip_line(stage: StageConfig, trainer: StageTrainer) -> str:

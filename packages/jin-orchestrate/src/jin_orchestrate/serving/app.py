@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jin_data import Decoder
 from jin_orchestrate import __version__
@@ -91,6 +92,24 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         for e in exc.errors()
     ]
     return JSONResponse({"detail": details}, status_code=422)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own answers (404, 405, a body its JSON parser raised on other than a syntax
+    # error: invalid UTF-8, a 5000-digit integer, deep nesting) carry a plain string: give them
+    # the shape of every other error. A body that does not parse is malformed JSON: a 422.
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        detail = ErrorDetail(
+            loc=["body"],
+            msg=f"JSON decode error: {type(exc.__cause__).__name__}: {exc.__cause__}",
+            type="json_invalid",
+        )
+        return JSONResponse({"detail": [detail.model_dump()]}, status_code=422)
+    detail = ErrorDetail(loc=[], msg=str(exc.detail), type="http_error")
+    return JSONResponse(
+        {"detail": [detail.model_dump()]}, status_code=exc.status_code, headers=exc.headers
+    )
 
 
 class BodyLimit:

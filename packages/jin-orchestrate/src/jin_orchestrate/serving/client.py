@@ -3,8 +3,9 @@
 Embedding is a pure function of the request, so a request may be sent again safely. Retried:
 connection failures, timeouts, and 502/503/504 (a model replica that died mid-request answers 503,
 see `jin_orchestrate.serving.app`), with exponential backoff and jitter, honouring
-``Retry-After``. Not retried: 4xx (the request is wrong and will stay wrong) and 500 (a server bug
-that a retry would only repeat). ::
+``Retry-After``. Not retried: 4xx (the request is wrong and will stay wrong), 500 (a server bug
+that a retry would only repeat) and a request that cannot be sent as it is (a URL without
+``http://``, an invalid header: `RequestFailed` at once). ::
 
     from jin_orchestrate.serving.client import EmbeddingClient
 
@@ -28,6 +29,14 @@ import httpx
 __all__ = ["AsyncEmbeddingClient", "EmbeddingClient", "RequestFailed", "RetryPolicy"]
 
 RETRY_STATUS = frozenset({502, 503, 504})
+# Transport errors a later attempt can escape; the others (httpx.UnsupportedProtocol,
+# httpx.LocalProtocolError) are the request's own and would fail every attempt alike.
+RETRY_ERRORS = (
+    httpx.TimeoutException,
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+    httpx.ProxyError,
+)
 
 
 class RequestFailed(RuntimeError):
@@ -80,6 +89,12 @@ class Answer:
     attempts: int
 
 
+def _not_sent(error: httpx.TransportError, attempts: int) -> RequestFailed:
+    return RequestFailed(
+        f"request not sent, and not retried (a retry cannot fix it): {error!r}", None, attempts
+    )
+
+
 def _body(payload: dict[str, Any] | bytes) -> dict[str, Any]:
     if isinstance(payload, bytes):
         return {"content": payload, "headers": {"content-type": "application/json"}}
@@ -109,7 +124,7 @@ class EmbeddingClient:
         """POST ``payload`` (a JSON mapping or encoded bytes), retrying per the policy.
 
         Returns the first non-retryable response, or the last one; raises `RequestFailed` when the
-        last attempt got no response at all.
+        last attempt got no response at all, or at once when the request cannot be sent.
         """
         for attempt in range(self.policy.attempts):
             response = None
@@ -117,8 +132,10 @@ class EmbeddingClient:
                 response = self._http.post(path, **_body(payload))
                 if response.status_code not in RETRY_STATUS:
                     return Answer(response, attempt + 1)
-            except httpx.TransportError as exc:
+            except RETRY_ERRORS as exc:
                 error = exc
+            except httpx.TransportError as exc:
+                raise _not_sent(exc, attempt + 1) from exc
             if attempt + 1 < self.policy.attempts:
                 time.sleep(self.policy.delay(attempt, response, self._rng))
         if response is not None:
@@ -161,8 +178,10 @@ class AsyncEmbeddingClient:
                 response = await self._http.post(path, **_body(payload))
                 if response.status_code not in RETRY_STATUS:
                     return Answer(response, attempt + 1)
-            except httpx.TransportError as exc:
+            except RETRY_ERRORS as exc:
                 error = exc
+            except httpx.TransportError as exc:
+                raise _not_sent(exc, attempt + 1) from exc
             if attempt + 1 < self.policy.attempts:
                 await asyncio.sleep(self.policy.delay(attempt, response, self._rng))
         if response is not None:
