@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares, on this machine, what scripts/gpu_check.sh needs on a lent GPU machine. That machine's
 # python3 (3.12) has CUDA PyTorch, CuPy, numpy, pyarrow, fsspec, einops, safetensors, Pillow and
-# pytest, but no package registry and no espeak-ng. Into .gpu-carry/ (git-ignored, ~5 MB): wheels
+# pytest, but no package registry and no espeak-ng. Into .gpu-carry/ (git-ignored, ~8 MB): wheels
 # of the packages its image lacks, at the versions in .venv; and the 96-sample NumberWorld corpus
 # that jin-orchestrate's tests would generate (the same bytes: the generator is deterministic).
 set -euo pipefail

@@ -112,7 +112,7 @@ def build_extension_config(
     if anchors is None:
         # Text is the hub of pretraining's alignment; aligning with the weaker modalities as well
         # pulls the new one toward their noise (seven-segment on a 480-step base, 100-way R@10
-        # to the text prompts: 34% aligned with all four, 49% with text alone).
+        # to the text prompts: 34% aligned with all four, 41% with text alone; README).
         anchors = [HUB] if HUB in cfg.data.modalities else list(cfg.data.modalities)
     unknown = [m for m in anchors if m not in cfg.model.modalities]
     if unknown or not anchors:
