@@ -8,7 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jin_data import DataError, DecodeError, SchemaError, ShardDataset, ShardError, write_dataset
+from jin_data import (
+    DataError,
+    DecodeError,
+    SchemaError,
+    ShardDataset,
+    ShardError,
+    verify_dataset,
+    write_dataset,
+)
 from jin_data.schema import AUDIO_TYPE, sample_schema
 
 
@@ -244,3 +252,53 @@ def test_no_modalities_reads_no_modality_column(broken_rows):
 def test_a_negative_seed_is_refused_naming_it(dataset):
     with pytest.raises(ValueError, match="seed"):
         ShardDataset(dataset, batch_size=1, seed=-1)
+
+
+@pytest.mark.parametrize(("column", "skipped"), [("split", 4), ("custom", 2)])
+def test_equal_batches_with_a_split_count_the_rows_left_out_past_a_skipped_row_group(
+    tmp_path, column, skipped
+):
+    """Row groups of 4, no shuffle: rank 0 of 2 reads groups 0, 2, 4, rank 1 groups 1, 3, 5, of
+    which only group 5 holds train rows, so each rank owes 2 batches of 2. Rank 0's group 0 does
+    not read (its ``split`` column, so the train rows are not counted either; or ``custom``, after
+    they were): whatever it skips, the 4 train rows of its group 4 are left out, and counted."""
+    splits = ["train", "train", "val", "val"] + ["val"] * 4 + ["train"] * 4 + ["val"] * 4
+    rows = [
+        {"id": f"r{i:02d}", "split": split, "custom": np.full(2, i, np.float32)}
+        for i, split in enumerate(splits + ["train"] * 8)
+    ]
+    url = str(tmp_path / "ds")
+    write_dataset(rows, url, row_group_size=4)
+    path = f"{url}/shard-00000.parquet"
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = next(
+        meta.column(i)
+        for i in range(meta.num_columns)
+        if meta.column(i).path_in_schema.split(".")[0] == column
+    )
+    data = bytearray(Path(path).read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size // 2] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+    data = ShardDataset(
+        url,
+        batch_size=2,
+        shuffle=False,
+        split="train",
+        rank=0,
+        world_size=2,
+        equal_batches=True,
+        on_error="skip",
+    )
+    assert [b["id"] for b in data] == [["r08", "r09"], ["r10", "r11"]]
+    report = data.last_report
+    assert (report.rows, report.skipped_rows, report.left_out_rows) == (4, skipped, 4)
+
+
+def test_a_damaged_manifest_is_a_shard_error_naming_it(dataset):
+    path = Path(dataset) / "manifest.json"
+    text = bytearray(path.read_bytes())
+    text[10] = 0xFF  # not UTF-8 any more
+    path.write_bytes(bytes(text))
+    for call in (lambda: ShardDataset(dataset, batch_size=2), lambda: verify_dataset(dataset)):
+        with pytest.raises(ShardError, match=r"manifest\.json'.*unreadable manifest"):
+            call()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jin_data import ShardDataset, verify_dataset
+from jin_data import ShardDataset, verify_dataset, write_dataset
 from jin_data.numberworld import (
     EspeakNotFoundError,
     NumberWorldConfig,
@@ -105,3 +105,16 @@ def test_command_line(tmp_path, cache, capsys):
     code = main(["--out", url, "--samples", "12", "--seed", "3", "--cache-dir", cache])
     assert code == 0 and "wrote 12 samples" in capsys.readouterr().out
     verify_dataset(url)
+
+
+def test_command_line_errors_name_the_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "x"), "--held-out", "7,x"])
+    assert exit_.value.code == 2
+    assert "argument --held-out: expected comma-separated integers, received '7,x'" in (
+        capsys.readouterr().err
+    )
+    url = str(tmp_path / "there")
+    write_dataset([{"id": "a"}], url)
+    assert main(["--out", url, "--samples", "1", "--no-progress"]) == 2
+    assert "already exists" in (err := capsys.readouterr().err) and "pass --overwrite" in err

@@ -7,10 +7,13 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import soundfile
+import torch
 from PIL import Image
 
 from jin_data import (
     SampleError,
+    ShardDataset,
     ShardError,
     ShardWriter,
     load_manifest,
@@ -63,6 +66,27 @@ def test_failure_midway_leaves_no_manifest_and_no_temporary(tmp_path, samples):
         write_dataset(stream(), url, rows_per_shard=16)
     names = sorted(p.name for p in (tmp_path / "ds").iterdir())
     assert names == ["shard-00000.parquet"]  # complete shard only; no manifest, no .inprogress
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_shards_of_a_failed_write_are_refused_unless_overwritten_never_mixed(tmp_path, scheme):
+    """A failed write leaves complete shards and no manifest; readers read such a folder as a data
+    set, so a second write there must not replace some of its shards and leave the others."""
+    url = str(tmp_path / "ds") if scheme == "local" else f"memory://failed-{tmp_path.name}"
+
+    def stream(prefix: str, fail_at: int):
+        for i in range(fail_at):
+            yield {"id": f"{prefix}{i}"}
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        write_dataset(stream("a", 9), url, rows_per_shard=4)  # shards 0 and 1
+    with pytest.raises(FileExistsError, match=r"unfinished data set \(shards, no manifest\)"):
+        write_dataset(stream("b", 5), url, rows_per_shard=4)
+    with pytest.raises(RuntimeError, match="source broke"):
+        write_dataset(stream("b", 5), url, rows_per_shard=4, overwrite=True)  # shard 0 only
+    ids = [i for batch in ShardDataset(url, batch_size=100, shuffle=False) for i in batch["id"]]
+    assert ids == ["b0", "b1", "b2", "b3"]
 
 
 def test_existing_dataset_is_not_overwritten_unless_asked(dataset, samples):
@@ -164,6 +188,25 @@ def test_image_bytes_like_objects_are_stored_as_bytes(tmp_path):
     write_dataset(samples, str(tmp_path / "ds"))
     assert _column(str(tmp_path / "ds"), "image") == [data, data]
     assert _column(str(tmp_path / "ds"), "label") == [3, None]
+
+
+def test_audio_bytes_like_objects_are_encoded_audio_and_integer_samples_are_refused(tmp_path):
+    wav = io.BytesIO()
+    soundfile.write(wav, np.full(160, 0.25, np.float32), 16000, format="WAV", subtype="PCM_16")
+    data = wav.getvalue()
+    url = str(tmp_path / "ds")
+    with ShardWriter(url) as writer:
+        writer.write({"id": "a", "audio": bytearray(data), "audio_sample_rate": 16000})
+        writer.write({"id": "b", "audio": wav.getbuffer()})
+        pcm = np.full(160, 8192, np.int16)
+        with pytest.raises(
+            SampleError, match=r"sample 2 \(id='c'\) key 'audio': .* received int16"
+        ):
+            writer.write({"id": "c", "audio": pcm, "audio_sample_rate": 16000})
+    assert [a["bytes"] for a in _column(url, "audio")] == [data, data]
+    batch = next(iter(ShardDataset(url, batch_size=2)))
+    assert batch["audio_lengths"].tolist() == [160, 160]
+    assert torch.allclose(batch["audio"], torch.full((2, 160), 0.25))
 
 
 def test_encoded_media_stored_without_a_second_codec(tmp_path, samples):

@@ -66,9 +66,9 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as f:
-        text = f.read().decode()
-    try:
-        return Manifest.model_validate_json(text)
+        data = f.read()
+    try:  # a damaged file may not even be UTF-8 (UnicodeDecodeError is a ValueError)
+        return Manifest.model_validate_json(data.decode())
     except ValueError as err:
         raise ShardError(f"unreadable manifest: {err}", url=path) from None
 

@@ -570,12 +570,12 @@ class ShardDataset(IterableDataset):
             parquet = handle(s)
             if parquet is None:  # unreadable shard
                 with _REPORT_LOCK:
-                    report.skipped_rows += shard.row_groups[g]
+                    report.skipped_rows += self._lost_rows(s, g)
                 return None
             try:
                 return read_row_group(parquet, shard, g, self.columns, self.config.split)
             except ShardError as err:
-                self._fail(err, report, shard.row_groups[g])
+                self._fail(err, report, self._lost_rows(s, g))
                 return None
 
         threads, depth = self.config.read_threads, self.config.read_ahead
@@ -718,6 +718,13 @@ class ShardDataset(IterableDataset):
         finally:
             tables.close()  # stops and joins the read-ahead thread when the epoch ends early
 
+    def _lost_rows(self, shard: int, row_group: int) -> int:
+        """Rows a skipped row group counts: those of this reader's split where `_split_rows`
+        counted them (``equal_batches``: the quota's left-out rows are the rest), else all."""
+        if self._split_counts is not None:
+            return self._split_counts[shard][row_group]
+        return self.shards[shard].row_groups[row_group]
+
     def _rows_of(self, units: list[tuple[int, int]]) -> int:
         """Rows that ``units`` hold of this reader's split (read once, see `_split_rows`)."""
         counts = self._split_rows()
@@ -727,15 +734,16 @@ class ShardDataset(IterableDataset):
         """Rows of each row group, by shard, counting only this reader's split.
 
         From the manifest without a split filter; with one, the ``split`` column of every row
-        group is read once per dataset object. A shard or row group that does not read counts 0
-        under ``on_error="skip"`` (it is skipped when read, too) and raises otherwise.
+        group is read once per dataset object. A shard or row group that does not read raises, or
+        under ``on_error="skip"`` counts all its rows (it is skipped when read, too, and counted
+        so: `_lost_rows`).
         """
         if self.config.split is None:
             return [shard.row_groups for shard in self.shards]
         if self._split_counts is None:
             counts = []
             for shard in self.shards:
-                rows = [0] * len(shard.row_groups)
+                rows = list(shard.row_groups)
                 try:
                     parquet = open_shard(self.fs, shard)
                     for g in range(len(shard.row_groups)):

@@ -54,7 +54,8 @@ class Sample(TypedDict, total=False):
 
     - ``image``: encoded bytes (PNG/JPEG), a PIL image, or a uint8 array (H,W) / (H,W,C);
       arrays and PIL images are stored as PNG.
-    - ``audio``: encoded WAV/FLAC bytes, or a mono float32 array (S,) with ``audio_sample_rate``.
+    - ``audio``: encoded WAV/FLAC bytes (or a bytearray/memoryview of them), or a mono float
+      array (S,) with ``audio_sample_rate``.
     - ``points``: float array (N, 3 + C); ``custom``: float array (F,).
     """
 
@@ -145,9 +146,16 @@ class _Row:
         rate = sample.get("audio_sample_rate")
         if audio is None:
             return None
-        if isinstance(audio, bytes):
-            return {"bytes": audio, "samples": None, "sample_rate": rate}
-        samples = _Row._array(audio, 1, where, "audio")
+        if isinstance(audio, (bytes, bytearray, memoryview)):
+            return {"bytes": bytes(audio), "samples": None, "sample_rate": rate}
+        array = np.asarray(audio)
+        if array.dtype.kind != "f":
+            # Integer PCM stored as floats would read back far beyond +-1.
+            raise SampleError(
+                f"{where} key 'audio': expected encoded bytes or float samples in [-1, 1], "
+                f"received {array.dtype} (encode PCM as WAV bytes, or scale it)"
+            )
+        samples = _Row._array(array, 1, where, "audio")
         if rate is None or int(rate) <= 0:
             raise SampleError(
                 f"{where} key 'audio_sample_rate': required (> 0) with raw samples, got {rate!r}"
@@ -218,7 +226,8 @@ class ShardWriter:
             across ranks and workers (small enough to hold a few in memory, large enough for I/O).
         point_features, custom_dim: ``C`` and ``F`` of the schema; inferred from the first
             sample carrying points / a custom vector when ``None`` (0 if the first shard has none).
-        overwrite: replace an existing data set (its manifest and shards); otherwise refuse.
+        overwrite: replace an existing data set (its manifest and shards, or the shards a
+            failed write left without a manifest); otherwise refuse.
         compression: Parquet codec of every column but the encoded media.
         media_compression: Parquet codec of the encoded image and audio bytes. ``"none"`` by
             default: PNG, JPEG and FLAC are compressed already, and a general-purpose codec on
@@ -260,12 +269,16 @@ class ShardWriter:
         self._prepare_root(overwrite)
 
     def _prepare_root(self, overwrite: bool) -> None:
+        # Shards without a manifest (a write that failed midway) are a data set too: readers read
+        # every *.parquet file of such a folder, so writing over some of them would mix two sets.
         manifest = posixpath.join(self.root, MANIFEST_NAME)
-        if self.fs.exists(manifest):
+        old = self.fs.glob(posixpath.join(self.root, "shard-*.parquet"))
+        complete = self.fs.exists(manifest)
+        if complete or old:
             if not overwrite:
-                raise FileExistsError(f"a data set already exists at {self.url!r} (overwrite=True)")
-            old = self.fs.glob(posixpath.join(self.root, "shard-*.parquet"))
-            for path in [manifest, *old]:
+                what = "a data set" if complete else "an unfinished data set (shards, no manifest)"
+                raise FileExistsError(f"{what} already exists at {self.url!r} (overwrite=True)")
+            for path in [manifest, *old] if complete else old:
                 self.fs.rm(path)
         self.fs.makedirs(self.root, exist_ok=True)
 

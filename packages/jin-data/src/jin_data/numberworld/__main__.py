@@ -10,14 +10,25 @@ from jin_data.numberworld.corpus import DEFAULT_HELD_OUT, generate_numberworld
 from jin_data.numberworld.speech import EspeakNotFoundError
 
 
+def _numbers(text: str) -> list[int]:
+    try:
+        return [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, received {text!r}"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse, generate, print a summary; exit status 2 when espeak-ng is missing."""
+    """Parse, generate, print a summary; exit status 2 when espeak-ng is missing or a data set
+    exists at ``--out`` (without ``--overwrite``)."""
     parser = argparse.ArgumentParser(prog="python -m jin_data.numberworld", description=__doc__)
     parser.add_argument("--out", required=True, help="fsspec URL of the data set to write")
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--held-out",
+        type=_numbers,
         default=",".join(map(str, DEFAULT_HELD_OUT)),
         help="comma-separated numbers kept out of the train split ('' for none)",
     )
@@ -28,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    held_out = [int(n) for n in args.held_out.split(",") if n.strip()]
+    held_out = args.held_out
     start = time.perf_counter()
     try:
         manifest = generate_numberworld(
@@ -43,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except EspeakNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FileExistsError as err:
+        print(f"error: {err}; pass --overwrite to replace it", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
     print(
