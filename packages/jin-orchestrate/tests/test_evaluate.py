@@ -289,3 +289,23 @@ def test_samples_without_a_label_are_not_a_number(tmp_path):
     assert m["retrieval_pool"] == 9.0
     assert m["retrieval/image_to_text/R1"] == m["retrieval/text_to_image/R1"] == 1.0
     assert m["linear_probe/image_top1"] == 1.0 and m["linear_probe/image_classes"] == 8.0
+
+
+def test_the_data_is_decoded_at_the_models_audio_rate(corpus_url):
+    """As in training: a model whose audio encoder reads 8 kHz is fed 8 kHz waves."""
+    from jin_orchestrate.evaluate import _embed_split
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, rate: int) -> None:
+            super().__init__()
+            self.audio_sample_rate, self.lengths = rate, []
+
+        def embed(self, batch: dict) -> dict:
+            self.lengths.append(batch["audio_lengths"])
+            return {"audio": torch.zeros(len(batch["id"]), 4)}
+
+    usual, slow = Recorder(16000), Recorder(8000)
+    for model in (usual, slow):
+        _embed_split(model, corpus_url, "test", ["audio"])
+    ratio = torch.cat(slow.lengths).float() / torch.cat(usual.lengths).float()
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.5), atol=0.01)

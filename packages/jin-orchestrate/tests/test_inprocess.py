@@ -126,3 +126,15 @@ def test_the_curriculum_trains_and_resumes_on_a_gpu(test_config, corpus_url, tmp
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in history.steps)
     assert {p.device.type for p in model.parameters()} == {"cuda"}
     assert {t.device.type for t in history.ema.shadow.values()} == {"cuda"}
+
+
+def test_batches_are_decoded_at_the_rate_the_audio_encoder_reads(test_config, corpus_url):
+    # jin-data decodes at 16 kHz unless told; a model reading 8 kHz would take 16 kHz waves for
+    # its own rate (evaluation, embedding and serving decode at the model's rate already).
+    slow = test_config.model_copy(deep=True)
+    slow.model.space.audio.sample_rate = 8000
+    assert (test_config.model.audio_sample_rate, slow.model.audio_sample_rate) == (16000, 8000)
+    usual, halved = (next(batches(corpus_url, c, "train")) for c in (test_config, slow))
+    assert usual["id"] == halved["id"]
+    ratio = halved["audio_lengths"].float() / usual["audio_lengths"].float()
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.5), atol=0.01)

@@ -51,15 +51,22 @@ def default_corpus(cfg: DataConfig, *, progress: bool = True) -> str:
     return str(final)
 
 
-def ray_train_dataset(url: str, cfg: DataConfig, split: str = "train") -> ray.data.Dataset:
+def ray_train_dataset(
+    url: str, cfg: DataConfig, split: str = "train", *, audio_sample_rate: int = 16000
+) -> ray.data.Dataset:
     """The shards at ``url`` as a decoded Ray Dataset of one split, in one seeded random order
-    (Ray repeats it on every pass; `jin_orchestrate.train.epoch_shuffle` mixes each epoch anew).
+    (Ray repeats it on every pass; `jin_orchestrate.train.epoch_shuffle` mixes each epoch anew),
+    audio resampled to ``audio_sample_rate`` (the model's, `JinModelConfig.audio_sample_rate`).
 
     Bad data is handled per ``cfg.on_error`` (see `jin_orchestrate.data_faults`): with "skip",
     jin-data leaves out the shards whose schema does not read, each logged with its row count.
     """
     dataset = read_ray_dataset(
-        url, split=split, modalities=cfg.source_columns, on_error=cfg.on_error
+        url,
+        split=split,
+        modalities=cfg.source_columns,
+        on_error=cfg.on_error,
+        audio_sample_rate=audio_sample_rate,
     )
     dataset = dataset.map_batches(FiniteCheck(cfg.on_error), batch_format="pyarrow")
     return dataset.random_shuffle(seed=cfg.seed) if cfg.shuffle_buffer else dataset

@@ -231,6 +231,8 @@ def _embed_split(
         rank=0,
         world_size=1,
         on_error=on_error,
+        # Decoded at the rate the model's audio encoder reads, as in training.
+        audio_sample_rate=getattr(model, "audio_sample_rate", 16000),
     )
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     present: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}

@@ -248,8 +248,8 @@ def _probe_outputs(probe: nn.Module, inputs: Tensor, batch: int = 256) -> tuple[
     return features, probe.predict(torch.cat([logit for _, logit in parts]))
 
 
-def _split(url: str, split: str) -> dict[str, Any]:
-    """A whole split as one batch (text, image, audio, label)."""
+def _split(url: str, split: str, audio_sample_rate: int) -> dict[str, Any]:
+    """A whole split as one batch (text, image, audio at ``audio_sample_rate``, label)."""
     rows = list(
         ShardDataset(
             url,
@@ -257,6 +257,7 @@ def _split(url: str, split: str) -> dict[str, Any]:
             shuffle=False,
             split=split,
             modalities=["text", "image", "audio"],
+            audio_sample_rate=audio_sample_rate,
         )
     )
     if len(rows) != 1:
@@ -348,7 +349,8 @@ def evaluate_generation(
     model.eval()
     gen_cfg = model.generation.cfg
     inputs = _Inputs(model)
-    train, test = _split(url, "train"), _split(url, split)
+    rate = inputs.audio.config.sample_rate
+    train, test = _split(url, "train", rate), _split(url, split, rate)
     seen = set(train["label"].tolist())
     log("training the image and audio probes")
     image_probe = train_probe(

@@ -60,6 +60,7 @@ def _epoch(url: str, cfg: JinConfig, split: str, epoch: int) -> ShardDataset:
         split=split,
         modalities=list(cfg.data.modalities),
         drop_last=True,
+        audio_sample_rate=cfg.model.audio_sample_rate,
     )
 
 

@@ -188,6 +188,12 @@ class JinModelConfig(StrictConfig):
     def modalities(self) -> list[str]:
         return [*self.builtin_modalities, *self.extra_modalities]
 
+    @property
+    def audio_sample_rate(self) -> int:
+        """The rate the audio encoder reads (what its batches must be decoded at); 16 kHz, the
+        conventions', for a model without audio."""
+        return self.space.audio.sample_rate if self.space.audio is not None else 16000
+
 
 @dataclass(frozen=True)
 class Representation:
@@ -264,6 +270,11 @@ class JinModel(nn.Module):
     @property
     def modalities(self) -> list[str]:
         return self.space.modalities
+
+    @property
+    def audio_sample_rate(self) -> int:
+        """See :attr:`JinModelConfig.audio_sample_rate`."""
+        return self.cfg.audio_sample_rate
 
     def add_modality(self, name: str, encoder: CustomModalityEncoder) -> int:
         """Register a runtime modality (paper §3.6) in the online and EMA target spaces.

@@ -223,7 +223,9 @@ def run_pretraining(
     ray.data.DataContext.get_current().enable_progress_bars = False
     tally = ray.remote(num_cpus=0)(DataErrorTally).options(name=tally_name).remote()
     install_tally_handler(tally_name)  # this process's own skips: unreadable shards
-    dataset = ray_train_dataset(url, cfg.data, split="train")
+    dataset = ray_train_dataset(
+        url, cfg.data, split="train", audio_sample_rate=cfg.model.audio_sample_rate
+    )
 
     if "parent_run_id" in job:
         parent_id = job["parent_run_id"]
