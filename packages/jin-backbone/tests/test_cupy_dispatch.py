@@ -39,6 +39,11 @@ def test_permute_and_unpermute_match_torch(dtype, dim, capacity_factor, max_padd
     assert (plan.padded_rows is None) == (max_padding == 1.0)
     x = torch.randn(num_tokens, dim, generator=gen).to("cuda", dtype)
     y_upstream = torch.randn(plan.num_rows, dim, generator=gen).to("cuda", dtype)
+    # The permuted rows' upstream gradient is zero on the padded layout's padding rows, as in the
+    # MoE layer (nothing combines them): the CuPy backward reads the kept rows only.
+    real_rows = torch.zeros(plan.num_rows, 1, dtype=torch.bool, device="cuda")
+    real_rows[plan.row_of_assignment[plan.row_of_assignment >= 0]] = True
+    grad_permuted = torch.where(real_rows, y_upstream, 0).float()
     grad_out = torch.randn(num_tokens, dim, generator=gen).to("cuda", dtype)
 
     results = {}
@@ -51,7 +56,7 @@ def test_permute_and_unpermute_match_torch(dtype, dim, capacity_factor, max_padd
         else:
             permuted = ops.permute(x_in, plan.source_token)
         combined = ops.unpermute_combine(y_in, w_in, plan.row_of_assignment)
-        (permuted.float() * y_upstream.float()).sum().backward()
+        (permuted.float() * grad_permuted).sum().backward()
         combined.backward(grad_out)
         results[name] = (permuted, combined, x_in.grad, y_in.grad, w_in.grad)
     for got, want in zip(results["cupy"], results["torch"], strict=True):
@@ -81,7 +86,12 @@ def test_moe_layer_cupy_equals_torch(dtype, num_experts, top_k, max_padding):
     padding_mask[1, 30:] = True
     out = {name: _outputs_and_grads(layer, x, padding_mask) for name, layer in layers.items()}
     for got, want in zip(out["cupy"], out["torch"], strict=True):
-        torch.testing.assert_close(got.float(), want.float(), **TOLERANCE[dtype])
+        # Scaled to each tensor's size: the router's weight gradient (~100 here) sums products of
+        # the un-permutation's weight gradients, whose reduction order differs from torch's, so
+        # its near-zero entries carry absolute errors near 1e-5 * its largest.
+        tolerance = TOLERANCE[dtype]
+        atol = tolerance["atol"] * max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.float(), want.float(), rtol=tolerance["rtol"], atol=atol)
 
 
 def _outputs_and_grads(layer, x, padding_mask, autocast=False):
@@ -99,6 +109,9 @@ def test_auto_selects_cupy_on_cuda():
     assert resolve_backend("auto", torch.zeros(1, device="cuda")) == "cupy"
     assert resolve_backend("auto", torch.zeros(1, device="cuda", dtype=torch.float16)) == "torch"
     assert resolve_backend("auto", torch.zeros(1)) == "torch"
+    # torch.autocast("cuda")'s default float16: the experts' rows would be float16.
+    with torch.autocast("cuda"):
+        assert resolve_backend("auto", torch.zeros(1, device="cuda")) == "torch"
 
 
 @pytest.mark.parametrize("dispatch", ["torch", "cupy"])

@@ -299,3 +299,38 @@ def test_ddim_timesteps_span_the_schedule():
     assert ddim_timesteps(10, 10) == list(range(9, -1, -1))
     with pytest.raises(ValueError, match=r"steps: expected 1\.\.10, got 11"):
         ddim_timesteps(10, 11)
+
+
+@pytest.mark.parametrize(("prediction", "clip_x0"), [("x0", None), ("eps", 3.0), ("v", None)])
+def test_bfloat16_samplers_stay_finite_and_land_on_x0(prediction, clip_x0):
+    """In bfloat16 ``abar_t`` is exactly 1 for the first timesteps: the update divided by
+    ``sqrt(1 - abar) = 0`` there (NaN samples from an x0 prediction, or with ``clip_x0``), and
+    the bf16 schedule was off by far more than bf16's resolution. The model still sees bf16."""
+    diffusion = _diffusion(prediction, steps=100)
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(11)).clamp(-2, 2)
+    seen = set()
+
+    def oracle(x_t, t, cond):
+        seen.add(x_t.dtype)
+        abar = diffusion.alphas_cumprod[t].view(-1, 1, 1)
+        eps = (x_t.float() - abar.sqrt() * x0) / (1 - abar).sqrt()
+        return diffusion.target(x0, eps, t).to(x_t.dtype)
+
+    for sampler, kwargs in ((ddim_sample, {"steps": 10, "eta": 0.5}), (ddpm_sample, {})):
+        sample = sampler(
+            diffusion,
+            oracle,
+            (2, 3, 4),
+            clip_x0=clip_x0,
+            dtype=torch.bfloat16,
+            generator=torch.Generator().manual_seed(12),
+            **kwargs,
+        )
+        assert sample.dtype == torch.bfloat16
+        torch.testing.assert_close(sample.float(), x0, rtol=0, atol=2e-2)
+    assert seen == {torch.bfloat16}
+    x_t = diffusion.q_sample(x0.bfloat16(), torch.zeros(2, dtype=torch.long), x0.bfloat16())
+    assert x_t.dtype == torch.bfloat16 and not torch.equal(x_t, x0.bfloat16())  # noise added
+    x0_hat, eps_hat = diffusion.predict_x0_and_eps(x_t, torch.zeros(2, dtype=torch.long), x_t)
+    assert x0_hat.dtype == eps_hat.dtype == torch.bfloat16
+    assert torch.isfinite(x0_hat).all() and torch.isfinite(eps_hat).all()

@@ -378,3 +378,47 @@ def test_cupy_dispatch_without_cuda_is_a_clear_error():
     moe = MoE(MoEConfig(dim=24, hidden_dim=40, num_experts=4, top_k=2, dispatch="cupy"))
     with pytest.raises(ValueError, match="dispatch='cupy' needs cupy"):
         moe(torch.randn(4, 24))
+
+
+def test_auto_dispatch_leaves_the_cupy_kernels_under_float16_autocast(monkeypatch):
+    """The kernels un-permute the experts' rows, which autocast computes in its dtype: under
+    float16 autocast (``torch.autocast("cuda")``'s default) ``auto`` picked them from the float32
+    input and the layer raised ``KeyError: torch.float16``. Here a device treated as CUDA."""
+    from jin_backbone.dispatch import cupy_ops, resolve_backend
+
+    monkeypatch.setattr(cupy_ops, "supports", lambda x: x.dtype in (torch.float32, torch.bfloat16))
+    x = torch.randn(4, 8)
+    assert resolve_backend("auto", x) == "cupy"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resolve_backend("auto", x) == "cupy"
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert resolve_backend("auto", x) == "torch"
+        with pytest.raises(ValueError, match=r"dtype=torch.float32, compute dtype=torch.float16"):
+            resolve_backend("cupy", x)
+
+
+def test_grouped_gemm_true_names_the_dtype_the_cpu_kernel_lacks():
+    moe = MoE(MoEConfig(dim=24, hidden_dim=40, num_experts=4, top_k=2, grouped_gemm=True))
+    x = torch.randn(5, 24)
+    assert moe.uses_grouped_gemm(x.half())  # the CPU kernel takes float16 on request
+    with pytest.raises(ValueError, match=r"CPU grouped GEMM computes in .* not torch.float64"):
+        moe(x.double())
+
+
+@layouts
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_output_dtype_under_autocast_does_not_depend_on_idle_experts(layout, top_k):
+    """An expert with no rows gave its empty float32 input rows, and ``cat`` promoted every
+    expert's bfloat16 output to float32: with ``top_k=1`` the layer's output dtype then
+    depended on the batch (as on an all-padding batch for every layout)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(dim=24, hidden_dim=40, num_experts=8, top_k=top_k, **LAYOUTS[layout])
+    moe = MoE(cfg.model_copy(update={"dispatch": "torch"}))
+    gen = torch.Generator().manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_busy, aux_busy = moe(torch.randn(400, 24, generator=gen))
+        y_idle, aux_idle = moe(torch.randn(2, 24, generator=gen))
+        y_padding, _ = moe(torch.randn(2, 24, generator=gen), torch.ones(2, dtype=torch.bool))
+    assert (aux_busy.stats.tokens_per_expert > 0).all()
+    assert (aux_idle.stats.tokens_per_expert == 0).any()
+    assert y_busy.dtype == y_idle.dtype == y_padding.dtype == torch.bfloat16

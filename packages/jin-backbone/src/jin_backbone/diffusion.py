@@ -156,9 +156,12 @@ class GaussianDiffusion(nn.Module):
 
     @staticmethod
     def at(coefficients: Tensor, t_B: Tensor, like: Tensor) -> Tensor:
-        """``coefficients[t]`` shaped ``(B, 1, ..., 1)`` to broadcast against ``like``."""
+        """``coefficients[t]`` shaped ``(B, 1, ..., 1)`` to broadcast against ``like``, in
+        ``like``'s dtype or float32, whichever is wider: in bfloat16 or float16 ``abar_t`` rounds
+        to exactly 1 for the first timesteps, and dividing by ``sqrt(1 - abar)`` gives inf."""
         values = coefficients.to(like.device)[t_B.to(like.device)]
-        return values.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return values.view(-1, *([1] * (like.dim() - 1))).to(dtype)
 
     def _check_timesteps(self, t_B: Tensor, x: Tensor) -> None:
         if t_B.shape != (x.shape[0],):
@@ -168,7 +171,7 @@ class GaussianDiffusion(nn.Module):
         """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
         self._check_timesteps(t_B, x0)
         abar = self.at(self.alphas_cumprod, t_B, x0)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        return (abar.sqrt() * x0 + (1 - abar).sqrt() * noise).to(x0.dtype)
 
     def target(self, x0: Tensor, noise: Tensor, t_B: Tensor) -> Tensor:
         """The regression target for ``cfg.prediction``: ``eps``, ``x0`` or
@@ -178,12 +181,13 @@ class GaussianDiffusion(nn.Module):
         if self.cfg.prediction == "x0":
             return x0
         abar = self.at(self.alphas_cumprod, t_B, x0)
-        return abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        return (abar.sqrt() * noise - (1 - abar).sqrt() * x0).to(x0.dtype)
 
     def predict_x0_and_eps(
         self, x_t: Tensor, t_B: Tensor, prediction: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """Recover ``(x0_hat, eps_hat)`` from the network's prediction at ``x_t``."""
+        """Recover ``(x0_hat, eps_hat)`` from the network's prediction at ``x_t`` (computed in
+        float32 at least, returned in the inputs' dtype)."""
         abar = self.at(self.alphas_cumprod, t_B, x_t)
         sqrt_abar, sqrt_one_minus = abar.sqrt(), (1 - abar).sqrt()
         if self.cfg.prediction == "eps":
@@ -195,7 +199,8 @@ class GaussianDiffusion(nn.Module):
         else:
             x0 = sqrt_abar * x_t - sqrt_one_minus * prediction
             eps = sqrt_one_minus * x_t + sqrt_abar * prediction
-        return x0, eps
+        dtype = torch.promote_types(x_t.dtype, prediction.dtype)
+        return x0.to(dtype), eps.to(dtype)
 
     def sample_timesteps(
         self, batch: int, generator: torch.Generator | None, like: Tensor

@@ -118,8 +118,12 @@ class Experts(nn.Module):
             x_ECD = x_MD.view(self.num_experts, padded_rows, -1)
             y_ECD = feed_forward(x_ECD, self.w_in, self.w_out, self.activation)  # batched matmul
             return y_ECD.view(x_MD.shape[0], -1)
+        # An expert with no rows contributes its empty rows, in the dtype its matmuls would give
+        # (autocast's): a wider one would make `cat` promote every expert's output to it.
         outputs = [
-            feed_forward(rows, w_in, w_out, self.activation) if rows.shape[0] else rows
+            feed_forward(rows, w_in, w_out, self.activation)
+            if rows.shape[0]
+            else rows.to(compute_dtype(rows))
             for (w_in, w_out), rows in zip(self.per_expert(), x_MD.split(counts), strict=True)
         ]
         return torch.cat(outputs)
@@ -132,9 +136,9 @@ class Experts(nn.Module):
         row ends on ``x_MD``'s device, so nothing is copied to the host). Under autocast the
         operands are cast to its dtype, as ``@`` would cast them.
         """
-        if x_MD.shape[0] == 0:
-            return x_MD.new_zeros(0, self.w_out.shape[-1])
         dtype = compute_dtype(x_MD)
+        if x_MD.shape[0] == 0:
+            return x_MD.new_zeros(0, self.w_out.shape[-1], dtype=dtype)
         w_in, w_out = (w.to(dtype) for w in (self.w_in, self.w_out))
         if empty_groups_need_masking(x_MD.device):
             # The weights of an expert with no rows enter detached, so its weight gradient is

@@ -44,7 +44,8 @@ class MoEConfig(StrictConfig):
     ``max_padding``: run all experts as one batched matmul on rows padded to the busiest expert
     when that computes at most this many times the real rows (1.0: only when perfectly balanced);
     otherwise one matmul per expert on its exact rows. Both are dropless and give equal results.
-    ``dispatch``: ``auto`` (CuPy kernels on CUDA when cupy is installed, PyTorch otherwise),
+    ``dispatch``: ``auto`` (CuPy kernels on CUDA when cupy is installed and the experts compute
+    in float32 or bfloat16, not under float16 autocast; PyTorch otherwise),
     ``torch``, ``cupy``, or ``naive`` (the seed's loop; a reference, slow).
     ``grouped_gemm``: run the experts as two ``torch.nn.functional.grouped_mm`` calls (one
     grouped-GEMM kernel each on the exact rows: no per-expert matmuls, no padding, and in the
@@ -233,6 +234,11 @@ class MoE(nn.Module):
             raise ValueError(
                 f"grouped_gemm=True: dim={self.cfg.dim} and hidden_dim={self.cfg.hidden_dim} "
                 f"must be multiples of {16 // itemsize} for {dtype} (16-byte aligned rows)"
+            )
+        if x.device.type == "cpu" and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"grouped_gemm=True: PyTorch's CPU grouped GEMM computes in float32, bfloat16 or "
+                f"float16, not {dtype}"
             )
         if x.is_cuda and dtype != torch.bfloat16:
             raise ValueError(

@@ -35,6 +35,13 @@ def guided_prediction(
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
+def _state_like(device: torch.device | str, dtype: torch.dtype) -> Tensor:
+    """The sampler's running ``x`` is kept in ``dtype`` or float32, whichever is wider; the
+    model sees it in ``dtype``. In bfloat16 the schedule's ``abar_t`` is exactly 1 for the first
+    timesteps, so the update's ``1 / sqrt(1 - abar)`` would be inf and the sample NaN."""
+    return torch.empty(0, device=device, dtype=torch.promote_types(dtype, torch.float32))
+
+
 def _start(
     shape: tuple[int, ...], x_T: Tensor | None, generator: torch.Generator | None, like: Tensor
 ) -> Tensor:
@@ -77,18 +84,18 @@ def ddpm_sample(
     Each step draws ``x_{t-1} ~ N(mu(x_t, x0_hat), beta_tilde_t I)`` with the posterior variance
     ``beta_tilde``; the last step (``t = 0``) returns the posterior mean without noise.
     """
-    like = torch.empty(0, device=device, dtype=dtype)
+    like = _state_like(device, dtype)
     x = _start(shape, x_T, generator, like)
     for step in reversed(range(diffusion.num_timesteps)):
         t_B = torch.full((shape[0],), step, dtype=torch.long, device=like.device)
-        prediction = guided_prediction(model, x, t_B, cond, uncond, guidance_scale)
+        prediction = guided_prediction(model, x.to(dtype), t_B, cond, uncond, guidance_scale)
         x0, _ = _x0_and_eps(diffusion, x, t_B, prediction, clip_x0)
         mean = (
             diffusion.at(diffusion.posterior_mean_coef_x0, t_B, x) * x0
             + diffusion.at(diffusion.posterior_mean_coef_xt, t_B, x) * x
         )
         if step == 0:
-            return mean
+            return mean.to(dtype)
         std = diffusion.at(diffusion.posterior_variance, t_B, x).sqrt()
         x = mean + std * randn(shape, generator, like)
     raise AssertionError("unreachable: num_timesteps > 1 is validated")
@@ -128,12 +135,12 @@ def ddim_sample(
     with ``steps=1`` and ``eta=0`` the result is exactly the model's ``x0`` estimate at
     ``t = T-1`` from ``x_T``.
     """
-    like = torch.empty(0, device=device, dtype=dtype)
+    like = _state_like(device, dtype)
     x = _start(shape, x_T, generator, like)
     timesteps = ddim_timesteps(diffusion.num_timesteps, steps)
     for i, step in enumerate(timesteps):
         t_B = torch.full((shape[0],), step, dtype=torch.long, device=like.device)
-        prediction = guided_prediction(model, x, t_B, cond, uncond, guidance_scale)
+        prediction = guided_prediction(model, x.to(dtype), t_B, cond, uncond, guidance_scale)
         x0, eps = _x0_and_eps(diffusion, x, t_B, prediction, clip_x0)
         abar = diffusion.alphas_cumprod[step].item()
         abar_prev = diffusion.alphas_cumprod[timesteps[i + 1]].item() if i + 1 < steps else 1.0
@@ -141,4 +148,4 @@ def ddim_sample(
         x = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
             x = x + sigma * randn(shape, generator, like)
-    return x
+    return x.to(dtype)

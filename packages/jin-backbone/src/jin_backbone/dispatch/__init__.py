@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from jin_backbone.dispatch import cupy_ops, torch_ops
 from jin_backbone.dispatch.plan import DispatchPlan, expert_capacity, make_plan
+from jin_backbone.experts import compute_dtype
 
 __all__ = [
     "Backend",
@@ -28,15 +30,21 @@ Backend = Literal["torch", "cupy"]
 
 
 def resolve_backend(requested: Literal["auto", "torch", "cupy"], x: Tensor) -> Backend:
-    """``auto``: CuPy where it applies, PyTorch elsewhere; ``cupy`` raises where it can't run."""
+    """``auto``: CuPy where it applies, PyTorch elsewhere; ``cupy`` raises where it can't run.
+
+    The kernels un-permute the experts' outputs, which autocast computes in its own dtype: under
+    float16 autocast (CUDA's default) they would be float16, which the kernels do not take.
+    """
     if requested == "torch":
         return "torch"
-    if cupy_ops.supports(x):
+    compute = compute_dtype(x)
+    if cupy_ops.supports(x) and compute in (torch.float32, torch.bfloat16):
         return "cupy"
     if requested == "cupy":
         raise ValueError(
-            f"dispatch='cupy' needs cupy installed and a CUDA float32/bfloat16 input; got "
-            f"device={x.device}, dtype={x.dtype}, cupy usable={cupy_ops.cupy_available()}"
+            f"dispatch='cupy' needs cupy installed and a CUDA float32/bfloat16 input, computed "
+            f"in float32/bfloat16; got device={x.device}, dtype={x.dtype}, compute dtype="
+            f"{compute} (autocast's where it is on), cupy usable={cupy_ops.cupy_available()}"
         )
     return "torch"
 

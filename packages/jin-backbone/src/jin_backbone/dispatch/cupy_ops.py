@@ -194,7 +194,12 @@ class _UnpermuteCombine(torch.autograd.Function):
 
 
 def permute(x_ND: Tensor, source_token_M: Tensor, row_of_assignment_KN: Tensor) -> Tensor:
-    """CuPy twin of :func:`jin_backbone.dispatch.torch_ops.permute` (the backward needs rows)."""
+    """CuPy twin of :func:`jin_backbone.dispatch.torch_ops.permute` (the backward needs rows).
+
+    The backward gathers each token's gradient from the rows of its kept assignments only: the
+    padding rows of the padded layout (copies of token 0 that nothing combines) are taken to
+    have zero gradient, as they do in the MoE layer, where torch's backward adds those zeros.
+    """
     return _Permute.apply(x_ND, source_token_M, row_of_assignment_KN)
 
 
