@@ -151,3 +151,39 @@ def test_collapse_diagnostics_separate_spread_from_collapsed():
     tokens = torch.randn(8, 4, 16, generator=g)
     assert float(content_std(tokens)) > 0.8
     assert float(content_std(tokens[:1].expand(8, -1, -1) + 0.0)) == 0.0
+
+
+def test_collapse_diagnostics_give_nan_for_a_batch_of_one_instead_of_raising():
+    # A worker batch of one (train.batch_size=2 over 2 workers) stopped jin-orchestrate's step here.
+    one = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+    metrics = collapse_metrics(one)
+    assert math.isnan(float(metrics["embed/std"])) and math.isnan(float(metrics["embed/std_ratio"]))
+    assert float(metrics["embed/effective_rank"]) == pytest.approx(1.0)
+    assert math.isnan(float(content_std(one[:, None])))
+    with pytest.raises(ValueError, match="at least one"):
+        collapse_metrics(torch.zeros(0, 16))
+
+
+def test_content_std_leaves_padded_tokens_out():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(4, 6, 8, generator=g)
+    collapsed = tokens[:1].expand(4, -1, -1)
+    padding = torch.zeros(7, 6, dtype=torch.bool)
+    padding[4:] = True  # three absent rows, all padding
+    padding[1, 3:] = True  # a smaller sample: its last positions are padding
+    junk = torch.randn(7, 6, 8, generator=g)
+    junk[5, 0] = float("nan")
+    for real in (tokens, collapsed):
+        batch = torch.where(padding[..., None], junk, torch.cat([real, real[:3]]))
+        # per position, the std over the rows not padded there
+        normed = F.layer_norm(batch, (8,))
+        expected = torch.stack([normed[~padding[:, t], t].std(dim=0) for t in range(6)]).mean()
+        torch.testing.assert_close(content_std(batch, padding), expected)
+    assert float(content_std(torch.cat([collapsed, junk[4:]]), padding)) < 1e-6
+    no_padding = torch.zeros(4, 6, dtype=torch.bool)
+    torch.testing.assert_close(content_std(tokens, no_padding), content_std(tokens))
+    lone = torch.ones(2, 6, dtype=torch.bool)
+    lone[0] = False  # one valid sample at every position: no spread to measure
+    assert math.isnan(float(content_std(tokens[:2], lone)))
+    with pytest.raises(ValueError, match="padding_mask"):
+        content_std(tokens, padding[:4, :5])

@@ -160,6 +160,13 @@ def test_span_rejects_too_short_or_float_lengths():
         gen(torch.tensor([5.0, 6.0]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_span_rejects_half_precision_lengths_instead_of_truncating(dtype):
+    # 5.7 in float16 was taken as length 5 (float32/float64 were refused, the half types not).
+    with pytest.raises(ValueError, match="dtype"):
+        SpanMaskGenerator()(torch.tensor([5.7, 6.0], dtype=dtype))
+
+
 def test_gather_tokens_matches_indexing_and_checks_shapes():
     x = torch.randn(3, 10, 4, generator=torch.Generator().manual_seed(0))
     idx = torch.tensor([[0, 9], [3, 3], [5, 1]])

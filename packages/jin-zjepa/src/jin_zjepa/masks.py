@@ -311,7 +311,10 @@ class SpanMaskGenerator:
         ``min_context_tokens`` context tokens, disjoint and covering its valid length.
         """
         cfg = self.config
-        if lengths.dim() != 1 or lengths.dtype in (torch.bool, torch.float32, torch.float64):
+        not_integer = (
+            lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex()
+        )
+        if lengths.dim() != 1 or not_integer:
             raise ValueError(
                 f"SpanMaskGenerator expects integer lengths of shape (B,); got dtype "
                 f"{lengths.dtype}, shape {tuple(lengths.shape)}"
