@@ -54,6 +54,16 @@ def test_image_to_tensor_stays_on_the_images_device(channels, normalize):
     assert out.device == torch.device("meta") and out.shape == (channels, 4, 5)
 
 
+def test_wide_and_float_pil_images_keep_their_range():
+    # Pillow's convert("RGB") clips a 16-bit image at 255 and truncates a float one to 0/1.
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    wide = image_to_tensor(Image.fromarray(ramp), channels=1, normalize=False)
+    assert torch.equal(wide[0], torch.from_numpy((ramp >> 8).astype(np.uint8)))
+    floats = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    from_pil = image_to_tensor(Image.fromarray(floats), channels=3)
+    assert torch.equal(from_pil, image_to_tensor(floats, channels=3))
+
+
 def test_collate_images_pads_and_records_sizes():
     images = [torch.ones(1, 4, 6, dtype=torch.uint8), torch.ones(1, 7, 2, dtype=torch.uint8)]
     batch, sizes = collate_images(images)
@@ -71,6 +81,10 @@ def test_bad_images_are_rejected():
         EncoderInputError, match="image: expected a PIL image, numpy array or tensor, received list"
     ):
         image_to_tensor([[0]])
+    with pytest.raises(EncoderInputError, match=r"image: mean/std: expected 3 values each"):
+        image_to_tensor(np.zeros((4, 4, 3), dtype=np.uint8), mean=(0.5, 0.5))
+    with pytest.raises(EncoderInputError, match=r"std positive, .* std \(0.0,\)"):
+        image_to_tensor(np.zeros((4, 4), dtype=np.uint8), channels=1, std=(0.0,))
 
 
 def _tone(rate: int, seconds: float = 0.5, freq: float = 440.0) -> np.ndarray:
@@ -109,6 +123,16 @@ def test_stdlib_wav_int16_and_arrays_agree(tmp_path):
     torch.testing.assert_close(channels_first, from_array)
 
 
+def test_unsigned_pcm_arrays_are_centred_at_mid_scale():
+    # 8-bit WAV PCM is unsigned (silence at 128): an array of it reads as soundfile reads the file.
+    samples = (np.round(_tone(16000) * 127) + 128).astype(np.uint8)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, (samples.astype(np.float64) - 128) / 128, 16000, "PCM_U8", format="WAV")
+    from_file = load_audio(buffer.getvalue())
+    torch.testing.assert_close(load_audio(samples, sample_rate=16000), from_file)
+    assert float(load_audio(np.full(8, 32768, np.uint16), sample_rate=16000).abs().max()) == 0.0
+
+
 def test_bad_audio_is_rejected():
     with pytest.raises(EncoderInputError, match="audio: could not decode bytes"):
         load_audio(b"not audio at all")
@@ -119,6 +143,8 @@ def test_bad_audio_is_rejected():
         load_audio(np.zeros(100, dtype=np.float32))
     with pytest.raises(EncoderInputError, match="audio: expected finite samples"):
         load_audio(np.array([0.0, np.nan]), sample_rate=16000)
+    with pytest.raises(EncoderInputError, match="audio: expected float or integer PCM samples"):
+        load_audio(np.zeros(8, dtype=bool), sample_rate=16000)
 
 
 def test_resampling_is_band_limited_and_padding_invariant():
@@ -155,3 +181,13 @@ def test_normalize_points_centres_and_scales_valid_points_only():
     assert bool((out[1, 6:] == 0).all())
     alone = normalize_points(points[1, :6])
     torch.testing.assert_close(alone, out[1, :6])
+
+
+def test_normalize_points_refuses_a_mask_that_is_not_bool_per_point():
+    points = torch.randn(2, 5, 3)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    for bad in (mask.to(torch.uint8), mask[0]):  # ~uint8 is -1/-2; (N,) would broadcast
+        with pytest.raises(
+            EncoderInputError, match=r"points: padding_mask: expected bool .*\(2, 5\)"
+        ):
+            normalize_points(points, bad)

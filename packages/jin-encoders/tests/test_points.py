@@ -37,6 +37,21 @@ def test_padding_invariance_with_clouds_of_different_sizes(encoder):
         assert_row_matches(batched, row, alone)
 
 
+def test_neighbours_at_equal_distance_do_not_depend_on_the_padding(encoder):
+    # A 6x6 grid (neighbours tie at the group-size boundary) with duplicated positions whose
+    # extra features differ: the chosen neighbours must be those of the cloud alone.
+    grid = torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij"), -1)
+    xyz = torch.cat([grid.reshape(-1, 2), torch.zeros(36, 1)], dim=-1).repeat(2, 1)
+    cloud = torch.cat([xyz, torch.randn(72, 2, generator=torch.Generator().manual_seed(0))], -1)
+    alone = encoder(cloud[None])
+    for length in (80, 300, 2000):
+        points = torch.zeros(2, length, 5)
+        points[0, :72], points[1] = cloud, torch.randn(length, 5)
+        mask = torch.zeros(2, length, dtype=torch.bool)
+        mask[0, 72:] = True
+        assert_row_matches(encoder(points, mask), 0, alone)
+
+
 def test_farthest_point_sampling_spreads_over_the_cloud():
     # Two tight clusters: the second centre must come from the other cluster.
     xyz = torch.cat([torch.randn(10, 3) * 0.01, torch.randn(10, 3) * 0.01 + 5.0])[None]

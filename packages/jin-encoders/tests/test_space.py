@@ -315,6 +315,16 @@ def test_the_space_runs_in_bfloat16(space):
     assert fused.tokens.dtype == torch.bfloat16 and bool(torch.isfinite(fused.tokens).all())
 
 
+def test_add_modality_to_a_bfloat16_space_builds_bfloat16_parameters(space):
+    space.to(torch.bfloat16)
+    space.add_modality("proprio", _proprio())
+    assert {p.dtype for p in space.modality_parameters("proprio")} == {torch.bfloat16}
+    inputs = {**tiny_inputs(), "proprio": torch.randn(3, 12)}
+    fused = space(inputs)  # mixed float32/bfloat16 sequences failed in the fusion layer
+    assert fused.tokens.dtype == torch.bfloat16 and bool(torch.isfinite(fused.tokens).all())
+    assert space.embed({"proprio": inputs["proprio"]})["proprio"].dtype == torch.bfloat16
+
+
 def _to(value, device):
     if isinstance(value, torch.Tensor):
         return value.to(device)

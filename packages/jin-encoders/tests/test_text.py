@@ -65,3 +65,7 @@ def test_bad_input_names_modality_expected_and_received(encoder):
         EncoderInputError, match=r"text: batch rows \[1\]: expected at least one token"
     ):
         encoder(torch.ones(2, 3, dtype=torch.long), torch.tensor([[False] * 3, [True] * 3]))
+    with pytest.raises(
+        EncoderInputError, match="text: texts: expected a list of str, received str"
+    ):
+        encoder("one string, not a batch of its characters")

@@ -28,6 +28,8 @@ __all__ = ["collate_images", "image_to_tensor", "load_audio", "normalize_points"
 
 # ITU-R BT.601 luma weights, as PIL's convert("L").
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
+# Pillow's 16-/32-bit integer grayscale modes: its convert("RGB") clips them at 255.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def image_to_tensor(
@@ -41,7 +43,9 @@ def image_to_tensor(
 
     Args:
         image: a PIL image, a numpy array ``(H,W)`` / ``(H,W,C)`` (channels last), or a tensor
-            ``(H,W)`` / ``(C,H,W)`` (channels first); uint8 in [0, 255] or float in [0, 1].
+            ``(H,W)`` / ``(C,H,W)`` (channels first); uint8 in [0, 255] or float in [0, 1]. A
+            16-bit PIL image keeps its top 8 bits (32-bit integer ones clipped to 0-65535, as
+            jin-data), a float one (mode "F") is read as float in [0, 1].
         channels: 1 or 3; grayscale is repeated to RGB, RGB is reduced by BT.601 luma, an alpha
             channel is dropped.
         normalize: True gives float32 ``(x - mean) / std``; False gives uint8 (what jin-data
@@ -52,7 +56,12 @@ def image_to_tensor(
     if channels not in (1, 3):
         raise EncoderInputError(f"image: channels: expected 1 or 3, received {channels}")
     if hasattr(image, "mode") and hasattr(image, "convert"):  # a PIL image, without importing PIL
-        image = np.asarray(image.convert("RGBA" if "A" in image.mode else "RGB"))
+        if image.mode in _WIDE_GRAY_MODES:
+            image = (np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        elif image.mode == "F":
+            image = np.array(image, dtype=np.float32)
+        else:
+            image = np.asarray(image.convert("RGBA" if "A" in image.mode else "RGB"))
     if isinstance(image, np.ndarray):
         array = image
         if array.ndim == 3:
@@ -89,8 +98,14 @@ def image_to_tensor(
     if not normalize:
         return (pixels * 255.0).round().to(torch.uint8)
     default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
-    mean_t = torch.tensor(mean or default_mean, dtype=torch.float32, device=pixels.device)
-    std_t = torch.tensor(std or default_std, dtype=torch.float32, device=pixels.device)
+    mean, std = tuple(mean or default_mean), tuple(std or default_std)
+    if len(mean) != channels or len(std) != channels or min(std) <= 0:
+        raise EncoderInputError(
+            f"image: mean/std: expected {channels} values each (one per channel), std positive, "
+            f"received mean {mean}, std {std}"
+        )
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device)
     return (pixels - mean_t[:, None, None]) / std_t[:, None, None]
 
 
@@ -122,7 +137,8 @@ def load_audio(
 
     Args:
         source: WAV/FLAC (any format libsndfile reads) as bytes or a path; or an array/tensor of
-            samples, ``(S,)`` or 2-D with channels (integer PCM is scaled to [-1, 1]).
+            samples, ``(S,)`` or 2-D with channels (integer PCM is scaled to [-1, 1]; unsigned
+            PCM, as 8-bit WAV's uint8, is centred at mid-scale first).
         sample_rate: the rate of an array ``source``; required for arrays, ignored for files.
         target_rate: output rate (16 kHz, the audio encoder's).
         channels_first: for 2-D arrays, whether the layout is ``(C,S)`` (else ``(S,C)``).
@@ -143,8 +159,14 @@ def load_audio(
                 "audio: sample_rate: expected the rate of the array in Hz, received None"
             )
         samples = torch.as_tensor(source)
+        if samples.dtype == torch.bool:
+            raise EncoderInputError("audio: expected float or integer PCM samples, received bool")
         if not samples.is_floating_point():
-            scale = float(torch.iinfo(samples.dtype).max) + 1.0
+            info = torch.iinfo(samples.dtype)
+            scale = float(info.max) + 1.0
+            if info.min == 0:  # unsigned PCM (8-bit WAV) is offset binary: silence at mid-scale
+                scale /= 2.0
+                samples = samples.double() - scale
             samples = samples.float() / scale
         if samples.ndim == 2:
             samples = samples.float().mean(dim=0 if channels_first else 1)
@@ -176,6 +198,13 @@ def normalize_points(points: Tensor, padding_mask: Tensor | None = None) -> Tens
             f"{tuple(points.shape)}"
         )
     mask = padding_mask[None] if squeeze and padding_mask is not None else padding_mask
+    if mask is not None and (
+        tuple(mask.shape) != tuple(batch.shape[:2]) or mask.dtype != torch.bool
+    ):
+        raise EncoderInputError(
+            f"points: padding_mask: expected bool tensor of shape {tuple(points.shape[:-1])}, "
+            f"received {padding_mask.dtype} of shape {tuple(padding_mask.shape)}"
+        )
     valid = (
         torch.ones(batch.shape[:2], dtype=torch.bool, device=batch.device)
         if mask is None

@@ -113,6 +113,21 @@ def farthest_point_sample(xyz: Tensor, valid: Tensor, num_samples: int) -> Tenso
     return torch.stack(chosen, dim=1)
 
 
+def _nearest(dist: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` smallest of ``dist (..., N)`` (float32, >= 0 or inf) and their indices,
+    ascending, ties in index order: ``dist.sort(stable=True)[..., :k]`` at ``topk``'s cost.
+
+    ``topk`` alone picks among points at equal distance (a grid, duplicated points) in an order
+    that depends on ``N``, so a cloud's groups would change with the padding of its batch. The
+    bits of a non-negative float32 order as the float does, so one int64 key of the distance's
+    bits then the index sorts by distance and breaks ties by index, with no two keys equal.
+    """
+    bits = dist.contiguous().view(torch.int32).to(torch.int64)
+    index = torch.arange(dist.shape[-1], device=dist.device)
+    near_idx = ((bits << 32) | index).topk(k, dim=-1, largest=False, sorted=True).indices
+    return dist.gather(-1, near_idx), near_idx
+
+
 def principal_frame(xyz: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     """Each cloud's centroid ``(B,3)`` and principal axes ``(B,3,3)`` (as columns), from its
     valid points only.
@@ -254,7 +269,7 @@ class PointCloudEncoder(ModalityEncoder):
         # Exact squared distances (not cdist's matmul form, whose rounding depends on sizes).
         dist = (centres[:, :, None, :] - xyz[:, None, :, :]).square().sum(dim=-1)  # (B, M, N)
         dist = dist.masked_fill(~valid[:, None, :], float("inf"))
-        near_dist, near_idx = dist.topk(group_size, dim=-1, largest=False, sorted=True)
+        near_dist, near_idx = _nearest(dist.float(), group_size)
         gathered = torch.gather(
             x[:, None].expand(-1, num_groups, -1, -1),
             2,

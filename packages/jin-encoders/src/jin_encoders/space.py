@@ -156,8 +156,10 @@ class JointEmbeddingSpace(nn.Module):
         Appends a modality embedding row, a retrieval projection and (with ``output_heads``) an
         output head: ``head`` when given, else a tied/untied LM head for a ``TextEncoder`` or a
         regression head of the encoder's ``target_dim``. Nothing existing is touched, so outputs
-        for existing modalities stay bitwise identical. Optimizers built before must be given the
-        new parameters (``modality_parameters(name)``).
+        for existing modalities stay bitwise identical. The new parameters (encoder included) take
+        the space's device and the dtype of its existing modality rows (a space cast to bfloat16
+        gets bfloat16 ones). Optimizers built before must be given the new parameters
+        (``modality_parameters(name)``).
         """
         self._check_new_name(name)
         if not isinstance(encoder, ModalityEncoder):
@@ -171,16 +173,20 @@ class JointEmbeddingSpace(nn.Module):
                 f"received width {encoder.dim}"
             )
         device = self.modality_registry.device
+        # The new parameters take the dtype of the existing rows (a space cast with .to(dtype)).
+        dtype = self.modality_embed[0].dtype if len(self.modality_embed) else None
         encoder.modality = name
-        self.encoders[name] = encoder.to(device)
-        row = nn.Parameter(torch.empty(self.dim, device=device))
+        self.encoders[name] = encoder.to(device, dtype)
+        row = nn.Parameter(torch.empty(self.dim, device=device, dtype=dtype))
         nn.init.normal_(row, std=0.02)
         self.modality_embed.append(row)
-        self.projections[name] = nn.Linear(self.dim, self.retrieval_dim, bias=False, device=device)
+        self.projections[name] = nn.Linear(
+            self.dim, self.retrieval_dim, bias=False, device=device, dtype=dtype
+        )
         if head is None and self.config.output_heads:
             head = self._default_head(encoder)
         if head is not None:
-            self.heads[name] = head.to(device)
+            self.heads[name] = head.to(device, dtype)
         encoded = torch.zeros(1, MAX_NAME_BYTES, dtype=torch.uint8, device=device)
         raw = name.encode("utf-8")
         encoded[0, : len(raw)] = torch.tensor(list(raw), dtype=torch.uint8, device=device)

@@ -63,7 +63,8 @@ class TextEncoder(ModalityEncoder):
         """Strings or raw uint8 bytes to ``(ids (B,T), padding_mask)``; int64 ids pass through."""
         self.tokenizer.modality = self.modality
         if not isinstance(x, Tensor):
-            ids, mask = self.tokenizer.encode(list(x))
+            # A lone str is refused by the tokenizer; list() would split it into characters.
+            ids, mask = self.tokenizer.encode(x if isinstance(x, str) else list(x))
             device = self.token_embed.weight.device
             return ids.to(device), mask.to(device)
         if x.dtype == torch.uint8:
