@@ -113,6 +113,11 @@ def test_samples_without_a_modality_train_on_what_they_have(model, test_config, 
             model.zero_grad(set_to_none=True)
     assert "jepa/image" not in out and "cross_modal/text_to_image" not in out
     assert out["zjepa"] == 0 and "jepa/text" in out
+    # The collapse watch reads the samples that have the modality: none here, so no spread.
+    assert out["collapse/image_std"].isnan() and out["collapse/image_content_std"].isnan()
+    assert torch.isfinite(out["collapse/text_std"]) and torch.isfinite(
+        out["collapse/text_content_std"]
+    )
     # In eval mode samples are independent: what an absent sample holds changes no loss term.
     model.eval()
     with torch.no_grad():

@@ -471,14 +471,19 @@ class JinModel(nn.Module):
         out: dict[str, Tensor] = {}
         with torch.no_grad():
             targets = {n: r.hidden for n, r in self.target(batch).items()}
-        # Collapse watch (logged, not optimised): spread of the EMA targets' pooled embeddings
-        # across samples (0 when collapsed) and across samples at each token position.
-        for name, hidden in targets.items():
-            pad = encoded[name].padding_mask
-            out[f"collapse/{name}_std"] = embedding_std(_masked_mean(hidden, pad))
-            out[f"collapse/{name}_content_std"] = content_std(hidden)
-        aux_terms: list[Tensor] = []
         present = {n: _present(batch, n, e.tokens) for n, e in encoded.items()}
+        # Collapse watch (logged, not optimised): spread of the EMA targets' pooled embeddings
+        # across the samples that have the modality (0 when collapsed; NaN for fewer than two)
+        # and across them at each token position, padding left out.
+        for name, hidden in targets.items():
+            pad, rows = encoded[name].padding_mask, present[name]
+            std = content = zero.new_full((), float("nan"))
+            if bool(rows.any()):
+                std = embedding_std(_masked_mean(hidden, pad)[rows])
+                content = content_std(hidden[rows], None if pad is None else pad[rows])
+            out[f"collapse/{name}_std"] = std
+            out[f"collapse/{name}_content_std"] = content
+        aux_terms: list[Tensor] = []
         # A modality no sample of the batch has gives no JEPA term (a mask needs tokens); it stays
         # in `encoded` for alignment, whose all-gathers every data-parallel rank must make alike.
         masks = {
