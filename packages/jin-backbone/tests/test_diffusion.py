@@ -79,6 +79,29 @@ def test_loss_ignores_padded_tokens():
     assert GaussianDiffusion.loss(prediction, target).item() > 1.0
 
 
+def test_loss_refuses_a_padding_mask_that_is_not_bool():
+    """``~`` of an integer mask is ``-1``/``-2``, not a keep mask: a 0/1 ``long`` mask gave a
+    negative loss and a ``uint8`` one a wrong positive one; a float mask raised a TypeError."""
+    prediction, target = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
+    padding_mask = torch.tensor([[False, False, True], [False, True, True]])
+    for dtype in (torch.long, torch.uint8, torch.float32):
+        with pytest.raises(ValueError, match=rf"padding_mask: expected bool .* got {dtype}"):
+            GaussianDiffusion.loss(prediction, target, padding_mask.to(dtype))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4)], ids=["no samples", "no tokens"])
+def test_an_empty_batch_has_zero_loss_not_nan(shape):
+    """The mean over no elements was NaN without a padding mask (0 with one): jin-orchestrate
+    takes each target's loss on the rows that have it, so a batch without any image made the
+    whole step's loss NaN and the step was skipped."""
+    diffusion = _diffusion("v")
+    x0 = torch.randn(*shape).requires_grad_(True)
+    loss = diffusion.training_loss(lambda x_t, t, c: 2 * x_t, x0, generator=torch.Generator())
+    assert loss.item() == 0.0
+    loss.backward()
+    assert x0.grad.shape == shape
+
+
 def test_training_loss_is_zero_for_an_oracle_and_deterministic_for_a_seed():
     diffusion = _diffusion("x0")
     x0 = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2))
@@ -334,3 +357,32 @@ def test_bfloat16_samplers_stay_finite_and_land_on_x0(prediction, clip_x0):
     x0_hat, eps_hat = diffusion.predict_x0_and_eps(x_t, torch.zeros(2, dtype=torch.long), x_t)
     assert x0_hat.dtype == eps_hat.dtype == torch.bfloat16
     assert torch.isfinite(x0_hat).all() and torch.isfinite(eps_hat).all()
+
+
+def test_a_model_cast_to_bfloat16_keeps_the_schedule_in_float32():
+    """A model holding the schedule (jin-orchestrate's generation heads) cast to bfloat16 cast
+    the buffers too: ``abar_t`` became exactly 1 for the first timesteps, DDIM raised
+    ``ZeroDivisionError`` and ``q_sample`` added no noise at ``t = 0`` even to float32 data."""
+    model = torch.nn.Module()
+    model.diffusion = _diffusion("x0", steps=100)
+    model.head = torch.nn.Linear(4, 4)
+    fresh = _diffusion("x0", steps=100)
+    model.to(torch.bfloat16)
+    assert model.head.weight.dtype == torch.bfloat16
+    for name, buffer in fresh.named_buffers():
+        assert torch.equal(model.diffusion.get_buffer(name), buffer), name
+    x0 = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(13)).clamp(-1, 1)
+    sample = ddim_sample(
+        model.diffusion,
+        lambda x_t, t, cond: x0.to(x_t.dtype),
+        (2, 3, 4),
+        steps=10,
+        clip_x0=1.0,
+        dtype=torch.bfloat16,
+        generator=torch.Generator().manual_seed(14),
+    )
+    torch.testing.assert_close(sample.float(), x0, rtol=0, atol=1e-2)
+    x_t = model.diffusion.q_sample(x0, torch.zeros(2, dtype=torch.long), torch.ones_like(x0))
+    assert not torch.equal(x_t, x0)
+    model.half().double()  # any cast, and back
+    assert model.diffusion.alphas_cumprod.dtype == torch.float32

@@ -1,5 +1,7 @@
 """The dispatch plan and the PyTorch permute / un-permute against direct definitions."""
 
+import contextlib
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -79,3 +81,46 @@ def test_unpermute_combine_is_the_weighted_sum_with_dropped_rows_adding_zero():
             if plan.row_of_assignment[k, n] >= 0:
                 expected[n] += weights_NK[n, k] * 3.0 * x_ND[n]
     torch.testing.assert_close(out, expected)
+
+
+def test_the_cupy_path_hands_bfloat16_to_cupy_as_raw_16_bit_words(monkeypatch):
+    """CuPy has no bfloat16 without ml_dtypes (which the ``cuda`` extra does not bring):
+    ``cupy.from_dlpack`` refuses a bfloat16 tensor, so every bfloat16 launch (bf16 weights, or
+    bf16 autocast's expert rows) failed. Here cupy is stood in for by a DLPack importer that has
+    no bfloat16 either (numpy), and the launches are recorded instead of run."""
+    from types import SimpleNamespace
+
+    from jin_backbone.dispatch import cupy_ops
+
+    imported = []
+
+    def from_dlpack(t):
+        imported.append(t.dtype)
+        return t.numpy()  # raises for bfloat16, as cupy without ml_dtypes does
+
+    fake_cupy = SimpleNamespace(
+        from_dlpack=from_dlpack,
+        cuda=SimpleNamespace(
+            Device=lambda index: contextlib.nullcontext(),
+            ExternalStream=lambda ptr, device: contextlib.nullcontext(),
+        ),
+    )
+    launched = []
+    fake_module = SimpleNamespace(get_function=lambda name: lambda *args: launched.append(name))
+    monkeypatch.setattr(cupy_ops, "_cupy", lambda: fake_cupy)
+    monkeypatch.setattr(cupy_ops, "_module", lambda index: fake_module)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: SimpleNamespace(cuda_stream=0))
+
+    plan = make_plan(torch.tensor([[1, 0], [1, 2], [2, 0]]), 3)
+    x = torch.randn(3, 8).to(torch.bfloat16).requires_grad_(True)
+    weights = torch.rand(3, 2).to(torch.bfloat16).requires_grad_(True)
+    permuted = cupy_ops.permute(x, plan.source_token, plan.row_of_assignment)
+    combined = cupy_ops.unpermute_combine(permuted, weights, plan.row_of_assignment)
+    combined.float().sum().backward()
+    assert launched == [
+        "gather_rows<uint4>",
+        "unpermute_combine<bf16>",
+        "unpermute_combine_backward<bf16>",
+        "permute_backward<bf16>",
+    ]
+    assert torch.bfloat16 not in imported and torch.int16 in imported

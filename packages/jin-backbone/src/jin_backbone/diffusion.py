@@ -107,7 +107,8 @@ class GaussianDiffusion(nn.Module):
     """Schedule buffers plus ``q_sample``, training targets and loss.
 
     A module only so that ``.to(device)`` moves its buffers; it has no parameters. Coefficients
-    are computed in float64 and stored as float32.
+    are computed in float64 and stored as float32, and stay float32 when a model holding the
+    schedule is cast (``model.to(torch.bfloat16)``, ``.half()``): see `_apply`.
     """
 
     betas: Tensor
@@ -149,6 +150,20 @@ class GaussianDiffusion(nn.Module):
         # of the whole against the other objectives it is summed with.
         self.loss_weight_scale = float(weights.mean())
         self.register_buffer("loss_weight_table", (weights / weights.mean()).float(), False)
+        # The float32 values the buffers are restored from after a cast (plain tensors, not
+        # buffers, so that `_apply` leaves them alone).
+        self._float32_buffers = {name: b.clone() for name, b in self.named_buffers()}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GaussianDiffusion:
+        """Moves apply to the schedule, dtype casts do not: a model cast to bfloat16 would cast
+        its schedule too, where ``abar_t`` rounds to exactly 1 for the first timesteps (DDIM then
+        divides by ``1 - abar = 0``, and ``q_sample`` adds no noise there even to float32 data)."""
+        super()._apply(fn, recurse)
+        for name, value in self._float32_buffers.items():
+            buffer = self._buffers[name]
+            if buffer is not None and buffer.dtype != torch.float32:
+                self._buffers[name] = value.to(buffer.device, copy=True)
+        return self
 
     @property
     def num_timesteps(self) -> int:
@@ -224,8 +239,9 @@ class GaussianDiffusion(nn.Module):
         padding_mask: Tensor | None = None,
         weight_B: Tensor | None = None,
     ) -> Tensor:
-        """Mean squared error over non-padded tokens (``padding_mask`` ``(B, T)``, True at pad),
-        each sample's squared errors scaled by ``weight_B`` ``(B,)`` when given."""
+        """Mean squared error over non-padded tokens (``padding_mask`` ``(B, T)`` bool, True at
+        pad), each sample's squared errors scaled by ``weight_B`` ``(B,)`` when given. Zero, not
+        NaN, when there is nothing to average (no samples, no tokens, or all padding)."""
         if prediction.shape != target.shape:
             raise ValueError(
                 f"prediction shape {tuple(prediction.shape)} != target {tuple(target.shape)}"
@@ -238,11 +254,11 @@ class GaussianDiffusion(nn.Module):
                 )
             sq = sq * weight_B.to(sq).view(-1, *([1] * (sq.dim() - 1)))
         if padding_mask is None:
-            return sq.mean()
-        if padding_mask.shape != sq.shape[:2]:
+            return sq.mean() if sq.numel() else sq.sum()
+        if padding_mask.shape != sq.shape[:2] or padding_mask.dtype != torch.bool:
             raise ValueError(
-                f"padding_mask: expected shape {tuple(sq.shape[:2])}, "
-                f"got {tuple(padding_mask.shape)}"
+                f"padding_mask: expected bool of shape {tuple(sq.shape[:2])}, "
+                f"got {padding_mask.dtype} of shape {tuple(padding_mask.shape)}"
             )
         keep = (~padding_mask).view(*padding_mask.shape, *([1] * (sq.dim() - 2))).to(sq.dtype)
         per_token = math.prod(sq.shape[2:])

@@ -107,8 +107,15 @@ def _launch(name: str, like: Tensor, num_blocks: int, tensors: list[Tensor], int
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(like.device).cuda_stream, device)
     with cupy.cuda.Device(device), stream:
         kernel = _module(device).get_function(name)
-        args = [cupy.from_dlpack(t.detach()) for t in tensors] + [np.int64(i) for i in ints]
+        args = [cupy.from_dlpack(_raw(t)) for t in tensors] + [np.int64(i) for i in ints]
         kernel((min(num_blocks, _MAX_BLOCKS),), (_THREADS,), tuple(args))
+
+
+def _raw(t: Tensor) -> Tensor:
+    """``t`` as CuPy can import it: bfloat16 as its raw 16 bits (an int16 view), which is how the
+    kernels read it (``struct bf16``). CuPy has no bfloat16 of its own: without ml_dtypes installed
+    (the ``cuda`` extra does not bring it) ``cupy.from_dlpack`` refuses a bfloat16 tensor."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).detach()
 
 
 def _copy_unit(x: Tensor) -> tuple[str, torch.dtype, int]:
