@@ -133,6 +133,19 @@ def test_unsigned_pcm_arrays_are_centred_at_mid_scale():
     assert float(load_audio(np.full(8, 32768, np.uint16), sample_rate=16000).abs().max()) == 0.0
 
 
+def test_big_endian_arrays_read_as_their_values():
+    # AIFF PCM and network buffers are big-endian; torch refuses a non-native byte order.
+    pcm = (np.round(_tone(16000) * 20000)).astype(np.int16)
+    for native in (pcm, pcm.astype(np.float32) / 32768, np.stack([pcm, pcm], axis=1)):
+        swapped = native.astype(native.dtype.newbyteorder(">"))
+        assert np.array_equal(swapped, native)
+        torch.testing.assert_close(
+            load_audio(swapped, sample_rate=16000), load_audio(native, sample_rate=16000)
+        )
+    image = np.random.default_rng(0).random((4, 5, 3))
+    torch.testing.assert_close(image_to_tensor(image.astype(">f8")), image_to_tensor(image))
+
+
 def test_bad_audio_is_rejected():
     with pytest.raises(EncoderInputError, match="audio: could not decode bytes"):
         load_audio(b"not audio at all")
@@ -153,6 +166,7 @@ def test_resampling_is_band_limited_and_padding_invariant():
     batch[0] = tone
     batch[1, :20000] = tone[:20000]
     batch[1, 20000:] = 9.0  # junk past the length
+    batch[1, 20000:20005] = float("nan")  # of any kind
     out, lengths = resample(batch, 44100, 16000, torch.tensor([tone.shape[0], 20000]))
     alone, alone_len = resample(tone[:20000], 44100, 16000)
     assert (
@@ -160,6 +174,7 @@ def test_resampling_is_band_limited_and_padding_invariant():
         and int(alone_len) == lengths[1]
     )
     torch.testing.assert_close(out[1, : lengths[1]], alone, atol=1e-6, rtol=0)
+    assert bool((out[1, lengths[1] :] == 0).all())
     t = torch.arange(16000, dtype=torch.float64) / 16000
     reference = 0.5 * torch.sin(2 * math.pi * 1000.0 * t)
     assert float((out[0].double() - reference)[300:-300].abs().max()) < 1e-3
@@ -181,6 +196,8 @@ def test_normalize_points_centres_and_scales_valid_points_only():
     assert bool((out[1, 6:] == 0).all())
     alone = normalize_points(points[1, :6])
     torch.testing.assert_close(alone, out[1, :6])
+    points[1, 6:] = float("nan")  # whatever padding holds never reaches the real points
+    torch.testing.assert_close(normalize_points(points, mask), out)
 
 
 def test_normalize_points_refuses_a_mask_that_is_not_bool_per_point():

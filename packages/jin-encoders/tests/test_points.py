@@ -261,6 +261,20 @@ def test_voxel_empty_cells_are_padding_and_regression_targets_are_the_cells():
     assert bool((out.tokens[~out.valid_mask] == 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_voxel_counts_are_exact_in_half_precision(dtype):
+    encoder = _voxel_encoder(in_features=3)
+    # 2,049 points in one voxel: a bfloat16 running count stops at 256, a float16 one at 2,048.
+    cloud = torch.zeros(1, 2050, 3)
+    cloud[0, -1] = 1.0
+    voxels, counts = encoder.voxelize(cloud.to(dtype))
+    assert counts.dtype == torch.float32 and counts.max().item() == 2049
+    assert counts.sum().item() == 2050 and voxels.dtype == dtype
+    targets, _ = encoder.regression_targets(cloud.to(dtype))
+    assert targets.dtype == dtype
+    assert targets.max() == torch.log1p(torch.tensor(2049.0)).to(dtype)
+
+
 def test_voxel_stem_in_the_pca_frame_is_rotation_invariant_and_keeps_the_gradient():
     encoder = _voxel_encoder(frame="pca")
     cloud = _skewed_cloud(64, seed=3)

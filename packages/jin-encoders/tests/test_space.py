@@ -196,6 +196,11 @@ def test_project_is_masked_mean_pooled_and_unit_norm(space):
     )
     torch.testing.assert_close(a[0], expected)
     assert a.shape == (2, 16)
+    junk[0, 2:] = float("nan")  # padding may hold anything, NaN included
+    torch.testing.assert_close(space.project("image", junk, mask), a)
+    for bad in (mask.to(torch.uint8), mask[0]):  # ~uint8 is 255/254; (T,) would broadcast
+        with pytest.raises(EncoderInputError, match=r"image: project: padding_mask: expected bool"):
+            space.project("image", tokens, bad)
 
 
 def test_text_head_is_tied_to_the_token_embedding_without_duplicate_keys(space):

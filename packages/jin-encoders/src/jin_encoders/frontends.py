@@ -63,7 +63,7 @@ def image_to_tensor(
         else:
             image = np.asarray(image.convert("RGBA" if "A" in image.mode else "RGB"))
     if isinstance(image, np.ndarray):
-        array = image
+        array = _native_byte_order(image)
         if array.ndim == 3:
             array = np.moveaxis(array, -1, 0)
         tensor = torch.from_numpy(np.ascontiguousarray(array))
@@ -107,6 +107,12 @@ def image_to_tensor(
     mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device)
     std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device)
     return (pixels - mean_t[:, None, None]) / std_t[:, None, None]
+
+
+def _native_byte_order(array: np.ndarray) -> np.ndarray:
+    """``array`` in the machine's byte order (torch refuses big-endian arrays, e.g. ``>i2`` PCM
+    read from AIFF or a network buffer); a copy only when the order differs."""
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
 
 
 def collate_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -158,6 +164,8 @@ def load_audio(
             raise EncoderInputError(
                 "audio: sample_rate: expected the rate of the array in Hz, received None"
             )
+        if isinstance(source, np.ndarray):
+            source = _native_byte_order(source)
         samples = torch.as_tensor(source)
         if samples.dtype == torch.bool:
             raise EncoderInputError("audio: expected float or integer PCM samples, received bool")
@@ -210,6 +218,8 @@ def normalize_points(points: Tensor, padding_mask: Tensor | None = None) -> Tens
         if mask is None
         else ~mask
     )
+    # Filled, not only multiplied by the mask: 0 * NaN is NaN, and padding may hold anything.
+    batch = batch.masked_fill(~valid[..., None], 0.0)
     keep = valid[..., None].to(batch.dtype)
     xyz = batch[..., :3]
     centre = (xyz * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp(min=1.0)

@@ -210,8 +210,8 @@ class PointCloudEncoder(ModalityEncoder):
         return x, valid
 
     def voxelize(self, x: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """A padded batch of clouds as voxel features ``(B, 1+F, G, G, G)`` and counts
-        ``(B, G, G, G)``.
+        """A padded batch of clouds as voxel features ``(B, 1+F, G, G, G)`` (in the input's dtype)
+        and float32 counts ``(B, G, G, G)``.
 
         Each cloud (in the configured frame) is centred at its centroid and scaled so its
         farthest point has norm 1, then binned into ``G = voxel_grid`` voxels per side over
@@ -234,12 +234,14 @@ class PointCloudEncoder(ModalityEncoder):
         flat = (torch.arange(batch, device=x.device)[:, None] * grid + index[..., 0]) * grid
         flat = (flat + index[..., 1]) * grid + index[..., 2]
         values = torch.cat([torch.ones_like(offset[..., :1]), offset, x[..., 3:]], dim=-1) * weight
-        sums = values.new_zeros(batch * grid**3, features + 1)
-        sums = sums.index_add(0, flat.reshape(-1), values.reshape(-1, features + 1))
+        # Summed in float32 whatever the input's dtype: a bfloat16 count stops at 256 (256 + 1
+        # rounds back to 256) and is inexact past it, half precision's past 2048.
+        sums = values.new_zeros(batch * grid**3, features + 1, dtype=torch.float32)
+        sums = sums.index_add(0, flat.reshape(-1), values.reshape(-1, features + 1).float())
         counts = sums[:, 0]
         voxels = torch.cat(
             [torch.log1p(counts)[:, None], sums[:, 1:] / counts.clamp(min=1.0)[:, None]], 1
-        )
+        ).to(x.dtype)
         voxels = voxels.view(batch, grid, grid, grid, features + 1).permute(0, 4, 1, 2, 3)
         return voxels, counts.view(batch, grid, grid, grid)
 
@@ -330,7 +332,7 @@ class PointCloudEncoder(ModalityEncoder):
         if self.config.stem == "voxels":
             cells = self._cells(self.voxelize(x, padding_mask)[1])
             empty = cells.sum(dim=-1) == 0
-            return torch.log1p(cells), (empty if bool(empty.any()) else None)
+            return torch.log1p(cells).to(x.dtype), (empty if bool(empty.any()) else None)
         _, neighbours, neighbour_valid, group_mask = self.group(x, padding_mask)
         xyz = neighbours[..., :3] * neighbour_valid[..., None].to(neighbours.dtype)
         xyz = F.pad(xyz, (0, 0, 0, self.config.group_size - xyz.shape[2]))

@@ -62,7 +62,7 @@ def resample(
         lengths = torch.full((batch,), samples, dtype=torch.long, device=waveform.device)
     lengths = lengths.to(device=waveform.device, dtype=torch.long)
     valid = torch.arange(samples, device=waveform.device)[None, :] < lengths[:, None]
-    batch_BS = batch_BS.float() * valid
+    batch_BS = batch_BS.float().masked_fill(~valid, 0.0)  # not `* valid`: 0 * NaN is NaN
     if orig_sr == new_sr:
         out, new_lengths = batch_BS, lengths
     else:

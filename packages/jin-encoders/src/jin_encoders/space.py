@@ -288,8 +288,19 @@ class JointEmbeddingSpace(nn.Module):
         if padding_mask is None:
             pooled = tokens.mean(dim=1)
         else:
-            keep = (~padding_mask)[..., None].to(tokens.dtype)
-            pooled = (tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+            if (
+                tuple(padding_mask.shape) != tuple(tokens.shape[:2])
+                or padding_mask.dtype != torch.bool
+            ):
+                raise EncoderInputError(
+                    f"{name}: project: padding_mask: expected bool of shape "
+                    f"{tuple(tokens.shape[:2])}, received {padding_mask.dtype} of shape "
+                    f"{tuple(padding_mask.shape)}"
+                )
+            # Filled, not multiplied: a padded token's value (even NaN) never reaches the mean.
+            summed = tokens.masked_fill(padding_mask[..., None], 0.0).sum(dim=1)
+            count = (~padding_mask).sum(dim=1, keepdim=True).clamp(min=1).to(tokens.dtype)
+            pooled = summed / count
         return F.normalize(self.projections[name](pooled), dim=-1)
 
     def embed(self, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
