@@ -108,6 +108,33 @@ def test_jepa_loss_normalises_targets_and_ignores_padding():
         jepa_loss(pred, target, pad[:, :3])
 
 
+def test_masked_losses_select_tokens_so_non_finite_padding_gives_finite_loss_and_grad():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 3, 8, generator=g)
+    target[1, 2] = float("nan")  # garbage at a padded target
+    pred = torch.randn(2, 3, 8, generator=g)
+    pred[0, 1] = float("inf")  # and at a padded prediction
+    pred.requires_grad_()
+    pad = torch.tensor([[False, True, False], [False, False, True]])
+    loss, _ = jepa_loss(pred, target, pad)
+    loss.backward()
+    keep = ~pad
+    expected = (pred.detach()[keep] - F.layer_norm(target[keep], (8,))).pow(2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert pred.grad.isfinite().all() and (pred.grad[pad] == 0).all()
+    absent = torch.randn(2, 3, 8, generator=g)
+    absent[1] = float("nan")  # the second sample lacks modality B
+    pred_b = torch.randn(2, 3, 8, generator=g, requires_grad=True)
+    loss_b, _ = cross_modal_jepa_loss(pred_b, absent, present=torch.tensor([True, False]))
+    loss_b.backward()
+    assert loss_b.isfinite() and pred_b.grad.isfinite().all()
+    every_pad = torch.ones(2, 3, dtype=torch.bool)
+    zero, _ = jepa_loss(pred, target, every_pad)
+    assert zero.item() == 0.0 and zero.requires_grad
+    with pytest.raises(ValueError, match="padding_mask must be bool"):
+        jepa_loss(pred, target, pad.long())
+
+
 def test_cross_modal_loss_ignores_absent_pairs():
     g = torch.Generator().manual_seed(0)
     target = torch.randn(3, 4, 8, generator=g)

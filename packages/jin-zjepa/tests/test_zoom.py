@@ -63,6 +63,11 @@ def test_integer_roi_crop_equals_slicing():
     box = torch.tensor([(y0 + h / 2) / 16, (x0 + w / 2) / 20, h / 16, w / 20], dtype=torch.float64)
     crop = crop_and_resize(images, box.expand(3, 4), (h, w))
     torch.testing.assert_close(crop, images[:, :, y0 : y0 + h, x0 : x0 + w], rtol=0, atol=1e-10)
+    # The uint8 images of a jin-data batch are named, not reported as torch's "theta".
+    with pytest.raises(
+        ValueError, match=r"crop_and_resize expects float images .* got torch.uint8"
+    ):
+        crop_and_resize(images.to(torch.uint8), box.expand(3, 4), (h, w))
 
 
 def test_level0_is_the_image_and_boxes_are_nested_inside_the_image():

@@ -56,15 +56,18 @@ def masked_mse(
     target = target_BND.detach()
     if normalize_targets:
         target = F.layer_norm(target, (target.shape[-1],))
-    err_BN = (pred_BND - target).pow(2).mean(dim=-1)
     if padding_mask is None:
-        return err_BN.mean()
-    if padding_mask.shape != err_BN.shape:
+        return (pred_BND - target).pow(2).mean(dim=-1).mean()
+    if padding_mask.shape != pred_BND.shape[:2] or padding_mask.dtype != torch.bool:
         raise ValueError(
-            f"padding_mask must be (B, N) = {tuple(err_BN.shape)}; got {tuple(padding_mask.shape)}"
+            f"padding_mask must be bool (B, N) = {tuple(pred_BND.shape[:2])}; got "
+            f"{padding_mask.dtype} {tuple(padding_mask.shape)}"
         )
-    keep_BN = (~padding_mask).to(err_BN.dtype)
-    return (err_BN * keep_BN).sum() / keep_BN.sum().clamp(min=1.0)
+    # Select the kept tokens before the error, not multiply by a keep mask: 0 * NaN is NaN, and a
+    # padded token's value (or its gradient through pow) must never reach the loss.
+    keep_BN = ~padding_mask
+    err_K = (pred_BND[keep_BN] - target[keep_BN]).pow(2).mean(dim=-1)
+    return err_K.sum() / keep_BN.sum().clamp(min=1).to(err_K.dtype)
 
 
 def jepa_loss(

@@ -44,10 +44,10 @@ def crop_and_resize(images: Tensor, boxes: Tensor, size: tuple[int, int]) -> Ten
     centres onto the box's pixel centres exactly: an integer-aligned box resampled to its own
     pixel size reproduces plain slicing.
     """
-    if images.dim() != 4 or boxes.shape != (images.shape[0], 4):
+    if images.dim() != 4 or boxes.shape != (images.shape[0], 4) or not images.is_floating_point():
         raise ValueError(
-            f"crop_and_resize expects images (B,C,H,W) and boxes (B,4); got {tuple(images.shape)} "
-            f"and {tuple(boxes.shape)}"
+            f"crop_and_resize expects float images (B,C,H,W) (normalised pixels, not uint8) and "
+            f"boxes (B,4); got {images.dtype} {tuple(images.shape)} and {tuple(boxes.shape)}"
         )
     cy, cx, h, w = boxes.to(images.dtype).unbind(dim=-1)
     zero = torch.zeros_like(cy)
