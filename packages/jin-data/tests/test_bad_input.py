@@ -1,5 +1,6 @@
 """Corrupt, truncated and foreign files and undecodable rows: named errors, or counted skips."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -301,4 +302,22 @@ def test_a_damaged_manifest_is_a_shard_error_naming_it(dataset):
     path.write_bytes(bytes(text))
     for call in (lambda: ShardDataset(dataset, batch_size=2), lambda: verify_dataset(dataset)):
         with pytest.raises(ShardError, match=r"manifest\.json'.*unreadable manifest"):
+            call()
+
+
+def _list_a_shard_twice(dataset: str, path: str) -> None:
+    """Hand-edit the manifest so that its first shard is listed again, as ``path``."""
+    manifest_path = Path(dataset) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"].append({**manifest["shards"][0], "path": path})
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("path", ["shard-00000.parquet", "./shard-00000.parquet"])
+def test_a_manifest_listing_a_shard_twice_is_refused_naming_it(dataset, path):
+    _list_a_shard_twice(dataset, path)
+    for call in (lambda: ShardDataset(dataset, batch_size=2), lambda: verify_dataset(dataset)):
+        with pytest.raises(
+            ShardError, match=r"manifest\.json'.*shard '(\./)?shard-00000\.parquet' more than once"
+        ):
             call()

@@ -107,6 +107,33 @@ def test_command_line(tmp_path, cache, capsys):
     verify_dataset(url)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--samples", "0"],
+            "argument --samples: input should be greater than or equal to 1, received 0",
+        ),
+        (["--seed", "-1"], "argument --seed: input should be greater than or equal to 0"),
+        (["--rows-per-shard", "0"], "argument --rows-per-shard: input should be greater than"),
+        (["--held-out", "7,7"], "argument --held-out: held_out: expected distinct numbers"),
+        (["--held-out", "100"], "argument --held-out: held_out: expected distinct numbers"),
+        (["--out", ""], "argument --out: expected the URL of a data set, received ''"),
+        (["--out", "nope://x"], "argument --out: Protocol not known: nope"),
+    ],
+)
+def test_command_line_bad_values_are_usage_errors_naming_the_flag(
+    tmp_path, monkeypatch, capsys, flags, message
+):
+    monkeypatch.chdir(tmp_path)  # where --out "" used to write
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "x"), "--samples", "2", "--no-progress", *flags])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_command_line_errors_name_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--out", str(tmp_path / "x"), "--held-out", "7,x"])

@@ -1,7 +1,9 @@
 """The Ray Data path gives the same batches (layout and values) as the streaming reader."""
 
+import json
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -99,6 +101,16 @@ def test_unreadable_and_foreign_shards_raise_or_are_skipped_and_logged(local_ray
     third.write_bytes(b"junk")
     with pytest.raises(ShardError, match="left no readable shard"):
         read_ray_dataset(str(url), on_error="skip")
+
+
+def test_a_manifest_listing_a_shard_twice_is_refused(local_ray, dataset):
+    # The same check as the streaming reader (`load_manifest`), before any Ray task.
+    manifest_path = Path(dataset) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"].append(manifest["shards"][0])
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=r"manifest\.json'.*'shard-00000\.parquet' more than once"):
+        read_ray_dataset(dataset)
 
 
 def test_modalities_are_checked(local_ray, dataset):

@@ -68,9 +68,18 @@ def load_manifest(fs: fsspec.AbstractFileSystem, root: str) -> Manifest | None:
     with fs.open(path, "rb") as f:
         data = f.read()
     try:  # a damaged file may not even be UTF-8 (UnicodeDecodeError is a ValueError)
-        return Manifest.model_validate_json(data.decode())
+        manifest = Manifest.model_validate_json(data.decode())
     except ValueError as err:
         raise ShardError(f"unreadable manifest: {err}", url=path) from None
+    # A hand-edited manifest may list a shard twice (also as ``./a.parquet`` next to
+    # ``a.parquet``): every reader would then read its rows twice per epoch.
+    seen: set[str] = set()
+    for shard in manifest.shards:
+        name = posixpath.normpath(shard.path)
+        if name in seen:
+            raise ShardError(f"manifest lists shard {shard.path!r} more than once", url=path)
+        seen.add(name)
+    return manifest
 
 
 def verify_dataset(url: str) -> Manifest:

@@ -6,7 +6,10 @@ import argparse
 import sys
 import time
 
-from jin_data.numberworld.corpus import DEFAULT_HELD_OUT, generate_numberworld
+import fsspec
+from pydantic import ValidationError
+
+from jin_data.numberworld.corpus import DEFAULT_HELD_OUT, NumberWorldConfig, generate_numberworld
 from jin_data.numberworld.speech import EspeakNotFoundError
 
 
@@ -20,8 +23,8 @@ def _numbers(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, generate, print a summary; exit status 2 when espeak-ng is missing or a data set
-    exists at ``--out`` (without ``--overwrite``)."""
+    """Parse, generate, print a summary; exit status 2 on a bad flag value, when espeak-ng is
+    missing or when a data set exists at ``--out`` (without ``--overwrite``)."""
     parser = argparse.ArgumentParser(prog="python -m jin_data.numberworld", description=__doc__)
     parser.add_argument("--out", required=True, help="fsspec URL of the data set to write")
     parser.add_argument("--samples", type=int, default=3000)
@@ -39,7 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if not args.out:  # "" would write into the working directory
+        parser.error("argument --out: expected the URL of a data set, received ''")
+    try:
+        fsspec.core.url_to_fs(args.out)
+    except (ImportError, ValueError) as err:  # unknown protocol, or its package not installed
+        parser.error(f"argument --out: {err}")
     held_out = args.held_out
+    options = {
+        "held_out": held_out,
+        "cache_dir": args.cache_dir,
+        "rows_per_shard": args.rows_per_shard,
+    }
+    try:  # checked here, not inside the generator, so a bad value names its flag
+        NumberWorldConfig(samples=args.samples, seed=args.seed, **options)
+    except ValidationError as err:
+        first = err.errors()[0]
+        if first["type"] == "value_error":  # our validator's message, which quotes the value
+            problem = str(first["ctx"]["error"])
+        else:
+            problem = f"{first['msg'].lower()}, received {first['input']!r}"
+        parser.error(f"argument --{str(first['loc'][0]).replace('_', '-')}: {problem}")
     start = time.perf_counter()
     try:
         manifest = generate_numberworld(
@@ -48,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             overwrite=args.overwrite,
             progress=not args.no_progress,
-            held_out=held_out,
-            cache_dir=args.cache_dir,
-            rows_per_shard=args.rows_per_shard,
+            **options,
         )
     except EspeakNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
