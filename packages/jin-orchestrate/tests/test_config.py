@@ -54,6 +54,9 @@ def test_yaml_file_layer(tmp_path):
         ("train.seed=-1", "train.seed"),
         ("data.seed=-3", "data.seed"),
         ("data.modalities=[]", "data.modalities"),
+        # split over workers as batch_size // num_workers: 8 over 3 trained with 6
+        ("train.num_workers=3", "train.batch_size (8) is the global batch"),
+        ("train.num_workers=16", "train.num_workers (16)"),
     ],
 )
 def test_bad_settings_fail_naming_the_key(override, fragment):

@@ -309,3 +309,52 @@ def test_the_data_is_decoded_at_the_models_audio_rate(corpus_url):
         _embed_split(model, corpus_url, "test", ["audio"])
     ratio = torch.cat(slow.lengths).float() / torch.cat(usual.lengths).float()
     assert torch.allclose(ratio, torch.full_like(ratio, 0.5), atol=0.01)
+
+
+def test_plots_leave_out_samples_lacking_a_modality(tmp_path, monkeypatch):
+    """A sample without an image embeds as a zero vector; the plots drew it as one (the PCA map
+    a cluster of them, the similarity matrix a class -1 for the unlabelled)."""
+    from jin_orchestrate import plots
+    from jin_orchestrate.config import DataConfig
+    from jin_orchestrate.evaluate import evaluate, write_plots
+
+    # Test rows 20 and 21 lack the image, odd ones from 17 the vector; row 30 has no label.
+    url = _corpus(
+        str(tmp_path / "d"), no_image=(20, 21), no_custom=range(17, 34, 2), unlabelled=(30,)
+    )
+    data_cfg = DataConfig.model_validate(
+        {"modalities": ["text", "image", "seven_segment"], "columns": {"seven_segment": "custom"}}
+    )
+    evaluation = evaluate(_Oracle(), url, data_cfg)
+    projected = []
+    pca_2d = plots.pca_2d
+    monkeypatch.setattr(plots, "pca_2d", lambda x: projected.append(x) or pca_2d(x))
+    paths = write_plots(evaluation, tmp_path / "plots")
+    assert [p.name for p in paths] == ["embeddings_pca.png"]  # no audio: no similarity matrix
+    [x] = projected
+    assert len(x) == 18 + 16 + 9  # text, the images of 16 samples, the vectors of 9
+    assert bool((x.norm(dim=-1) > 0).all())
+
+
+def test_the_similarity_plot_reads_numbered_samples_with_text_and_audio(tmp_path, monkeypatch):
+    from jin_orchestrate import plots
+    from jin_orchestrate.evaluate import Evaluation, write_plots
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, -1, 2])
+    audio = torch.tensor([True, True, True, False, True, True, True, False])
+    emb = {m: torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=-1) for m in "ab"}
+    emb = {"text": emb["a"], "audio": emb["b"] * audio[:, None]}  # absent audio: zero vectors
+    seen = {}
+    similarity = plots.similarity_matrix
+
+    def spy(query, pool, labels_N, path, *args, **kwargs):
+        seen.update(query=query, pool=pool, labels=labels_N)
+        return similarity(query, pool, labels_N, path, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "similarity_matrix", spy)
+    write_plots(Evaluation({}, emb, labels, {"audio": audio}), tmp_path)
+    rows = torch.tensor([0, 1, 2, 4, 5])
+    assert torch.equal(seen["labels"], labels[rows])
+    assert torch.equal(seen["query"], emb["text"][rows])
+    assert torch.equal(seen["pool"], emb["audio"][rows])

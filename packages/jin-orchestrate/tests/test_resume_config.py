@@ -50,7 +50,7 @@ def test_pretrain_resume_runs_the_jobs_own_config(job, runs):
         [],
         ["--set", "stages.2.steps=20"],
         ["--preset", "jin-test", "--set", "stages.2.steps=20"],
-        ["--num-workers", "3"],
+        ["--num-workers", "4"],
     ):
         with pytest.raises(Reached):
             pretrain.main(["--resume", "--output", str(output), *extra])
@@ -59,7 +59,24 @@ def test_pretrain_resume_runs_the_jobs_own_config(job, runs):
         assert cfg.model_dump(exclude={"train": {"num_workers"}}) == started.model_dump(
             exclude={"train": {"num_workers"}}
         ), extra
-    assert runs[-1]["cfg"].train.num_workers == 3
+    assert runs[-1]["cfg"].train.num_workers == 4
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_worker_count_the_batch_does_not_split_over_is_refused(job, runs, capsys, resume):
+    """jin-test's batch of 8 over 3 workers used to train with 3 x 2 = 6 samples a step (and 16
+    workers with 16), without a word; it is refused before the job starts, naming both values."""
+    output, _ = job
+    argv = ["--resume", "--output", str(output)] if resume else ["--preset", "jin-test"]
+    for workers in ("3", "16"):
+        assert pretrain.main([*argv, "--num-workers", workers]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "train.batch_size (8)" in err, err
+        assert f"train.num_workers ({workers})" in err, err
+    # the flag was set on the config outside the error handling: a traceback, not an error line
+    assert pretrain.main([*argv, "--num-workers", "0"]) == 2
+    assert "num_workers" in (err := capsys.readouterr().err) and "greater than 0" in err, err
+    assert runs == []
 
 
 @pytest.mark.parametrize(
@@ -81,6 +98,25 @@ def test_pretrain_resume_refuses_flags_that_change_the_config(job, runs, capsys,
         assert text in err, err
     assert runs == []  # refused before Ray or MLflow
     assert (output / "job.json").read_text() == before
+
+
+def test_a_job_started_with_an_uneven_split_resumes_with_a_worker_count_that_divides(
+    job, runs, capsys
+):
+    """A job.json written before the split was checked (batch 8 over 3 workers) is refused as
+    it is and resumed with --num-workers that divide the batch, everything else its own."""
+    output, started = job
+    record = json.loads((output / "job.json").read_text())
+    record["config"]["train"]["num_workers"] = 3
+    (output / "job.json").write_text(json.dumps(record))
+    assert pretrain.main(["--resume", "--output", str(output)]) == 2
+    assert "train.num_workers (3)" in capsys.readouterr().err
+    with pytest.raises(Reached):
+        pretrain.main(["--resume", "--output", str(output), "--num-workers", "2"])
+    assert runs[-1]["cfg"].train.num_workers == 2
+    assert runs[-1]["cfg"].model_dump(exclude={"train": {"num_workers"}}) == started.model_dump(
+        exclude={"train": {"num_workers"}}
+    )
 
 
 def test_pretrain_resume_refuses_a_config_file_that_changes_the_config(job, runs, capsys):
@@ -155,3 +191,29 @@ def test_extend_and_generate_train_resume_only_with_the_flags_they_started_with(
     err = capsys.readouterr().err
     assert err.startswith("error: --resume:") and named in err, err
     assert len(runs) == 2
+
+
+def test_the_loss_curve_of_a_resumed_stage_has_each_step_once(tmp_path, monkeypatch):
+    """A resumed stage logs the steps after its last checkpoint again (MLflow keeps both); the
+    job's loss-curve PNG drew them twice, the line running back; it keeps the later value."""
+    import types
+
+    import mlflow
+    from matplotlib.axes import Axes
+    from mlflow.entities import Metric
+
+    killed = [Metric("loss", v, t, s) for s, v, t in [(1, 1.0, 10), (2, 0.9, 11), (3, 0.8, 12)]]
+    resumed = [Metric("loss", v, t, s) for s, v, t in [(3, 0.7, 20), (4, 0.6, 21)]]
+    client = types.SimpleNamespace(
+        get_metric_history=lambda run_id, key: killed + resumed,
+        get_run=lambda run_id: types.SimpleNamespace(info=types.SimpleNamespace(run_name="s1")),
+    )
+    drawn = []
+    plot = Axes.plot
+    monkeypatch.setattr(
+        Axes, "plot", lambda ax, x, y, **kw: drawn.append((x, y)) or plot(ax, x, y, **kw)
+    )
+    monkeypatch.setattr(mlflow, "log_artifact", lambda path: None)
+    pretrain._log_loss_curves(client, ["run"], tmp_path)
+    assert drawn == [([1, 2, 3, 4], [1.0, 0.9, 0.7, 0.6])]
+    assert (tmp_path / "loss_curves.png").read_bytes().startswith(b"\x89PNG")

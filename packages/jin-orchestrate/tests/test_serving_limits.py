@@ -237,6 +237,41 @@ def test_a_body_json_cannot_parse_is_a_located_422(card, monkeypatch, body, caus
     assert detail["msg"].startswith("JSON decode error: ") and cause in detail["msg"]
 
 
+@pytest.mark.parametrize(
+    ("item", "loc"),
+    [
+        ({"modality": "seven_segment", "data": [1.0, "1.5", *[0.0] * 12]}, ["list[float]", 1]),
+        ({"modality": "seven_segment", "data": [True, *[0.0] * 13]}, ["list[float]", 0]),
+        (
+            {"modality": "points", "data": [[0.0, 0.0, 0.0], [1.0, "2", 3.0]]},
+            ["list[list[float]]", 1, 1],
+        ),
+        ({"modality": "points", "data": [[0.0, False, 0.0]]}, ["list[list[float]]", 0, 1]),
+    ],
+    ids=["string-in-vector", "bool-in-vector", "string-in-points", "bool-in-points"],
+)
+def test_strings_and_booleans_are_not_numbers(card, monkeypatch, item, loc):
+    """pydantic's lax mode read "1.5" as 1.5 and true as 1.0 and embedded them; a 422 names the
+    item and the index instead."""
+    with ingress_client(card, monkeypatch) as client:
+        response = client.post("/v1/embed", json={"items": [item]})
+        similarity = client.post("/v1/similarity", json={"queries": [item], "candidates": [item]})
+    assert response.status_code == 422, response.text
+    locs = [d["loc"] for d in response.json()["detail"]]
+    assert ["body", "items", 0, "data", *loc] in locs, locs
+    assert similarity.status_code == 422, similarity.text
+
+
+def test_json_integers_are_numbers(card):
+    request = EmbedRequest.model_validate_json(
+        '{"items": [{"modality": "seven_segment", "data": [1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, '
+        '0, 3]}, {"modality": "points", "data": [[0, 1, 2], [3, 4.5, 5]]}]}'
+    )
+    table = items_table(request.items, card, LIMITS, card_decoder(card, on_error="skip"), "items")
+    assert table["seven_segment"].to_pylist()[0] == [1.0, 0, 2, *[0.0] * 10, 3]
+    assert np.asarray(table["points"][1].as_py()).tolist() == [[0, 1, 2], [3, 4.5, 5]]
+
+
 def test_every_error_answer_has_the_documented_shape(card, monkeypatch):
     with ingress_client(card, monkeypatch) as client:
         wrong_method = client.get("/v1/embed")

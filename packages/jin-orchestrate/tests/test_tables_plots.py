@@ -1,7 +1,9 @@
 """Markdown tables with the published figures labelled, and the PNG plots of an evaluation."""
 
 import math
+import os
 
+import pytest
 import torch
 
 from jin_orchestrate.plots import embedding_projection, loss_curves, pca_2d, similarity_matrix
@@ -85,3 +87,28 @@ def test_plots_are_written_as_png(tmp_path):
     ]
     for path in paths:
         assert path.read_bytes().startswith(PNG)
+
+
+def test_a_plot_that_fails_half_written_leaves_the_earlier_one(tmp_path, monkeypatch):
+    """Plots are written through a temporary file, like every other artefact: savefig straight
+    to the path left a truncated PNG where the good one was when writing failed."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(1)
+    emb = {"text": torch.nn.functional.normalize(torch.randn(20, 8, generator=g), dim=-1)}
+    labels = torch.arange(10).repeat(2)
+    good = embedding_projection(emb, labels, tmp_path / "pca.png").read_bytes()
+
+    def disk_full(self, fp, *args, **kwargs):  # PIL writes the PNG; the disk fills half-way
+        if isinstance(fp, str | os.PathLike):
+            with open(fp, "wb") as f:
+                f.write(PNG)
+        else:
+            fp.write(PNG)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        embedding_projection(emb, labels, tmp_path / "pca.png")
+    assert (tmp_path / "pca.png").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pca.png"]

@@ -81,6 +81,30 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(test_config, bat
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_the_target_momentum_schedule_starts_at_the_first_step_and_resumes_exactly(
+    test_config, batch, tmp_path, monkeypatch
+):
+    """EMAConfig.momentum(step) is the momentum after optimiser step ``step`` (0-based); the loop
+    passed the count after it, so the first update used momentum(1) and the curriculum's last
+    momentum 1 (no update at all)."""
+    from jin_zjepa.ema import EMATarget
+
+    steps = []
+    update = EMATarget.update
+
+    def spy(self, online, step):
+        steps.append(step)
+        return update(self, online, step)
+
+    monkeypatch.setattr(EMATarget, "update", spy)
+    _, resumed, path = straight_and_interrupted(test_config, batch, tmp_path, 123)
+    assert steps == [0, 1, 2, 3, 0, 1]  # four straight steps, then two before the checkpoint
+    resumed.restore(path)
+    for _ in range(2):
+        resumed.train_step(batch)
+    assert steps[6:] == [2, 3]  # the resumed run's schedule is the uninterrupted one's
+
+
 def test_each_data_parallel_rank_resumes_its_own_random_streams(test_config, batch, tmp_path):
     # Rank 0 alone writes a Ray job's checkpoint, but every rank draws its own masks and noise
     # (seeded by rank); restored from rank 0's states, all ranks drew the same ones after a resume.

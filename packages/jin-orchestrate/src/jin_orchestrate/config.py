@@ -144,6 +144,18 @@ class TrainConfig(StrictConfig):
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
     max_nonfinite_steps: int = Field(5, gt=0, description="non-finite losses in a row that stop")
 
+    @model_validator(mode="after")
+    def _split_batch(self) -> TrainConfig:
+        # Each worker takes batch_size / num_workers samples a step; a remainder would change the
+        # global batch (and so the gradient's noise and InfoNCE's negatives) without a word.
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.batch_size}) is the global batch, split equally over "
+                f"train.num_workers ({self.num_workers}): it must be a multiple of the worker "
+                "count; change one of them"
+            )
+        return self
+
 
 class DataConfig(StrictConfig):
     """Where the shards come from; with no ``url``, NumberWorld is generated into the cache."""

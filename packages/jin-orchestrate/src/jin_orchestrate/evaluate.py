@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -276,11 +276,13 @@ def prompt_embeddings(model: torch.nn.Module, numbers: list[int]) -> torch.Tenso
 
 @dataclass
 class Evaluation:
-    """A model's figures and the test-split embeddings ``(N, R)`` they came from (for plots)."""
+    """A model's figures and the test-split embeddings ``(N, R)`` they came from (for plots);
+    ``present``: each modality's ``(N,)`` bool of the samples that have it (default: all)."""
 
     metrics: dict[str, float]
     embeddings: dict[str, torch.Tensor]
     labels: torch.Tensor
+    present: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, url: str, data_cfg: Any = None) -> dict[str, float]:
@@ -351,7 +353,7 @@ def evaluate(
             result[f"linear_probe/{m}_top1"] = probe.accuracy
             result[f"linear_probe/{m}_samples"] = float(probe.samples)
             result[f"linear_probe/{m}_classes"] = float(probe.classes)
-    return Evaluation(result, emb, labels)
+    return Evaluation(result, emb, labels, present)
 
 
 def _zero_shot(
@@ -494,19 +496,35 @@ def format_summary(result: dict[str, float]) -> str:
 
 
 def write_plots(evaluation: Evaluation, directory: str | Path, prefix: str = "") -> list[Path]:
-    """The text×audio similarity matrix and the PCA map of ``evaluation``'s embeddings, as PNGs."""
+    """The text×audio similarity matrix and the PCA map of ``evaluation``'s embeddings, as PNGs.
+
+    Samples that lack a modality (their embedding is a zero vector) are left out of its plots,
+    and the similarity matrix reads only the numbered samples that have both text and audio.
+    """
     from jin_orchestrate.plots import embedding_projection, similarity_matrix
 
     directory = Path(directory)
-    emb, labels = evaluation.embeddings, evaluation.labels
+    emb, labels, present = evaluation.embeddings, evaluation.labels, evaluation.present
+    everyone = torch.ones(len(labels), dtype=torch.bool)
+    has = {m: present.get(m, everyone) for m in emb}
     paths = []
     if "text" in emb and "audio" in emb:
+        rows = has["text"] & has["audio"] & (labels >= 0)
+        if rows.any():
+            paths.append(
+                similarity_matrix(
+                    emb["text"][rows],
+                    emb["audio"][rows],
+                    labels[rows],
+                    directory / f"{prefix}text_audio_similarity.png",
+                )
+            )
+    if any(rows.any() for rows in has.values()):
         paths.append(
-            similarity_matrix(
-                emb["text"], emb["audio"], labels, directory / f"{prefix}text_audio_similarity.png"
+            embedding_projection(
+                emb, labels, directory / f"{prefix}embeddings_pca.png", present=has
             )
         )
-    paths.append(embedding_projection(emb, labels, directory / f"{prefix}embeddings_pca.png"))
     return paths
 
 

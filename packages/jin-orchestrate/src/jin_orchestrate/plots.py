@@ -7,6 +7,7 @@ matplotlib (Agg, no display) draws them; every function writes one PNG and retur
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from jin_orchestrate.metrics import class_prototypes
+from jin_orchestrate.tables import write_atomic
 
 __all__ = ["embedding_projection", "loss_curves", "pca_2d", "similarity_matrix"]
 
@@ -31,11 +33,14 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
+    """Write ``fig`` as a PNG through a temporary file renamed into place, like every artefact:
+    a failure half-way leaves the earlier plot, not a damaged file."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    finally:
+        _pyplot().close(fig)
+    return write_atomic(path, buffer.getvalue())
 
 
 def similarity_matrix(
@@ -110,13 +115,28 @@ def embedding_projection(
     labels_N: torch.Tensor,
     path: str | os.PathLike[str],
     title: str = "Joint embeddings, test split (PCA)",
+    present: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Every modality's test embeddings in one PCA plane, coloured by number, marker by modality.
 
     One projection for all modalities: items of one number sit together across modalities when
-    the space is joint, and each modality forms its own island when it is not.
+    the space is joint, and each modality forms its own island when it is not. ``present`` maps a
+    modality to the ``(N,)`` bool of the samples that have it: the others embed as a zero vector
+    and are left out. Items without a number (label -1) are grey.
     """
-    names = list(embeddings)
+    rows = {
+        n: torch.ones(len(labels_N), dtype=torch.bool)
+        if present is None or n not in present
+        else present[n]
+        for n in embeddings
+    }
+    names = [n for n in embeddings if rows[n].any()]
+    if not names:
+        raise ValueError("embedding_projection: no sample has any of the modalities")
+    embeddings = {n: embeddings[n][rows[n]] for n in names}
+    labels = {
+        n: labels_N[rows[n]].float().masked_fill(labels_N[rows[n]] < 0, float("nan")) for n in names
+    }
     xy = pca_2d(torch.cat([embeddings[n] for n in names])).numpy()
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
@@ -128,8 +148,9 @@ def embedding_projection(
         scatter = ax.scatter(
             part[:, 0],
             part[:, 1],
-            c=labels_N.numpy(),
-            cmap="turbo",
+            c=labels[name].numpy(),
+            cmap=plt.get_cmap("turbo").with_extremes(bad="lightgrey"),
+            plotnonfinite=True,
             vmin=0,
             vmax=99,
             s=12,

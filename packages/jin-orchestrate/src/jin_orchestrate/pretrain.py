@@ -134,7 +134,14 @@ def check_resumed_config(job_file: Path, cfg: Any) -> None:
     to that config."""
     from jin_orchestrate.config import JinConfig, config_changes
 
-    started = JinConfig.model_validate(_started_config(job_file)).model_dump(mode="json")
+    # The worker count may change; a job started before batches had to split over it evenly
+    # validates again under the count it resumes with.
+    started = _started_config(job_file)
+    started = {
+        **started,
+        "train": {**started.get("train", {}), "num_workers": cfg.train.num_workers},
+    }
+    started = JinConfig.model_validate(started).model_dump(mode="json")
     changes = {
         key: values
         for key, values in config_changes(started, cfg.model_dump(mode="json")).items()
@@ -358,25 +365,32 @@ def _log_data_errors(client: Any, run_id: str, tally: Any) -> None:
         client.log_metric(run_id, key, value)
 
 
+def _last_per_step(history: Sequence[Any]) -> dict[int, float]:
+    """``{step: value}`` of an MLflow metric history, by step, the last value logged at each.
+
+    A resumed stage (``--resume``, or Ray Train restarting its workers) runs the steps after its
+    last checkpoint again and logs them a second time; MLflow keeps both. The later one is the
+    run that went on to the final weights.
+    """
+    ordered = sorted(history, key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in ordered}
+
+
 def _log_loss_curves(client: Any, run_ids: list[str], output: Path) -> None:
     """One PNG with the loss of every stage against the global step, as an MLflow artifact."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import mlflow
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    from jin_orchestrate.plots import _pyplot, _save
+
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     for run_id in run_ids:
-        history = client.get_metric_history(run_id, "loss")
+        history = _last_per_step(client.get_metric_history(run_id, "loss"))
         if history:
             name = client.get_run(run_id).info.run_name
-            ax.plot([m.step for m in history], [m.value for m in history], label=name)
+            ax.plot(list(history), list(history.values()), label=name)
     ax.set(xlabel="global step", ylabel="total loss (Eq. 7)", title="Jin pretraining")
     ax.legend()
-    path = output / "loss_curves.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    path = _save(fig, output / "loss_curves.png")
     mlflow.log_artifact(str(path))
 
 
@@ -404,15 +418,15 @@ def run_job_from_checkpoint(
     :func:`add_job_arguments` (``extend``, ``generate train``) and print its closing summary."""
     from jin_orchestrate.evaluate import format_summary
 
-    if args.num_workers is not None:
-        cfg.train.num_workers = args.num_workers
     output = output_dir(args)
-    if args.resume:  # the job's flags rebuilt the config: they must be the ones it started with
-        try:
+    try:
+        if args.num_workers is not None:  # validated: the batch must split over the workers
+            cfg.train.num_workers = args.num_workers
+        if args.resume:  # the job's flags rebuilt the config: they must be the ones it started
             check_resumed_config(output / JOB_FILE, cfg)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     result = run_pretraining(
         cfg,
@@ -441,7 +455,8 @@ def _job_config(args: argparse.Namespace, output: Path) -> Any:
         return load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)
     job_file = output / JOB_FILE
     base = preset(args.preset) if args.preset else _started_config(job_file)
-    cfg = resolve_config(base, args.config, args.overrides)
+    workers = [] if args.num_workers is None else [f"train.num_workers={args.num_workers}"]
+    cfg = resolve_config(base, args.config, [*args.overrides, *workers])
     check_resumed_config(job_file, cfg)
     return cfg
 
@@ -455,11 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     output = output_dir(args)
     try:
         cfg = _job_config(args, output)
+        if args.num_workers is not None:  # validated: the batch must split over the workers
+            cfg.train.num_workers = args.num_workers
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.num_workers is not None:
-        cfg.train.num_workers = args.num_workers
     try:
         result = run_pretraining(
             cfg,

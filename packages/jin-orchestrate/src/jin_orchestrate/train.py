@@ -188,9 +188,11 @@ class StageTrainer:
         # CLIP's bound on the temperature, kept on the stored value after the step (jin-zjepa
         # 0.3.1): past it the scale would get no gradient and could not come back.
         self.core.logit_scale.clamp_()
+        # The momentum after optimiser step global_step (0-based): the schedule's start value after
+        # the first step, as jin_zjepa's EMAConfig.momentum defines it.
+        self.core.update_target(self.global_step, self.total_steps)
         self.step += 1
         self.global_step += 1
-        self.core.update_target(self.global_step, self.total_steps)
         if self.ema is not None:
             self.ema.update(self.core)
         metrics = {k: float(v.detach()) for k, v in losses.items() if k != "tokens"}
@@ -372,7 +374,9 @@ def train_stage_worker(loop_config: dict[str, Any]) -> None:
     )
 
     shard = ray.train.get_dataset_shard("train")
-    per_worker_batch = max(1, cfg.train.batch_size // ctx.get_world_size())
+    # Ray Train starts train.num_workers workers, and the config holds batch_size to a multiple
+    # of that count: every worker takes an equal share, and the shares add up to the batch.
+    per_worker_batch = cfg.train.batch_size // ctx.get_world_size()
 
     def make_epoch(epoch: int) -> Iterable[dict[str, Any]]:
         batches = shard.iter_torch_batches(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 from jin_orchestrate.inference import ModelCard
 
@@ -38,7 +38,9 @@ class Item(_Strict):
     """One input: a modality name (``GET /v1/modalities`` lists them) and its data."""
 
     modality: str = Field(examples=["text", "image", "audio", "points", "custom"])
-    data: str | list[float] | list[list[float]] = Field(
+    # Strict numbers: pydantic's lax mode read "1.5" and true as 1.5 and 1.0; JSON integers stay
+    # numbers.
+    data: str | list[StrictFloat] | list[list[StrictFloat]] = Field(
         description="text: a string; image/audio: base64 of the encoded file; points: "
         "[[x, y, z, ...], ...]; custom and runtime modalities: [f1, f2, ...]",
         examples=["the number 42"],
