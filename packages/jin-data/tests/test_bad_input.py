@@ -215,6 +215,22 @@ def test_files_declaring_another_c_or_f_than_the_first_are_refused_or_skipped(tm
     assert sorted(ids) == ["a-0", "a-1"] and "skipped 1 rows" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("key", "column"), [("point_features", "points"), ("custom_dim", "custom")]
+)
+def test_a_file_declaring_a_negative_c_or_f_is_a_schema_error_or_skipped(tmp_path, key, column):
+    folder = tmp_path / "negative"
+    folder.mkdir()
+    _write_raw(folder / "a.parquet", 0, 0, [None, None])
+    table = pq.read_table(folder / "a.parquet")
+    metadata = {**table.schema.metadata, f"jin_data.{key}".encode(): b"-1"}
+    pq.write_table(table.replace_schema_metadata(metadata), folder / "a.parquet")
+    with pytest.raises(SchemaError, match=rf"a\.parquet' column='{column}'.*expected >= 0"):
+        _read_all(str(folder))
+    data, ids = _read_all(str(folder), on_error="skip")
+    assert ids == [] and data.last_report.skipped_rows == 2
+
+
 def test_a_file_declaring_another_f_than_its_manifest_is_named(tmp_path):
     url = str(tmp_path / "ds")
     write_dataset([{"id": "a", "custom": np.zeros(3)}], url)

@@ -145,6 +145,23 @@ def test_reads_plain_parquet_without_manifest(dataset, samples, tmp_path):
     assert single == [s["id"] for s in samples[:16]]
 
 
+def test_files_that_differ_in_nullability_only_share_batches(dataset, samples, tmp_path):
+    """`check_schema` compares types, not nullability: a file whose id and split are nullable (as
+    another Parquet writer leaves them) reads in one batch with jin-data's own shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(dataset, mixed)
+    (mixed / "manifest.json").unlink()
+    own = mixed / "shard-00001.parquet"
+    table = pq.read_table(own)
+    loose = pa.schema([f.with_nullable(True) for f in table.schema], metadata=table.schema.metadata)
+    pq.write_table(table.cast(loose), own, row_group_size=5)
+    ids = _ids(str(mixed), batch_size=60, shuffle=False)
+    assert ids == [s["id"] for s in samples]
+
+
 def test_memory_filesystem(samples):
     from jin_data import write_dataset
 

@@ -1,6 +1,7 @@
 """Writer: shards, row groups, manifest and checksums; write-then-rename; bad samples."""
 
 import io
+import posixpath
 from pathlib import Path
 
 import fsspec
@@ -112,6 +113,10 @@ def test_verify_detects_a_changed_shard(dataset):
         ({"id": ""}, "key 'id': expected a non-empty str"),
         ({"id": "a", "colour": 1}, r"unknown keys \['colour'\]"),
         ({"id": "a", "image": np.zeros((4, 4), np.float32)}, r"key 'image': expected uint8"),
+        # What Pillow cannot store as PNG: named like any bad sample, not a bare Pillow error.
+        ({"id": "a", "image": np.zeros((4, 4, 5), np.uint8)}, r"'image': cannot store \(4, 4, 5\)"),
+        ({"id": "a", "image": np.zeros((0, 4), np.uint8)}, r"'image': cannot store \(0, 4\)"),
+        ({"id": "a", "image": Image.new("F", (4, 4))}, r"'image': cannot store F \(4, 4\)"),
         ({"id": "a", "audio": np.zeros(8, np.float32)}, "'audio_sample_rate': required"),
         ({"id": "a", "points": np.zeros((4, 2))}, r"key 'points': expected \(N, 3 \+ C\)"),
         ({"id": "a", "custom": np.zeros((2, 2))}, "key 'custom': expected 1-D"),
@@ -218,3 +223,29 @@ def test_encoded_media_stored_without_a_second_codec(tmp_path, samples):
     write_dataset(samples, str(tmp_path / "z"), media_compression="zstd")
     meta = pq.ParquetFile(tmp_path / "z" / "shard-00000.parquet").metadata.row_group(0)
     assert {meta.column(i).compression for i in range(10)} == {"ZSTD"}
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_two_writers_on_one_url_never_mix_their_shards(tmp_path, scheme):
+    """Every rank of a job writing the same set at once: the second writer is refused while the
+    first writes; with overwrite=True it replaces it, and the first fails at its next shard."""
+    url = str(tmp_path / "ds") if scheme == "local" else f"memory://two-{tmp_path.name}"
+    first = ShardWriter(url, rows_per_shard=2)
+    first.write({"id": "a0"})
+    with pytest.raises(FileExistsError, match=r"another ShardWriter is writing into .*\.writing-"):
+        ShardWriter(url, rows_per_shard=2)
+    second = ShardWriter(url, rows_per_shard=2, overwrite=True)
+    with pytest.raises(FileExistsError, match="another ShardWriter replaced the data set"):
+        first.write({"id": "a1"})  # a full shard: never renamed into the second's data set
+    for i in range(3):
+        second.write({"id": f"b{i}"})
+    second.close()
+    ids = [i for batch in ShardDataset(url, batch_size=100, shuffle=False) for i in batch["id"]]
+    assert ids == ["b0", "b1", "b2"]
+    fs, root = fsspec.core.url_to_fs(url)
+    assert sorted(posixpath.basename(p) for p in fs.ls(root, detail=False)) == [
+        "manifest.json",
+        "shard-00000.parquet",
+        "shard-00001.parquet",
+    ]  # no claim and no temporary file left
+    assert ShardWriter(url, overwrite=True).close().num_rows == 0  # the folder is free again

@@ -63,9 +63,12 @@ def decoded_modalities(table: pa.Table) -> list[str]:
     return [m for m in MODALITIES if _COLUMN[m] in table.column_names]
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    # Arrow buffers are immutable to numpy (read-only flag); torch shares them anyway. The memory
-    # belongs to this batch's freshly built table, so nothing else observes an in-place write.
+def _tensor(array: np.ndarray, copy: bool = False) -> torch.Tensor:
+    # Arrow buffers are immutable to numpy (read-only flag); torch shares them anyway where the
+    # memory belongs to this batch's freshly built table, so nothing else observes an in-place
+    # write. ``copy``: the table's memory is shared (a Ray object-store block), so copy it.
+    if copy:
+        return torch.from_numpy(array.copy())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
@@ -117,13 +120,13 @@ class _Outputs:
     def fill(self, key: str, shape: tuple[int, ...], dtype: Any, fill: Fill) -> None:
         self.plan.append((key, shape, np.dtype(dtype), fill))
 
-    def tensors(self, shared: bool) -> dict[str, torch.Tensor]:
+    def tensors(self, shared: bool, copy: bool = False) -> dict[str, torch.Tensor]:
         if shared:
             return self._shared()
         out = {}
         for key, shape, dtype, how in self.plan:
             if isinstance(how, np.ndarray):
-                out[key] = _tensor(how)
+                out[key] = _tensor(how, copy)
             else:
                 array = np.zeros(shape, dtype)
                 how(array)
@@ -281,6 +284,7 @@ def build_batch(
     audio_dtype: AudioDtype = "float32",
     shared: bool = False,
     custom_dim: int | None = None,
+    copy: bool = False,
 ) -> dict[str, Any]:
     """The batch of ``modalities`` from ``table`` (bookkeeping, text, points, custom) plus decoded
     ``images`` and ``waves`` given per row in the table's order (see `jin_data.decode.Media`).
@@ -288,7 +292,10 @@ def build_batch(
 
     ``audio_dtype="int16"`` gives ``audio`` as 16-bit PCM (full scale 32768; float sources are
     rounded): half the bytes to move, converted to float on the accelerator. ``shared=True``
-    allocates every tensor in one shared-memory buffer (for DataLoader workers).
+    allocates every tensor in one shared-memory buffer (for DataLoader workers). ``copy=True``
+    copies what would otherwise view ``table``'s memory (``custom``, same-shape images): for a
+    table whose buffers others read too, such as a Ray object-store block, which an in-place
+    edit of the batch would otherwise change.
     """
     if audio_dtype not in ("float32", "int16"):
         raise ValueError(f"audio_dtype: expected 'float32' or 'int16', received {audio_dtype!r}")
@@ -317,7 +324,7 @@ def build_batch(
             else:
                 _custom(column, outputs, custom_width(table, custom_dim))
         outputs.ready(f"{modality}_present", present)
-    batch.update(outputs.tensors(shared))
+    batch.update(outputs.tensors(shared, copy))
     return batch
 
 
@@ -326,11 +333,12 @@ def collate(
     modalities: Sequence[str] | None = None,
     audio_dtype: AudioDtype = "float32",
     custom_dim: int | None = None,
+    copy: bool = False,
 ) -> dict[str, Any]:
     """Padded tensors and masks from a decoded batch (see `jin_data.decode.Decoder`).
 
     ``modalities`` defaults to every modality whose decoded column is in ``table``; naming one
-    that is not there raises a ValueError listing the columns. ``audio_dtype`` as in
+    that is not there raises a ValueError listing the columns. ``audio_dtype`` and ``copy`` as in
     `build_batch`; ``custom_dim`` (F) as in `custom_width`.
     """
     chosen = decoded_modalities(table) if modalities is None else list(modalities)
@@ -348,5 +356,11 @@ def collate(
     if "audio" in chosen:
         waves = _arrow_waves(single_array(table["audio_wave"]))
     return build_batch(
-        table, chosen, images=images, waves=waves, audio_dtype=audio_dtype, custom_dim=custom_dim
+        table,
+        chosen,
+        images=images,
+        waves=waves,
+        audio_dtype=audio_dtype,
+        custom_dim=custom_dim,
+        copy=copy,
     )

@@ -153,7 +153,9 @@ def ray_collate_fn(
 
     ``audio_dtype="int16"`` gives audio as 16-bit PCM, as `jin_data.collate.build_batch` does.
     ``custom_dim`` is F, the width of ``custom``; by default the decoded blocks' schema metadata
-    gives it (see `jin_data.collate.custom_width`).
+    gives it (see `jin_data.collate.custom_width`). No tensor views a block's memory: the blocks
+    live in Ray's object store, where an in-place edit of a batch would change the data set
+    (a materialised one, read again next epoch).
     """
     from ray.data.collate_fn import ArrowBatchCollateFn
 
@@ -163,7 +165,7 @@ def ray_collate_fn(
             self.modalities = None if chosen is None else list(chosen)
 
         def __call__(self, batch: pa.Table) -> dict[str, Any]:
-            return collate(batch, self.modalities, audio_dtype, custom_dim)
+            return collate(batch, self.modalities, audio_dtype, custom_dim, copy=True)
 
     return _JinCollate(modalities)
 

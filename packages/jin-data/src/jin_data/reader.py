@@ -331,8 +331,11 @@ def _gather(tables: list[pa.Table], rows: np.ndarray) -> pa.Table:
         parts.append(tables[slot].take(numeric_array(rows[mine, 1])))
         placed.append(mine)
     # Grouped by row group above; one take of this small batch restores the shuffled order.
+    # "default" promotion: files of one data set may differ in nullability (`check_schema`
+    # compares types only; another writer may leave id and split nullable).
     order = np.argsort(np.concatenate(placed))
-    return pa.concat_tables(parts).combine_chunks().take(numeric_array(order))
+    parts = pa.concat_tables(parts, promote_options="default")
+    return parts.combine_chunks().take(numeric_array(order))
 
 
 def _read_ahead(items: Iterator[_T], depth: int) -> Iterator[_T]:

@@ -62,7 +62,7 @@ def _custom_type(custom_dim: int) -> pa.DataType:
 
 
 def sample_schema(point_features: int = 0, custom_dim: int = 0) -> pa.Schema:
-    """The version-1 sample schema with ``C = point_features`` and ``F = custom_dim``."""
+    """The sample schema (version 2) with ``C = point_features`` and ``F = custom_dim``."""
     if point_features < 0 or custom_dim < 0:
         raise ValueError(
             f"point_features and custom_dim must be >= 0, got {point_features}, {custom_dim}"
@@ -120,6 +120,16 @@ def check_schema(schema: pa.Schema, url: str) -> SchemaInfo:
         raise SchemaError(
             f"unreadable point/custom sizes in file metadata: {err}", url=url
         ) from None
+    for column, key, size in (
+        ("points", META_POINT_FEATURES, point_features),
+        ("custom", META_CUSTOM_DIM, custom_dim),
+    ):
+        if size < 0:
+            raise SchemaError(
+                f"file metadata {key.decode()!r}: expected >= 0, received {size}",
+                url=url,
+                column=column,
+            )
     expected = sample_schema(point_features, custom_dim)
     for field in expected:
         index = schema.get_field_index(field.name)

@@ -2,7 +2,9 @@
 
 Each shard is written under a hidden temporary name and renamed when complete; the manifest is
 written last, the same way. A reader therefore never sees half a shard, and a data set with a
-``manifest.json`` is whole (DESIGN.md, "write then rename").
+``manifest.json`` is whole (DESIGN.md, "write then rename"). A writer claims its folder with a
+hidden ``.writing-<token>`` file while it writes, so that two writers started on one URL at once
+(every rank of a job, say) never mix their shards under one manifest.
 
 A sample is a mapping (see `Sample`); arrays are validated and converted here, so a bad sample fails
 with its index, id and key before anything reaches the file.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import io
 import posixpath
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from types import TracebackType
@@ -30,6 +33,7 @@ from jin_data.schema import AUDIO_TYPE, SCHEMA_VERSION, sample_schema
 __all__ = ["Sample", "ShardWriter", "write_dataset"]
 
 SHARD_PATTERN = "shard-{:05d}.parquet"
+CLAIM_PREFIX = ".writing-"
 # Columns holding encoded media (PNG/JPEG, WAV/FLAC bytes): compressed by their own codec already,
 # or raw PCM, which zstd shrinks by ~15% at the price of doubling the reader's cost per row.
 MEDIA_COLUMNS = ("image", "audio.bytes")
@@ -79,9 +83,15 @@ def _encode_png(image: np.ndarray | Image.Image, where: str) -> bytes:
             )
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
-        image = Image.fromarray(image)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    try:
+        (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buffer, "PNG")
+    except (OSError, TypeError, ValueError) as err:  # 5 channels, a 0-pixel side, mode F / CMYK
+        shape = image.shape if isinstance(image, np.ndarray) else f"{image.mode} {image.size}"
+        raise SampleError(
+            f"{where} key 'image': cannot store {shape} as PNG ({err}); pass encoded bytes, "
+            "or a uint8 (H,W) / (H,W,C) array with C in 1-4"
+        ) from None
     return buffer.getvalue()
 
 
@@ -227,7 +237,8 @@ class ShardWriter:
         point_features, custom_dim: ``C`` and ``F`` of the schema; inferred from the first
             sample carrying points / a custom vector when ``None`` (0 if the first shard has none).
         overwrite: replace an existing data set (its manifest and shards, or the shards a
-            failed write left without a manifest); otherwise refuse.
+            failed write left without a manifest); otherwise refuse. A folder another writer is
+            writing into is refused too; with ``overwrite`` that writer fails at its next shard.
         compression: Parquet codec of every column but the encoded media.
         media_compression: Parquet codec of the encoded image and audio bytes. ``"none"`` by
             default: PNG, JPEG and FLAC are compressed already, and a general-purpose codec on
@@ -266,21 +277,57 @@ class ShardWriter:
         self._count = 0
         self._closed = False
         self.manifest: Manifest | None = None
+        # Temporary names and the claim are this writer's own: two writers never share a file.
+        self._token = uuid.uuid4().hex
+        self._claim = posixpath.join(self.root, CLAIM_PREFIX + self._token)
         self._prepare_root(overwrite)
 
     def _prepare_root(self, overwrite: bool) -> None:
-        # Shards without a manifest (a write that failed midway) are a data set too: readers read
-        # every *.parquet file of such a folder, so writing over some of them would mix two sets.
-        manifest = posixpath.join(self.root, MANIFEST_NAME)
-        old = self.fs.glob(posixpath.join(self.root, "shard-*.parquet"))
-        complete = self.fs.exists(manifest)
-        if complete or old:
-            if not overwrite:
-                what = "a data set" if complete else "an unfinished data set (shards, no manifest)"
-                raise FileExistsError(f"{what} already exists at {self.url!r} (overwrite=True)")
-            for path in [manifest, *old] if complete else old:
-                self.fs.rm(path)
+        # Claim first, then look: of two writers started at once, at least one sees the other.
         self.fs.makedirs(self.root, exist_ok=True)
+        self.fs.touch(self._claim)
+        try:
+            # Shards without a manifest (a write that failed midway) are a data set too: readers
+            # read every *.parquet file of such a folder, so writing over some would mix two sets.
+            manifest = posixpath.join(self.root, MANIFEST_NAME)
+            old = self.fs.glob(posixpath.join(self.root, "shard-*.parquet"))
+            complete = self.fs.exists(manifest)
+            others = [
+                path
+                for path in self.fs.glob(posixpath.join(self.root, CLAIM_PREFIX + "*"))
+                if posixpath.basename(path) != posixpath.basename(self._claim)
+            ]
+            if (complete or old or others) and not overwrite:
+                if others:
+                    what = (
+                        f"another ShardWriter is writing into {self.url!r} (claim "
+                        f"{posixpath.basename(others[0])!r}; a killed writer leaves it)"
+                    )
+                elif complete:
+                    what = f"a data set already exists at {self.url!r}"
+                else:
+                    what = (
+                        "an unfinished data set (shards, no manifest) already exists at "
+                        f"{self.url!r}"
+                    )
+                raise FileExistsError(f"{what} (overwrite=True)")
+            for path in [*([manifest] if complete else []), *old, *others]:
+                self.fs.rm(path)
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        if self.fs.exists(self._claim):
+            self.fs.rm(self._claim)
+
+    def _check_claim(self) -> None:
+        """Before a rename: an overwriting writer removed this one's claim (and its shards)."""
+        if not self.fs.exists(self._claim):
+            raise FileExistsError(
+                f"another ShardWriter replaced the data set at {self.url!r} (overwrite=True) "
+                "while this one was writing it"
+            )
 
     def write(self, sample: Mapping[str, Any]) -> None:
         """Validate and buffer one sample; a full shard is written out."""
@@ -345,7 +392,7 @@ class ShardWriter:
         table = self._table(self._schema())
         name = SHARD_PATTERN.format(len(self._shards))
         final = posixpath.join(self.root, name)
-        temporary = posixpath.join(self.root, f".{name}.inprogress")
+        temporary = posixpath.join(self.root, f".{name}.{self._token}.inprogress")
         try:
             with (
                 self.fs.open(temporary, "wb") as f,
@@ -357,6 +404,7 @@ class ShardWriter:
                 ) as writer,
             ):
                 writer.write_table(table, row_group_size=self.row_group_size)
+            self._check_claim()
             self.fs.mv(temporary, final)
         except BaseException:
             if self.fs.exists(temporary):
@@ -399,10 +447,16 @@ class ShardWriter:
             writer=f"jin-data {__version__}",
         )
         final = posixpath.join(self.root, MANIFEST_NAME)
-        temporary = posixpath.join(self.root, f".{MANIFEST_NAME}.inprogress")
+        temporary = posixpath.join(self.root, f".{MANIFEST_NAME}.{self._token}.inprogress")
         with self.fs.open(temporary, "wb") as f:
             f.write(manifest.to_json().encode())
+        try:
+            self._check_claim()
+        except FileExistsError:
+            self.fs.rm(temporary)
+            raise
         self.fs.mv(temporary, final)
+        self._release()
         self.manifest = manifest
         return manifest
 
@@ -421,6 +475,7 @@ class ShardWriter:
             self.close()
         else:
             self._closed = True
+            self._release()
 
 
 def write_dataset(
