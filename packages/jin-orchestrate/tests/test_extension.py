@@ -10,6 +10,7 @@ from jin_orchestrate.checkpoint import CheckpointError, save_checkpoint
 from jin_orchestrate.data import rename_columns
 from jin_orchestrate.extend import build_extension_config, trainable_parameters
 from jin_orchestrate.extension import model_from_checkpoint
+from jin_orchestrate.generation import GenerationConfig
 from jin_orchestrate.model import JinModel
 from jin_orchestrate.train import StageTrainer
 
@@ -139,6 +140,44 @@ def test_extension_trains_on_batches_where_samples_lack_text(base, corpus_url):
         assert ("cross_modal/seven_segment_to_text" in result.metrics) == (len(absent) < 8)
 
 
+def test_an_extension_of_a_checkpoint_with_averaged_weights_keeps_the_served_embeddings(
+    base, corpus_url, tmp_path
+):
+    """A base kept ``train.weight_ema``'s average, which `load_model` serves: the extension is
+    built on those weights, so every pre-existing modality embeds as the base serves it."""
+    from jin_orchestrate.evaluate import load_model
+
+    path, ext = _extension(base)
+    model, _ = model_from_checkpoint(path, base[1].model)
+    torch.manual_seed(2)
+    average = {n: p + 0.01 * torch.randn_like(p) for n, p in model.named_parameters()}
+    average = {n: t for n, t in average.items() if not n.startswith("target.")}
+    averaged = save_checkpoint(
+        tmp_path / "averaged",
+        model,
+        config=base[1].model_dump(mode="json"),
+        state={"global_step": 3},
+        ema=average,
+    )
+    ext = ext.model_copy(update={"train": ext.train.model_copy(update={"weight_ema": 0.5})})
+    extended, _ = model_from_checkpoint(averaged, ext.model)
+    trainer = StageTrainer.create(ext, ext.stages[0], extended, seed=0)
+    assert not trainer.train_step(_batches(corpus_url, ext)[0]).skipped
+    saved = trainer.save(tmp_path / "extended", 0, 1)
+
+    served, after = load_model(averaged), load_model(saved)
+    with torch.no_grad():
+        batch = _batches(corpus_url, ext, split="test")[0]
+        want, got = served.embed(batch), after.embed(batch)
+    for name in MODALITIES:
+        assert torch.equal(got[name], want[name]), name
+    # A generation fine-tune trains everything: it continues from the last step's weights.
+    gen = base[1].model.model_copy(update={"generation": GenerationConfig()})
+    tuned, _ = model_from_checkpoint(averaged, gen)
+    key = "encoder.backbone.blocks.0.attn.qkv.weight"
+    assert torch.equal(tuned.state_dict()[key], model.state_dict()[key])
+
+
 def test_a_frozen_stage_refuses_a_model_not_frozen_for_it(base, batch):
     path, ext = _extension(base)
     model, _ = model_from_checkpoint(path, ext.model)
@@ -173,6 +212,35 @@ def test_bad_extension_requests_name_the_flag(base, kwargs, message):
     }
     with pytest.raises(ValueError, match=message):
         build_extension_config(cfg.model_dump(mode="json"), **{**args, **kwargs})
+
+
+def test_an_extended_model_is_extended_again_from_the_same_column(base, corpus_url):
+    path, first = _extension(base)
+    once, _ = model_from_checkpoint(path, first.model)
+    args = {"input_dim": 14, "column": "custom", "steps": 1, "lr": 5e-3}
+    second = build_extension_config(first.model_dump(mode="json"), modality="imu", **args)
+    # The custom column now feeds imu; seven_segment keeps its weights but is no longer read.
+    assert list(second.model.extra_modalities) == ["seven_segment", "imu"]
+    assert second.data.modalities == (*MODALITIES, "imu")
+    assert second.data.columns == {"imu": "custom"}
+    twice, _ = model_from_checkpoint(
+        save_checkpoint(
+            path.parent / "once",
+            once,
+            config=first.model_dump(mode="json"),
+            state={"global_step": 3},
+        ),
+        second.model,
+    )
+    assert twice.modalities == [*MODALITIES, "seven_segment", "imu"]
+    result = StageTrainer.create(second, second.stages[0], twice, seed=0).train_step(
+        _batches(corpus_url, second)[0]
+    )
+    assert "align/imu-text" in result.metrics
+    with pytest.raises(ValueError, match=r"--align-with \['seven_segment'\].*'custom'"):
+        build_extension_config(
+            first.model_dump(mode="json"), modality="imu", align_with=["seven_segment"], **args
+        )
 
 
 def test_an_anchor_the_data_does_not_feed_is_refused_naming_the_stage(base):

@@ -363,8 +363,20 @@ def test_generation_configs_are_validated():
     data["stages"][0]["alpha"] = 1.0
     with pytest.raises(ValueError, match="trains that objective alone"):
         JinConfig.model_validate(data)
-    with pytest.raises(ValueError, match="image_size: expected a multiple"):
-        JinModel(_config(image_size=40).model)
+    # GenerationHeads' rules are the config's, so `generate train` refuses them before Ray starts.
+    with pytest.raises(ValueError, match="image_size: expected a multiple of the patch size 16"):
+        _config(image_size=40)
+    with pytest.raises(ValueError, match="image_head_channels: expected 4 positive widths"):
+        _config(image_head_channels=[32])
+    with pytest.raises(ValueError, match="image_head_channels: expected 4 positive widths"):
+        _config(image_head_channels=[8, 8, 8, 0])
+    data = _config().model_dump()
+    data["model"]["space"]["image"].update(patch_size=12, stem="patch", stem_channels=None)
+    data["model"]["generation"]["image_size"] = 36
+    with pytest.raises(ValueError, match="conv needs a power-of-two patch size, got 12"):
+        JinConfig.model_validate(data)
+    data["model"]["generation"]["image_head"] = "patch"
+    assert JinModel(JinConfig.model_validate(data).model).generation.token_shapes["image"][0] == 9
     with pytest.raises(ValueError, match="cannot condition itself"):
         _config(text_from=["text"])
     with pytest.raises(ValueError, match="audio_head_channels: expected one positive width"):
@@ -483,16 +495,28 @@ def test_cli_writes_a_png_a_wav_and_a_caption(gen_checkpoint, tmp_path, device):
         (["--to", "audio", "--from-image", "garbage.png", "--out", "x.wav"], "not a readable"),
         (["--to", "image", "--from-text", "  ", "--out", "x.png"], "--from-text"),
         (["--to", "image", "--from-text", "4", "--out", "x.png", "--device", "tpu0"], "tpu0"),
+        (["--to", "image", "--from-text", "4", "--out", "x.png", "--guidance", "nan"], "guidance"),
+        *(
+            (["--to", "text", "--from-image", "4.png", "--out", "x.txt", "--temperature", t], "tem")
+            for t in ("nan", "inf")
+        ),
+        (["--to", "image", "--from-text", "4", "--out", "x.png", "--seed", str(2**64)], "seed"),
+        (["--to", "image", "--from-text", "4", "--out", "dir.png"], "--out dir.png: is a dir"),
     ],
 )
 def test_cli_errors_name_the_flag_or_file(
     gen_checkpoint, tmp_path, monkeypatch, capsys, args, message
 ):
+    from PIL import Image
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     (tmp_path / "garbage.wav").write_bytes(b"not audio")
-    assert _cli("--checkpoint", gen_checkpoint, *args) == 2
+    Image.new("L", (32, 32), 128).save(tmp_path / "4.png")
+    (tmp_path / "dir.png").mkdir()
+    assert _cli("--checkpoint", gen_checkpoint, "--steps", 2, *args) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.txt").exists()
 
 
 # -- Table 4 metrics -------------------------------------------------------------------------

@@ -121,6 +121,24 @@ def test_audio_of_many_channels_is_refused_from_its_header_unread(card):
     assert len(table["audio_wave"][0].as_py()) == 1.5 * card.spec("audio").sample_rate
 
 
+def test_audio_at_a_rate_that_needs_a_huge_resampling_filter_is_refused_unread(card):
+    """A 4 KB WAV stating 5,000,011 Hz took 98 s and 4.5 GiB to resample to 16 kHz."""
+    odd = encoded(2000 / 5_000_011, 5_000_011, fmt="WAV")
+    assert len(odd) < 5000
+    status, errors, decoded = refused(card, [{"modality": "audio", "data": b64(odd)}])
+    assert status == 422
+    assert errors == {
+        ("body", "items", 0, "data"): "audio: a sample rate of 5000011 Hz does not resample to "
+        "the model's 16000 Hz (ratio 16000/5000011, over 32768); use a common rate such as "
+        "16000, 44100 or 48000 Hz"
+    }
+    assert decoded == []
+    # An uncommon but real rate (NTSC-adjusted 44.056 kHz: ratio 2000/5507) is served.
+    for fmt in ("WAV", "FLAC"):
+        table = run(card, [{"modality": "audio", "data": b64(encoded(0.5, 44056, fmt=fmt))}])
+        assert len(table["audio_wave"][0].as_py()) == 8000
+
+
 def test_audio_whose_header_does_not_read_is_a_422_unread(card):
     unknown_length = bytearray(encoded(1.0, 16000))
     # STREAMINFO's last 36 bits of bytes 18..25 hold the total samples; 0 means "unknown".
@@ -260,6 +278,26 @@ def test_strings_and_booleans_are_not_numbers(card, monkeypatch, item, loc):
     locs = [d["loc"] for d in response.json()["detail"]]
     assert ["body", "items", 0, "data", *loc] in locs, locs
     assert similarity.status_code == 422, similarity.text
+
+
+@pytest.mark.parametrize(
+    ("data", "loc"),
+    [
+        (["1"] * 200_000, ["list[float]", 0]),
+        ([0.5] * 200_000 + ["x"], ["list[float]", 200_000]),
+        ([[0.0, 0.0, 0.0]] * 100_000 + [[0.0, "x", 0.0]], ["list[list[float]]", 100_000, 1]),
+    ],
+    ids=["all-strings", "last-a-string", "last-row-a-string"],
+)
+def test_a_long_list_of_bad_numbers_is_one_error_not_one_per_number(card, monkeypatch, data, loc):
+    """pydantic listed every bad number under every member of the union: 200,000 strings gave
+    400,001 details (a 20 MiB answer; a 15.7 MiB body made 6.6 million errors and 4.8 GiB)."""
+    with ingress_client(card, monkeypatch) as client:
+        response = client.post("/v1/embed", json={"items": [{"modality": "points", "data": data}]})
+    assert response.status_code == 422, response.text[:500]
+    locs = [d["loc"] for d in response.json()["detail"]]
+    assert len(locs) <= 3 and ["body", "items", 0, "data", *loc] in locs, locs[:5]
+    assert len(response.content) < 2000
 
 
 def test_json_integers_are_numbers(card):

@@ -9,8 +9,8 @@ average is only read after training.
 ``train.weight_ema`` (0: off) is its decay. The decay warms up as ``min(decay, (1 + n) / (10 + n))``
 after ``n`` updates, so a short fine-tune is not dominated by its starting weights. Checkpoints
 store it beside the weights (``ema.safetensors``); :func:`jin_orchestrate.evaluate.load_model`
-loads it when present, and the next stage (or ``extend``) continues from the raw weights, as DiT's
-training does.
+loads it when present, and the next stage (or ``generate train``) continues from the raw weights,
+as DiT's training does. ``extend``, which freezes them, starts from the average.
 """
 
 from __future__ import annotations

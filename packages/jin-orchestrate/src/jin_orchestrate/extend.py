@@ -91,9 +91,10 @@ def build_extension_config(
     """The `JinConfig` of an extension job from the ``config.json`` of the checkpoint it extends.
 
     The model gains ``modality`` (``model.extra_modalities``), the data reads it from ``column``
-    (``data.columns``) beside every modality the checkpoint read, and the curriculum is one stage
-    that trains ``modality`` alone, aligned with ``align_with`` (default: text, the hub, when the
-    checkpoint trained on it, else all it trained on). ``overrides`` (``--set``) apply last.
+    (``data.columns``) beside every modality the checkpoint read (but one an earlier extension
+    read from ``column``), and the curriculum is one stage that trains ``modality`` alone, aligned
+    with ``align_with`` (default: text, the hub, when the checkpoint trained on it, else all it
+    trained on). ``overrides`` (``--set``) apply last.
     """
     from jin_orchestrate.config import JinConfig, resolve_config
     from jin_orchestrate.model import HUB
@@ -120,12 +121,25 @@ def build_extension_config(
             f"--align-with {anchors}: expected some of the model's modalities "
             f"{cfg.model.modalities}"
         )
+    # One column feeds one modality: a modality an earlier extension read from ``column`` keeps
+    # its weights, but this job's data feeds the column to the new modality.
+    earlier = [m for m, c in cfg.data.columns.items() if c == column]
+    clash = [m for m in anchors if m in earlier]
+    if clash:
+        raise ValueError(
+            f"--align-with {clash}: read from the column {column!r}, which feeds --modality "
+            f"{modality!r} in this job"
+        )
     data = cfg.model_dump(mode="json")
     data["model"]["extra_modalities"][modality] = {"dim": cfg.model.dim, "input_dim": input_dim}
-    # The data keeps every modality the checkpoint read, so the closing evaluation and later
-    # `evaluate` runs still cover them; only the anchors run through the model in training.
-    data["data"]["modalities"] = [*dict.fromkeys([*cfg.data.modalities, *anchors]), modality]
-    data["data"]["columns"] = {**cfg.data.columns, modality: column}
+    # The data keeps every other modality the checkpoint read, so the closing evaluation and
+    # later `evaluate` runs still cover them; only the anchors run through the model in training.
+    kept = [m for m in cfg.data.modalities if m not in earlier]
+    data["data"]["modalities"] = [*dict.fromkeys([*kept, *anchors]), modality]
+    data["data"]["columns"] = {
+        **{m: c for m, c in cfg.data.columns.items() if m not in earlier},
+        modality: column,
+    }
     data["stages"] = [
         {
             "name": f"extend_{modality}",

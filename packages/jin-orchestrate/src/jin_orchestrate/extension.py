@@ -31,6 +31,7 @@ from torch import Tensor
 
 from jin_encoders import CustomModalityEncoder
 from jin_orchestrate.checkpoint import CheckpointError, load_checkpoint, read_config
+from jin_orchestrate.ema import apply_ema
 from jin_orchestrate.generation import GenerationConfig
 from jin_orchestrate.model import HUB, JinModel, JinModelConfig, _present, _router_metrics
 from jin_zjepa import cross_modal_jepa_loss, gather_tokens
@@ -49,6 +50,11 @@ def model_from_checkpoint(path: str | Path, cfg: JinModelConfig) -> tuple[JinMod
     loading, freshly initialised from torch's global RNG, in ``cfg``'s order. A generation
     checkpoint may be fine-tuned with other loss weights (`GenerationConfig.TRAINING_FIELDS`).
     Any other difference between the two configs is an error.
+
+    An extension freezes everything that exists, so it starts from the weights the checkpoint
+    serves: its average (``train.weight_ema``) where it kept one, as `load_model` loads it, so
+    the new modality is aligned with the embeddings already served and those stay as they were.
+    A generation fine-tune trains everything and continues from the last step's weights.
     """
     saved = JinModelConfig.model_validate(read_config(path)["model"])
     if cfg.generation is not None and saved.generation is not None:
@@ -72,6 +78,8 @@ def model_from_checkpoint(path: str | Path, cfg: JinModelConfig) -> tuple[JinMod
         )
     model = JinModel(base)
     loaded = load_checkpoint(path, model, load_optimizer=False)
+    if missing and loaded.ema is not None:
+        apply_ema(model, loaded.ema)
     for name in missing:
         model.add_modality(name, CustomModalityEncoder(cfg.extra_modalities[name]))
     if add_generation:

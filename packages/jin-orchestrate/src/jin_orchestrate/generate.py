@@ -205,6 +205,8 @@ def _check_output(args: argparse.Namespace) -> None:
     suffix = {"image": ".png", "audio": ".wav", "text": ".txt"}[args.target]
     if args.out.suffix.lower() != suffix:
         raise InputError(f"--out {args.out}: --to {args.target} writes a {suffix} file")
+    if args.out.is_dir():
+        raise InputError(f"--out {args.out}: is a directory")
     if args.steps < 1:
         raise InputError(f"--steps {args.steps}: expected at least 1")
 
@@ -250,12 +252,17 @@ def sample(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.target == "image":
-        write_png(args.out, result[0])
-    elif args.target == "audio":
-        write_wav(args.out, result[0], model.space.encoders["audio"].config.sample_rate)
-    else:
-        _atomic_write(args.out, (result[0] + "\n").encode("utf-8"))
+    try:
+        if args.target == "image":
+            write_png(args.out, result[0])
+        elif args.target == "audio":
+            write_wav(args.out, result[0], model.space.encoders["audio"].config.sample_rate)
+        else:
+            _atomic_write(args.out, (result[0] + "\n").encode("utf-8"))
+    except OSError as exc:
+        print(f"error: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if args.target == "text":
         print(result[0])
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

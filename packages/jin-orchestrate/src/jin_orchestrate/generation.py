@@ -34,6 +34,7 @@ Two decoders share the DiT-MoE backbone, the encoders and the modality output he
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -495,8 +496,8 @@ def decode_captions(
     ``generator``. Stops at EOS or after ``max_bytes`` bytes. With ``kv_cache`` each step runs
     the newest byte only, against the blocks' cached keys and values (`KVCache`); without, it
     runs the whole prefix and caption again (the same result, to float rounding)."""
-    if temperature < 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:  # NaN too
+        raise ValueError(f"temperature: expected a finite value >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k: expected >= 1, got {top_k}")
     batch, device = cond_BTcD.shape[0], cond_BTcD.device
@@ -545,6 +546,8 @@ def sample_tokens(
     heads = _generation(model)
     if target not in heads.token_shapes:
         raise ValueError(f"target {target!r}: this model diffuses {sorted(heads.token_shapes)}")
+    if not math.isfinite(guidance):
+        raise ValueError(f"guidance: expected a finite scale, got {guidance}")
     tokens, values = heads.token_shapes[target]
     null_BD = heads.null(num_samples)
 
@@ -721,6 +724,8 @@ def generate(
         raise ValueError(f"target: expected one of {list(TARGETS)}, got {target!r}")
     if not heads.cfg.conditions(target):
         raise ValueError(f"target {target!r}: this model was not trained to generate it")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed: expected an integer in [-2**63, 2**64), got {seed}")
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     encoded = None

@@ -171,6 +171,27 @@ class JinModelConfig(StrictConfig):
                         f"generation.{target}_from: {name!r} must be one of the model's text, "
                         f"image and audio encoders (has {self.builtin_modalities})"
                     )
+        if gen.image_from and self.space.image is not None:
+            # GenerationHeads' rules, checked here so a bad value fails with the config, not in
+            # JinModel inside every Ray worker.
+            patch = self.space.image.patch_size
+            if gen.image_size % patch:
+                raise ValueError(
+                    f"generation.image_size: expected a multiple of the patch size {patch} "
+                    f"(space.image.patch_size), got {gen.image_size}"
+                )
+            stages = patch.bit_length() - 1
+            if gen.image_head == "conv" and patch != 1 << stages:
+                raise ValueError(
+                    f"generation.image_head: conv needs a power-of-two patch size, got {patch}; "
+                    "use patch"
+                )
+            widths = gen.image_head_channels
+            if gen.image_head == "conv" and widths and (len(widths) != stages or min(widths) < 1):
+                raise ValueError(
+                    f"generation.image_head_channels: expected {stages} positive widths (log2 of "
+                    f"the patch size {patch}), got {list(widths)}"
+                )
         if gen.text_from and self.space.text is not None:
             room = self.space.text.max_len - 2
             if gen.caption_max_bytes > room:

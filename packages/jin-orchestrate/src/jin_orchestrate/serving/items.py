@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,11 @@ __all__ = ["InputError", "items_table"]
 _AUDIO_SAMPLES_PER_SECOND = 8 * 48_000
 # libsndfile's frame count (SF_COUNT_MAX) for a stream whose header does not state its length.
 _UNKNOWN_FRAMES = 2**63 - 1
+# The largest term of the resampling ratio (model rate / clip rate, in lowest terms) a clip may
+# need. jin-data resamples with scipy's resample_poly, whose filter has 20 x that term taps: a 4 KB
+# WAV whose header states 5,000,011 Hz took 98 s and 4.5 GiB to decode. Common rates need at most
+# a few thousand (44,056 Hz against 22,050 Hz: 22,028); 2**15 costs tens of milliseconds.
+_MAX_RESAMPLE_TERM = 2**15
 
 
 class InputError(ValueError):
@@ -158,8 +164,11 @@ def items_table(
             encoded, problem = _encoded(item.data, spec)
             size = False
             if problem is None:
-                check = _image_problem if spec.kind == "image" else _audio_problem
-                problem, size = check(encoded, limits)
+                problem, size = (
+                    _image_problem(encoded, limits)
+                    if spec.kind == "image"
+                    else _audio_problem(encoded, limits, spec.sample_rate or 16000)
+                )
             if problem is not None:
                 problems.add(i, "data", problem, size=size)
             elif spec.kind == "image":
@@ -245,13 +254,15 @@ def _image_problem(data: bytes | None, limits: Limits) -> tuple[str | None, bool
     return None, False
 
 
-def _audio_problem(data: bytes | None, limits: Limits) -> tuple[str | None, bool]:
-    """Why an encoded clip cannot be served (and whether it is for its size); reads the header.
+def _audio_problem(data: bytes | None, limits: Limits, rate: int) -> tuple[str | None, bool]:
+    """Why an encoded clip cannot be served at ``rate`` Hz (and whether it is for its size); reads
+    the header.
 
     jin-data's decoder allocates as many frames as the header states, every channel as float32,
     and then resamples: checking the header first keeps a small file that expands to hours of
-    audio (FLAC and Vorbis compress silence thousands of times; a decompression bomb) from ever
-    being decoded. libsndfile reads the same header as the decoder's fast path for 16-bit WAV.
+    audio (FLAC and Vorbis compress silence thousands of times; a decompression bomb), or whose
+    sample rate needs a huge resampling filter, from ever being decoded. libsndfile reads the same
+    header as the decoder's fast path for 16-bit WAV.
     """
     try:
         info = soundfile.info(io.BytesIO(data or b""))
@@ -274,6 +285,14 @@ def _audio_problem(data: bytes | None, limits: Limits) -> tuple[str | None, bool
             f"over the limit of {budget:.0f} samples ({limits.max_audio_seconds:g} s of 8 "
             "channels at 48 kHz; max_audio_seconds)",
             True,
+        )
+    common = math.gcd(rate, info.samplerate)
+    if max(rate, info.samplerate) // common > _MAX_RESAMPLE_TERM:
+        return (
+            f"audio: a sample rate of {info.samplerate} Hz does not resample to the model's "
+            f"{rate} Hz (ratio {rate // common}/{info.samplerate // common}, over "
+            f"{_MAX_RESAMPLE_TERM}); use a common rate such as 16000, 44100 or 48000 Hz",
+            False,
         )
     return None, False
 
