@@ -300,6 +300,34 @@ def test_a_long_list_of_bad_numbers_is_one_error_not_one_per_number(card, monkey
     assert len(response.content) < 2000
 
 
+def test_a_list_of_items_over_max_items_is_a_413_before_its_items_validate(card, monkeypatch):
+    """Each bad item of a long list made errors of its own before the item count was checked (16
+    MiB of ``{}`` items: 11 million errors, out of memory): a list over ``max_items`` (64 here) is
+    refused first, and a request's total still counts queries and candidates together."""
+    text = {"modality": "text", "data": "a"}
+    with ingress_client(card, monkeypatch) as client:
+        embed = client.post("/v1/embed", json={"items": [{}] * 200_000})
+        one_list = client.post("/v1/similarity", json={"queries": [text], "candidates": [{}] * 65})
+        total = client.post(
+            "/v1/similarity", json={"queries": [text] * 40, "candidates": [text] * 40}
+        )
+        within = client.post("/v1/embed", json={"items": [{}] * 64})
+    for response, loc, count in (
+        (embed, ["body", "items"], 200_000),
+        (one_list, ["body", "candidates"], 65),
+        (total, ["body"], 80),
+    ):
+        assert response.status_code == 413, response.text[:500]
+        [detail] = response.json()["detail"]
+        assert (detail["loc"], detail["type"]) == (loc, "too_large")
+        assert detail["msg"].startswith(f"{count} items is over the limit of 64"), detail
+    # Under the limit every bad item is still named.
+    assert within.status_code == 422
+    assert {tuple(d["loc"][:3]) for d in within.json()["detail"]} == {
+        ("body", "items", i) for i in range(64)
+    }
+
+
 def test_json_integers_are_numbers(card):
     request = EmbedRequest.model_validate_json(
         '{"items": [{"modality": "seven_segment", "data": [1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, '

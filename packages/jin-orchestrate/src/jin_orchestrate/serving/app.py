@@ -45,6 +45,8 @@ from jin_orchestrate.serving.api import (
     ServiceCard,
     SimilarityRequest,
     SimilarityResponse,
+    TooManyItems,
+    set_max_items,
 )
 from jin_orchestrate.serving.config import ServeConfig
 from jin_orchestrate.serving.items import InputError, items_table
@@ -68,6 +70,22 @@ app = FastAPI(
 @app.exception_handler(InputError)
 async def _input_error(request: Request, exc: InputError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _too_many(loc: list[str | int], count: int, limit: int) -> InputError:
+    detail = ErrorDetail(
+        loc=loc,
+        msg=f"{count} items is over the limit of {limit} per request (max_items)",
+        type="too_large",
+    )
+    return InputError(413, [detail])
+
+
+@app.exception_handler(TooManyItems)
+async def _too_many_items(request: Request, exc: TooManyItems) -> JSONResponse:
+    # Raised while the body validates, before any of the list's items is looked at.
+    error = _too_many(["body", exc.field], exc.count, exc.limit)
+    return JSONResponse(error.body(), status_code=error.status)
 
 
 @app.exception_handler(RayActorError)  # ActorUnavailableError and ActorDiedError included
@@ -252,6 +270,7 @@ class Ingress:
             max_audio_seconds=cfg.max_audio_seconds,
         )
         app.state.max_request_bytes = cfg.max_request_bytes  # read by BodyLimit
+        set_max_items(cfg.max_items)  # each list of items, before its items validate
         self._card: ModelCard | None = None
         self._decoder: Decoder | None = None
 
@@ -268,17 +287,8 @@ class Ingress:
         """Vectors ``(N, R)`` of each named list of items; every bad item is reported at once."""
         count = sum(len(items) for items in lists.values())
         if count > self.limits.max_items:
-            raise InputError(
-                413,
-                [
-                    ErrorDetail(
-                        loc=["body", *lists] if len(lists) == 1 else ["body"],
-                        msg=f"{count} items is over the limit of {self.limits.max_items} per "
-                        "request (max_items)",
-                        type="too_large",
-                    )
-                ],
-            )
+            loc: list[str | int] = ["body", *lists] if len(lists) == 1 else ["body"]
+            raise _too_many(loc, count, self.limits.max_items)
         card = await self.card()
         tables, failures = {}, []
         for field, items in lists.items():
