@@ -193,6 +193,31 @@ def test_extend_and_generate_train_resume_only_with_the_flags_they_started_with(
     assert len(runs) == 2
 
 
+@pytest.mark.parametrize(
+    ("command", "argv"),
+    [
+        (pretrain.main, lambda checkpoint, output: ["--output", str(output)]),
+        (extend.main, _extend_argv),
+        (generate.main, _generate_argv),
+    ],
+    ids=["pretrain", "extend", "generate-train"],
+)
+def test_the_split_is_checked_with_the_worker_count_the_job_runs_with(
+    checkpoint, tmp_path, monkeypatch, runs, capsys, command, argv
+):
+    """A batch of 9 over 2 workers (jin-tiny's count; for extend and generate train, a checkpoint
+    trained on 2, as `--set` says here) was refused before --num-workers 3 applied."""
+    monkeypatch.setattr(extend, "check_column", lambda *args: None)  # no shards here
+    flags = ["--set", "train.batch_size=9"]
+    if command is not pretrain.main:
+        flags += ["--set", "train.num_workers=2"]
+    with pytest.raises(Reached):
+        command([*argv(checkpoint, tmp_path / "job"), *flags, "--num-workers", "3"])
+    assert (runs[-1]["cfg"].train.batch_size, runs[-1]["cfg"].train.num_workers) == (9, 3)
+    assert command([*argv(checkpoint, tmp_path / "other"), *flags]) == 2
+    assert "train.batch_size (9)" in capsys.readouterr().err
+
+
 def test_the_loss_curve_of_a_resumed_stage_has_each_step_once(tmp_path, monkeypatch):
     """A resumed stage logs the steps after its last checkpoint again (MLflow keeps both); the
     job's loss-curve PNG drew them twice, the line running back; it keeps the later value."""

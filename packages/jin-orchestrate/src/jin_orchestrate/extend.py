@@ -188,7 +188,7 @@ def trainable_parameters(cfg: Any) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, build the extension config, run the job, print what it reached and cost."""
-    from jin_orchestrate.pretrain import checkpoint_source, run_job_from_checkpoint
+    from jin_orchestrate.pretrain import checkpoint_source, job_overrides, run_job_from_checkpoint
 
     args = _parser().parse_args(argv)
     try:
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             gamma=args.gamma,
             beta=args.beta,
             align_with=args.align_with.split(",") if args.align_with else None,
-            overrides=args.overrides,
+            overrides=job_overrides(args),
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -270,7 +270,7 @@ def sample(argv: list[str]) -> int:
 
 def train(argv: list[str]) -> int:
     """``train --checkpoint ...``: the generation fine-tune as a Ray Train job with MLflow."""
-    from jin_orchestrate.pretrain import checkpoint_source, run_job_from_checkpoint
+    from jin_orchestrate.pretrain import checkpoint_source, job_overrides, run_job_from_checkpoint
 
     args = _train_parser().parse_args(argv)
     try:
@@ -280,7 +280,7 @@ def train(argv: list[str]) -> int:
             steps=args.steps,
             lr=args.lr,
             image_size=args.image_size,
-            overrides=args.overrides,
+            overrides=job_overrides(args),
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

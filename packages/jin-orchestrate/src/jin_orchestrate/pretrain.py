@@ -394,6 +394,13 @@ def _log_loss_curves(client: Any, run_ids: list[str], output: Path) -> None:
     mlflow.log_artifact(str(path))
 
 
+def job_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides plus ``--num-workers`` as one, so that the config is validated (the
+    batch must split over the workers) with the worker count the job will run with."""
+    workers = [] if args.num_workers is None else [f"train.num_workers={args.num_workers}"]
+    return [*args.overrides, *workers]
+
+
 def checkpoint_source(args: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
     """The local copy of ``--checkpoint``, its config and the data URL (``--data``, else the
     checkpoint's own corpus) of a job built on a trained model (``extend``, ``generate train``)."""
@@ -419,9 +426,7 @@ def run_job_from_checkpoint(
     from jin_orchestrate.evaluate import format_summary
 
     output = output_dir(args)
-    try:
-        if args.num_workers is not None:  # validated: the batch must split over the workers
-            cfg.train.num_workers = args.num_workers
+    try:  # cfg holds --num-workers already (`job_overrides`)
         if args.resume:  # the job's flags rebuilt the config: they must be the ones it started
             check_resumed_config(output / JOB_FILE, cfg)
     except ValueError as exc:
@@ -452,11 +457,10 @@ def _job_config(args: argparse.Namespace, output: Path) -> Any:
     from jin_orchestrate.config import DEFAULT_PRESET, load_config, preset, resolve_config
 
     if not args.resume:
-        return load_config(args.preset or DEFAULT_PRESET, args.config, args.overrides)
+        return load_config(args.preset or DEFAULT_PRESET, args.config, job_overrides(args))
     job_file = output / JOB_FILE
     base = preset(args.preset) if args.preset else _started_config(job_file)
-    workers = [] if args.num_workers is None else [f"train.num_workers={args.num_workers}"]
-    cfg = resolve_config(base, args.config, [*args.overrides, *workers])
+    cfg = resolve_config(base, args.config, job_overrides(args))
     check_resumed_config(job_file, cfg)
     return cfg
 
@@ -469,9 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     output = output_dir(args)
     try:
-        cfg = _job_config(args, output)
-        if args.num_workers is not None:  # validated: the batch must split over the workers
-            cfg.train.num_workers = args.num_workers
+        cfg = _job_config(args, output)  # --num-workers included (`job_overrides`)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
