@@ -93,6 +93,25 @@ def test_corrupt_row_group_skipped_and_counted(dataset, samples, read_threads):
     assert reader.last_report.skipped_rows == 5
 
 
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_under_a_split_a_skipped_row_group_or_shard_counts_its_rows_of_the_split(
+    dataset, samples, read_threads
+):
+    """Row group 2 of shard 1 (samples 26..30) holds 2 train rows; shard 2 (32..47, declaring
+    another F than the manifest) 8: only those are lost to ``split="train"``, not 5 and 16. Its
+    ``split`` column reads, so it counts them (no ``equal_batches``: no count read up front)."""
+    _corrupt_row_group(dataset, 1, 2)
+    shard = f"{dataset}/shard-00002.parquet"
+    table = pq.read_table(shard)
+    metadata = {**table.schema.metadata, b"jin_data.custom_dim": b"6"}
+    pq.write_table(table.replace_schema_metadata(metadata), shard, row_group_size=5)
+    reader, ids = _read_all(dataset, on_error="skip", split="train", read_threads=read_threads)
+    train = {s["id"] for s in samples if s["split"] == "train"}
+    lost = {s["id"] for s in samples[26:31] + samples[32:48]} & train
+    assert len(lost) == 10 and set(ids) == train - lost
+    assert reader.last_report.skipped_rows == 10
+
+
 def test_file_of_another_schema(tmp_path, dataset):
     pq.write_table(pa.table({"id": ["x"], "value": [1.0]}), f"{dataset}/shard-00001.parquet")
     with pytest.raises(SchemaError, match=r"shard-00001.parquet.*not a jin-data shard"):

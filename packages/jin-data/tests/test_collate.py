@@ -4,7 +4,9 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import soundfile
 import torch
 
 from jin_data import Decoder, collate, write_dataset
@@ -158,6 +160,45 @@ def test_int16_audio_is_the_float_waveform_in_pcm_units(dataset, samples):
         collate(
             Decoder().decode(pa.table({"id": ["a"], "split": ["t"], "label": [1]}))[0], [], "int8"
         )
+
+
+def test_int16_audio_refuses_non_finite_samples_naming_the_row(tmp_path):
+    # NaN and infinity have no 16-bit PCM value (a cast gave an arbitrary one, silently); values
+    # beyond full scale are clipped. float32 keeps them all, for the model's own checks.
+    from jin_data import DecodeError, ShardDataset
+
+    buffer = io.BytesIO()
+    soundfile.write(
+        buffer, np.array([0.5, np.nan], np.float32), 16000, format="WAV", subtype="FLOAT"
+    )
+    waves = {
+        "ok": [0.5, -0.25],
+        "nan": [0.5, np.nan],
+        "inf": [np.inf, 0.0],
+        "-inf": [-np.inf, 0.0],
+        "loud": [1.5, -2.0],
+    }
+    rows = [
+        {"id": k, "audio": np.array(w, np.float32), "audio_sample_rate": 16000}
+        for k, w in waves.items()
+    ]
+    url = str(tmp_path / "ds")
+    write_dataset([*rows, {"id": "nan-wav", "audio": buffer.getvalue()}], url)
+
+    def read(audio_dtype="int16", **options):
+        data = ShardDataset(url, batch_size=8, shuffle=False, audio_dtype=audio_dtype, **options)
+        (batch,) = data  # one batch: the whole epoch, so last_report is set
+        return data, batch
+
+    with pytest.raises(DecodeError, match=r"row=1 column='audio' id='nan'.*sample 1 of 2 is nan"):
+        read()
+    data, batch = read(on_error="skip")
+    assert batch["id"] == ["ok", "loud"] and data.last_report.skipped_rows == 4
+    assert batch["audio"].tolist() == [[16384, -8192], [32767, -32768]]
+    assert torch.isnan(read(audio_dtype="float32")[1]["audio"]).any()  # float32: kept as stored
+    decoded = Decoder().decode(pq.read_table(f"{url}/shard-00000.parquet"))[0]
+    with pytest.raises(DecodeError, match=r"column='audio' id='nan'.* no 16-bit PCM value"):
+        collate(decoded, ["audio"], "int16")  # the Ray path's collate function
 
 
 def test_custom_is_b_by_f_also_when_no_row_of_the_batch_has_one(tmp_path):

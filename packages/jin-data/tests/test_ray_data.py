@@ -16,12 +16,19 @@ ray = pytest.importorskip(
 
 from jin_data import (  # noqa: E402
     DecodeError,
+    Decoder,
     SchemaError,
     ShardDataset,
     ShardError,
     write_dataset,
 )
-from jin_data.ray_data import ray_collate_fn, read_ray_dataset  # noqa: E402
+from jin_data.ray_data import (  # noqa: E402
+    RowGroupDecoder,
+    _readable_shards,
+    ray_collate_fn,
+    read_ray_dataset,
+)
+from jin_data.reader import list_shards  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +108,32 @@ def test_unreadable_and_foreign_shards_raise_or_are_skipped_and_logged(local_ray
     third.write_bytes(b"junk")
     with pytest.raises(ShardError, match="left no readable shard"):
         read_ray_dataset(str(url), on_error="skip")
+
+
+def test_skips_under_a_split_are_logged_with_their_rows_of_the_split(dataset, caplog):
+    """The driver's shard check and the Ray worker's step, called here without Ray: a foreign
+    shard 2 (samples 32..47, no ``text`` column) holds 8 train rows, row group 2 of shard 1
+    (samples 26..30, a corrupt page) 2; each is logged with those, not with all 16 or 5 rows."""
+    shard = f"{dataset}/shard-00002.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.drop_columns(["text"]), shard, row_group_size=5)
+    path = f"{dataset}/shard-00001.parquet"
+    meta = pq.ParquetFile(path).metadata.row_group(2)
+    chunk = meta.column(meta.num_columns - 1)
+    data = bytearray(Path(path).read_bytes())
+    data[chunk.data_page_offset + chunk.total_compressed_size // 2] ^= 0xFF
+    Path(path).write_bytes(bytes(data))
+    fs, shards = list_shards(dataset)
+    step = RowGroupDecoder(
+        fs, shards, ["id", "split", "custom"], ["train"], Decoder(on_error="skip")
+    )
+    with caplog.at_level(logging.WARNING, logger="jin_data"):
+        kept = _readable_shards(fs, shards, "skip", ["train"])
+        decoded = list(step({"shard": np.array([1, 1]), "row_group": np.array([1, 2])}))
+    assert [s.url for s in kept] == [s.url for s in shards if s is not shards[2]]
+    assert [t["id"].to_pylist() for t in decoded] == [["s0021", "s0024", "s0025"]]
+    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert [(r.args[0], type(r.args[1])) for r in skipped] == [(8, SchemaError), (2, ShardError)]
 
 
 def test_a_manifest_listing_a_shard_twice_is_refused(local_ray, dataset):

@@ -129,6 +129,30 @@ def test_bad_sample_names_index_id_and_key(tmp_path, bad, message):
         writer.write(bad)
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"text": "caf\udce9"}, r"key 'text': not encodable as UTF-8 .*position 3"),
+        ({"split": "tr\udcffain"}, r"key 'split': not encodable as UTF-8"),
+        ({"label": 2**70}, r"key 'label': expected an int or None \(int64\), received 1180591"),
+        ({"audio": b"RIFF", "audio_sample_rate": "x"}, r"key 'audio_sample_rate': expected an int"),
+        ({"audio": np.zeros(4), "audio_sample_rate": 2**40}, r"key 'audio_sample_rate': expected"),
+    ],
+)
+def test_a_sample_arrow_cannot_store_fails_at_its_own_write_and_the_writer_goes_on(
+    tmp_path, bad, message
+):
+    # Accepted by write() before, it failed its shard's flush, and every later write and close.
+    url = str(tmp_path / "ds")
+    with ShardWriter(url, rows_per_shard=2) as writer:
+        writer.write({"id": "s0"})
+        with pytest.raises(SampleError, match=rf"sample 1 \(id='s1'\) {message}"):
+            writer.write({"id": "s1", **bad})
+        writer.write({"id": "s2"})
+        writer.write({"id": "s3"})
+    assert _column(url, "id") == ["s0", "s2", "s3"]
+
+
 def test_inconsistent_custom_width_is_refused(tmp_path):
     rows = [{"id": "a", "custom": np.zeros(3)}, {"id": "b", "custom": np.zeros(4)}]
     with pytest.raises(SampleError, match=r"sample 1 \(id='b'\) key 'custom': expected \(3,\)"):

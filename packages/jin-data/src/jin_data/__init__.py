@@ -13,7 +13,7 @@ from jin_data.reader import EpochReport, LoaderConfig, ShardDataset, list_shards
 from jin_data.schema import MODALITIES, SCHEMA_VERSION, check_schema, sample_schema
 from jin_data.writer import Sample, ShardWriter, write_dataset
 
-__version__ = "0.11.0"
+__version__ = "0.12.0"
 
 __all__ = [
     "MODALITIES",

@@ -34,7 +34,7 @@ import pyarrow as pa
 import torch
 
 from jin_data._arrow import single_array, to_numpy, valid
-from jin_data.decode import AudioDtype, wave_into
+from jin_data.decode import AudioDtype, check_pcm16, row_error, wave_into
 from jin_data.schema import MODALITIES, declared_custom_dim
 
 __all__ = ["build_batch", "collate", "custom_width", "decoded_modalities"]
@@ -291,11 +291,12 @@ def build_batch(
     ``custom`` is (B, F), F as `custom_width` finds it.
 
     ``audio_dtype="int16"`` gives ``audio`` as 16-bit PCM (full scale 32768; float sources are
-    rounded): half the bytes to move, converted to float on the accelerator. ``shared=True``
-    allocates every tensor in one shared-memory buffer (for DataLoader workers). ``copy=True``
-    copies what would otherwise view ``table``'s memory (``custom``, same-shape images): for a
-    table whose buffers others read too, such as a Ray object-store block, which an in-place
-    edit of the batch would otherwise change.
+    rounded and clipped to full scale, and must be finite, as a `jin_data.decode.Decoder` of that
+    ``audio_dtype`` checks): half the bytes to move, converted to float on the accelerator.
+    ``shared=True`` allocates every tensor in one shared-memory buffer (for DataLoader workers).
+    ``copy=True`` copies what would otherwise view ``table``'s memory (``custom``, same-shape
+    images): for a table whose buffers others read too, such as a Ray object-store block, which
+    an in-place edit of the batch would otherwise change.
     """
     if audio_dtype not in ("float32", "int16"):
         raise ValueError(f"audio_dtype: expected 'float32' or 'int16', received {audio_dtype!r}")
@@ -339,7 +340,8 @@ def collate(
 
     ``modalities`` defaults to every modality whose decoded column is in ``table``; naming one
     that is not there raises a ValueError listing the columns. ``audio_dtype`` and ``copy`` as in
-    `build_batch`; ``custom_dim`` (F) as in `custom_width`.
+    `build_batch`; ``custom_dim`` (F) as in `custom_width`. With ``audio_dtype="int16"`` a
+    waveform holding NaN or infinity raises a `jin_data.errors.DecodeError` naming its row.
     """
     chosen = decoded_modalities(table) if modalities is None else list(modalities)
     for modality in chosen:
@@ -355,6 +357,14 @@ def collate(
         )
     if "audio" in chosen:
         waves = _arrow_waves(single_array(table["audio_wave"]))
+        if audio_dtype == "int16":
+            for row, wave in enumerate(waves):
+                if wave is None:
+                    continue
+                try:
+                    check_pcm16(wave)
+                except ValueError as err:
+                    raise row_error(table, row, "audio", f"does not convert: {err}") from None
     return build_batch(
         table,
         chosen,

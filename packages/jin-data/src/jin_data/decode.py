@@ -44,12 +44,15 @@ __all__ = [
     "Decoder",
     "Media",
     "OnError",
+    "check_pcm16",
     "load_lazy_modules",
     "media_views",
+    "row_error",
     "wave_into",
 ]
 
 OnError = Literal["raise", "skip"]
+AudioDtype = Literal["float32", "int16"]
 PROVENANCE = ("__url", "__row_group", "__row")
 IMAGE_SHAPE_TYPE = pa.list_(pa.int32(), 3)
 PCM16_SCALE = np.float32(1 / 32768)
@@ -140,8 +143,24 @@ def _pcm16_wav(data: np.ndarray) -> tuple[np.ndarray, int] | None:
     return np.frombuffer(data, np.int16, size, 44), int.from_bytes(header[24:28], "little")
 
 
-def decode_audio(audio: AudioView, target: int) -> np.ndarray:
-    """A stored audio struct -> mono waveform at ``target`` Hz (float32, or int16 PCM)."""
+def check_pcm16(wave: np.ndarray) -> None:
+    """Raise a ValueError naming the first NaN or infinite sample of a float ``wave``: those have
+    no 16-bit PCM value (a cast would give an arbitrary one); finite ones are clipped to full
+    scale (`wave_into`)."""
+    if wave.dtype != np.int16 and not np.isfinite(wave).all():
+        first = int(np.flatnonzero(~np.isfinite(wave))[0])
+        raise ValueError(
+            f"sample {first} of {len(wave)} is {wave[first]}: non-finite audio has no 16-bit PCM "
+            "value (audio_dtype='int16'; 'float32' keeps it)"
+        )
+
+
+def decode_audio(audio: AudioView, target: int, dtype: AudioDtype = "float32") -> np.ndarray:
+    """A stored audio struct -> mono waveform at ``target`` Hz (float32, or int16 PCM).
+
+    ``dtype="int16"``: the waveform is bound for 16-bit PCM, so a NaN or infinite sample raises
+    (`check_pcm16`).
+    """
     if audio.data is not None:
         fast = _pcm16_wav(audio.data)
         if fast is not None and fast[1] == target:
@@ -157,10 +176,10 @@ def decode_audio(audio: AudioView, target: int) -> np.ndarray:
         wave, rate = audio.samples, audio.rate
     else:
         raise ValueError("audio struct has neither 'bytes' nor 'samples'")
-    return resample(np.asarray(wave, np.float32), int(rate), target)
-
-
-AudioDtype = Literal["float32", "int16"]
+    wave = resample(np.asarray(wave, np.float32), int(rate), target)
+    if dtype == "int16":
+        check_pcm16(wave)
+    return wave
 
 
 def wave_into(out: np.ndarray, wave: np.ndarray) -> None:
@@ -235,6 +254,9 @@ class Decoder:
             channel and converts every other mode to RGB (see `decode_image`).
         on_error: "raise" a `DecodeError` naming the URL, row group, row, column and id; or
             "skip" the row, counting it (``skipped``, rows) and logging it.
+        audio_dtype: "int16" when the waveforms are bound for 16-bit PCM (`wave_into`): a NaN or
+            infinite sample, which has no PCM value, is then an error of its row, not a silent
+            arbitrary integer in the batch.
 
     Custom vectors are checked too: each present one must hold F values, F as the table's schema
     metadata declares it (a table read from a jin-data shard carries the file's); a table without
@@ -247,14 +269,20 @@ class Decoder:
         audio_sample_rate: int = 16000,
         image_mode: Literal["L", "RGB"] | None = None,
         on_error: OnError = "raise",
+        audio_dtype: AudioDtype = "float32",
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error: expected 'raise' or 'skip', received {on_error!r}")
+        if audio_dtype not in ("float32", "int16"):
+            raise ValueError(
+                f"audio_dtype: expected 'float32' or 'int16', received {audio_dtype!r}"
+            )
         if image_mode not in (None, "L", "RGB"):
             raise ValueError(f"image_mode: expected None, 'L' or 'RGB', received {image_mode!r}")
         self.audio_sample_rate = audio_sample_rate
         self.image_mode = image_mode
         self.on_error = on_error
+        self.audio_dtype = audio_dtype
         self.skipped = 0
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -300,7 +328,9 @@ class Decoder:
             image = lambda data: decode_image(data, self.image_mode)  # noqa: E731
             pixels = self._rows(table, "image", images, image, keep, errors)
         if audio is not None:
-            wave = lambda view: decode_audio(view, self.audio_sample_rate)  # noqa: E731
+            wave = lambda view: decode_audio(  # noqa: E731
+                view, self.audio_sample_rate, self.audio_dtype
+            )
             waves = self._rows(table, "audio", audio, wave, keep, errors)
         self.skipped += int((~keep).sum())
         return Media(pixels, waves, keep, errors)
@@ -348,12 +378,17 @@ class Decoder:
 
     @staticmethod
     def _error(table: pa.Table, row: int, column: str, problem: str) -> DecodeError:
-        # Quote where the row came from: the reader adds all three provenance columns; Ray Data's
-        # path gives only the file, and then the sample id locates the row.
-        names = table.column_names
-        where = {
-            key: table[name][row].as_py()
-            for key, name in zip(("url", "row_group", "row"), PROVENANCE, strict=True)
-            if name in names
-        }
-        return DecodeError(problem, column=column, id=table["id"][row].as_py(), **where)
+        return row_error(table, row, column, problem)
+
+
+def row_error(table: pa.Table, row: int, column: str, problem: str) -> DecodeError:
+    """A `DecodeError` for row ``row`` of ``table``, naming its place and id."""
+    # Quote where the row came from: the reader adds all three provenance columns; Ray Data's
+    # path gives only the file, and then the sample id locates the row.
+    names = table.column_names
+    where = {
+        key: table[name][row].as_py()
+        for key, name in zip(("url", "row_group", "row"), PROVENANCE, strict=True)
+        if name in names
+    }
+    return DecodeError(problem, column=column, id=table["id"][row].as_py(), **where)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from jin_data.collate import collate
 from jin_data.decode import AudioDtype, Decoder, OnError
 from jin_data.errors import DataError, ShardError
-from jin_data.reader import list_shards, open_shard, read_row_group
+from jin_data.reader import list_shards, open_shard, read_row_group, split_rows
 from jin_data.schema import MODALITIES, check_schema
 
 if TYPE_CHECKING:
@@ -51,7 +51,8 @@ class RowGroupDecoder:
     ``split``, decode them; yields one decoded Arrow table per row group.
 
     With ``on_error="skip"`` an unreadable shard or row group, or a row that does not decode, is
-    logged on the ``jin_data`` logger by the Ray worker and left out.
+    logged on the ``jin_data`` logger by the Ray worker and left out; a row group is logged with
+    its rows of ``split`` (`jin_data.reader.split_rows`).
     """
 
     def __init__(
@@ -75,7 +76,8 @@ class RowGroupDecoder:
             except DataError as err:
                 if self.decoder.on_error == "raise":
                     raise
-                logger.warning("jin_data: skipped %d rows: %s", shard.row_groups[g], err)
+                lost = split_rows(self.fs, shard, g, self.split)
+                logger.warning("jin_data: skipped %d rows: %s", lost, err)
                 continue
             yield self.decoder(table)
 
@@ -103,7 +105,8 @@ def read_ray_dataset(
     if unknown:
         raise ValueError(f"modalities: unknown {unknown}; expected a subset of {MODALITIES}")
     fs, listed = list_shards(url, on_error)
-    shards = _readable_shards(fs, listed, on_error)
+    splits = [split] if isinstance(split, str) else split
+    shards = _readable_shards(fs, listed, on_error, splits)
     if listed and not shards:
         raise ShardError(f"on_error='skip' left no readable shard of {url!r}", url=url)
     units = [
@@ -112,7 +115,6 @@ def read_ray_dataset(
         for g in range(len(shard.row_groups))
     ]
     columns = ["id", "split", "label", *(MODALITIES if modalities is None else modalities)]
-    splits = [split] if isinstance(split, str) else split
     decoder = Decoder(audio_sample_rate=audio_sample_rate, image_mode=image_mode, on_error=on_error)
     step = RowGroupDecoder(fs, shards, columns, splits, decoder)
     if not units:  # a data set of no rows (Ray refuses zero blocks)
@@ -122,10 +124,13 @@ def read_ray_dataset(
     )
 
 
-def _readable_shards(fs: Any, shards: list[Any], on_error: OnError) -> list[Any]:
+def _readable_shards(
+    fs: Any, shards: list[Any], on_error: OnError, split: Sequence[str] | None = None
+) -> list[Any]:
     """The shards whose Parquet schema reads and is a jin-data one. Another shard raises its
     `SchemaError` (or `ShardError` where the file cannot be read at all), or with
-    ``on_error="skip"`` is logged, with its row count, on the driver and left out."""
+    ``on_error="skip"`` is logged, with its rows of ``split`` (`jin_data.reader.split_rows`), on
+    the driver and left out."""
     kept = []
     for shard in shards:
         try:
@@ -140,7 +145,8 @@ def _readable_shards(fs: Any, shards: list[Any], on_error: OnError) -> list[Any]
             continue
         if on_error == "raise":
             raise error from None
-        logger.warning("jin_data: skipped %d rows: %s", shard.num_rows, error)
+        lost = sum(split_rows(fs, shard, g, split) for g in range(len(shard.row_groups)))
+        logger.warning("jin_data: skipped %d rows: %s", lost, error)
     return kept
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "list_shards",
     "open_shard",
     "read_row_group",
+    "split_rows",
 ]
 
 logger = logging.getLogger("jin_data")
@@ -318,6 +319,30 @@ def read_row_group(
     if split is not None:
         table = table.filter(pc.is_in(table["split"], value_set=string_array(list(split))))
     return table
+
+
+def split_rows(
+    fs: fsspec.AbstractFileSystem, shard: _Shard, row_group: int, split: Sequence[str] | None
+) -> int:
+    """Rows of ``split`` (all if ``None``) in one row group of ``shard``, to count it skipped.
+
+    Read from its ``split`` column alone, which often reads where the row group as a whole did
+    not (a corrupt page of another column, a file declaring another C or F). Where that column
+    does not read either, or the file's row group is not the manifest's, all its rows.
+    """
+    rows = shard.row_groups[row_group]
+    if split is None:
+        return rows
+    try:
+        with fs.open(shard.path, "rb") as f:
+            parquet = pq.ParquetFile(f, page_checksum_verification=True)
+            table = parquet.read_row_group(row_group, columns=["split"], use_threads=False)
+            if "split" not in table.column_names or table.num_rows != rows:
+                return rows
+            kept = pc.is_in(table["split"], value_set=string_array(list(split)))
+            return int(pc.sum(kept.cast(pa.int64())).as_py() or 0)
+    except (OSError, pa.ArrowException):
+        return rows
 
 
 def _gather(tables: list[pa.Table], rows: np.ndarray) -> pa.Table:
@@ -682,6 +707,7 @@ class ShardDataset(IterableDataset):
             audio_sample_rate=self.config.audio_sample_rate,
             image_mode=self.config.image_mode,
             on_error=self.config.on_error,
+            audio_dtype=self.config.audio_dtype,
         )
         modalities = self.modalities
         # In a DataLoader worker the batch is built in shared memory (see `build_batch`).
@@ -722,11 +748,12 @@ class ShardDataset(IterableDataset):
             tables.close()  # stops and joins the read-ahead thread when the epoch ends early
 
     def _lost_rows(self, shard: int, row_group: int) -> int:
-        """Rows a skipped row group counts: those of this reader's split where `_split_rows`
-        counted them (``equal_batches``: the quota's left-out rows are the rest), else all."""
+        """Rows a skipped row group counts: those of this reader's split, as `_split_rows`
+        counted them (``equal_batches``: the quota's left-out rows are the rest), else as
+        `split_rows` counts them."""
         if self._split_counts is not None:
             return self._split_counts[shard][row_group]
-        return self.shards[shard].row_groups[row_group]
+        return split_rows(self.fs, self.shards[shard], row_group, self.config.split)
 
     def _rows_of(self, units: list[tuple[int, int]]) -> int:
         """Rows that ``units`` hold of this reader's split (read once, see `_split_rows`)."""
@@ -738,8 +765,8 @@ class ShardDataset(IterableDataset):
 
         From the manifest without a split filter; with one, the ``split`` column of every row
         group is read once per dataset object. A shard or row group that does not read raises, or
-        under ``on_error="skip"`` counts all its rows (it is skipped when read, too, and counted
-        so: `_lost_rows`).
+        under ``on_error="skip"`` counts what `split_rows` finds (it is skipped when read, too, and
+        counted so: `_lost_rows`).
         """
         if self.config.split is None:
             return [shard.row_groups for shard in self.shards]
@@ -759,6 +786,10 @@ class ShardDataset(IterableDataset):
                 except DataError:
                     if self.config.on_error == "raise":
                         raise
+                    rows = [
+                        split_rows(self.fs, shard, g, self.config.split)
+                        for g in range(len(shard.row_groups))
+                    ]
                 counts.append(tuple(rows))
             self._split_counts = counts
         return self._split_counts

@@ -74,6 +74,18 @@ class Sample(TypedDict, total=False):
     custom: np.ndarray | None
 
 
+def _check_utf8(value: str, where: str, key: str) -> None:
+    """Strings are stored as UTF-8: a lone surrogate (``errors="surrogateescape"`` text, say) has
+    no encoding, and would fail the whole shard when it is written, not this sample."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as err:
+        raise SampleError(
+            f"{where} key {key!r}: not encodable as UTF-8 ({err.reason} at position {err.start}: "
+            f"{value[err.start : err.end]!r})"
+        ) from None
+
+
 def _encode_png(image: np.ndarray | Image.Image, where: str) -> bytes:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
@@ -111,23 +123,31 @@ class _Row:
             )
         if not isinstance(sample_id, str) or not sample_id:
             raise SampleError(f"{where} key 'id': expected a non-empty str, received {sample_id!r}")
+        _check_utf8(sample_id, where, "id")
         self.id = sample_id
         self.split = sample.get("split", "train")
         if not isinstance(self.split, str) or not self.split:
             raise SampleError(
                 f"{where} key 'split': expected a non-empty str, received {self.split!r}"
             )
+        _check_utf8(self.split, where, "split")
         label = sample.get("label")
         if label is not None and (
-            isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer))
+            isinstance(label, (bool, np.bool_))
+            or not isinstance(label, (int, np.integer))
+            or not -(2**63) <= int(label) < 2**63
         ):
-            raise SampleError(f"{where} key 'label': expected an int or None, received {label!r}")
+            raise SampleError(
+                f"{where} key 'label': expected an int or None (int64), received {label!r}"
+            )
         self.label = None if label is None else int(label)
         self.text = sample.get("text")
         if self.text is not None and not isinstance(self.text, str):
             raise SampleError(
                 f"{where} key 'text': expected a str or None, received {type(self.text).__name__}"
             )
+        if self.text is not None:
+            _check_utf8(self.text, where, "text")
         self.image = self._image(sample.get("image"), where)
         self.audio = self._audio(sample, where)
         self.points = self._array(sample.get("points"), 2, where, "points")
@@ -156,6 +176,16 @@ class _Row:
         rate = sample.get("audio_sample_rate")
         if audio is None:
             return None
+        if rate is not None:  # stored as int32: checked here, not when the shard is written
+            try:
+                rate = int(rate)
+            except (TypeError, ValueError):
+                rate = None
+            if rate is None or not 0 < rate < 2**31:
+                raise SampleError(
+                    f"{where} key 'audio_sample_rate': expected an int in 1..2**31-1 or None, "
+                    f"received {sample.get('audio_sample_rate')!r}"
+                )
         if isinstance(audio, (bytes, bytearray, memoryview)):
             return {"bytes": bytes(audio), "samples": None, "sample_rate": rate}
         array = np.asarray(audio)
@@ -166,11 +196,11 @@ class _Row:
                 f"received {array.dtype} (encode PCM as WAV bytes, or scale it)"
             )
         samples = _Row._array(array, 1, where, "audio")
-        if rate is None or int(rate) <= 0:
+        if rate is None:
             raise SampleError(
                 f"{where} key 'audio_sample_rate': required (> 0) with raw samples, got {rate!r}"
             )
-        return {"bytes": None, "samples": samples, "sample_rate": int(rate)}
+        return {"bytes": None, "samples": samples, "sample_rate": rate}
 
     @staticmethod
     def _array(value: Any, ndim: int, where: str, key: str) -> np.ndarray | None:
