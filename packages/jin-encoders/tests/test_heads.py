@@ -69,6 +69,19 @@ def test_bad_configuration_is_named(kwargs, match):
         PixelDiffusionHead(in_channels=1, dim=8, **kwargs)
 
 
+def test_stage_widths_are_the_heads_rules_naming_the_callers_fields():
+    assert PixelDiffusionHead.stage_widths(8) == (32, 64, 128)
+    assert PixelDiffusionHead.stage_widths(4, (8, 16)) == (8, 16)
+    assert PixelDiffusionHead.stage_widths(4, ()) == (32, 64)
+    names = {"patch_name": "vision.patch", "channels_name": "head.widths"}
+    with pytest.raises(ValueError, match=r"^vision.patch: expected a power of two >= 2, got 1$"):
+        PixelDiffusionHead.stage_widths(1, **names)
+    with pytest.raises(
+        ValueError, match=r"^head.widths: expected 2 positive widths \(log2 of vision.patch=4\)"
+    ):
+        PixelDiffusionHead.stage_widths(4, (8,), **names)
+
+
 def test_an_image_off_the_patch_grid_is_rejected():
     with pytest.raises(ValueError, match=r"multiples of 4, got \(1, 1, 8, 10\)"):
         _head().encode(torch.randn(1, 1, 8, 10))

@@ -16,6 +16,7 @@ P patch side (pixels or frames per token).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -138,15 +139,7 @@ class PixelDiffusionHead(nn.Module):
         super().__init__()
         if spatial_dims not in _CONV:
             raise ValueError(f"spatial_dims: expected 1 or 2, got {spatial_dims}")
-        if patch_size < 2 or patch_size & (patch_size - 1):
-            raise ValueError(f"patch_size: expected a power of two >= 2, got {patch_size}")
-        stages = patch_size.bit_length() - 1
-        channels = tuple(channels or (min(32 << i, 128) for i in range(stages)))
-        if len(channels) != stages or min(channels) <= 0:
-            raise ValueError(
-                f"channels: expected {stages} positive widths (log2 of patch_size={patch_size}), "
-                f"got {channels}"
-            )
+        channels = self.stage_widths(patch_size, channels)
         self.patch_size = patch_size
         self.channels = channels
         self.spatial_dims = spatial_dims
@@ -164,6 +157,34 @@ class PixelDiffusionHead(nn.Module):
         self.out = _CONV[spatial_dims](channels[0], in_channels, 3, 1, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+
+    @staticmethod
+    def stage_widths(
+        patch_size: int,
+        channels: Sequence[int] | None = None,
+        *,
+        patch_name: str = "patch_size",
+        channels_name: str = "channels",
+    ) -> tuple[int, ...]:
+        """The conv stage widths of a head on ``patch_size``: ``channels``, or the default
+        ``32, 64, 128, ...`` when None or empty; the head's rules, for configs to check before
+        they build one.
+
+        Raises:
+            ValueError: ``patch_size`` is not a power of two >= 2, or ``channels`` are not
+                ``log2(patch_size)`` positive widths; the message names ``patch_name`` or
+                ``channels_name`` (the arguments, or the config fields that set them).
+        """
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"{patch_name}: expected a power of two >= 2, got {patch_size}")
+        stages = patch_size.bit_length() - 1
+        widths = tuple(channels or (min(32 << i, 128) for i in range(stages)))
+        if len(widths) != stages or min(widths) <= 0:
+            raise ValueError(
+                f"{channels_name}: expected {stages} positive widths (log2 of "
+                f"{patch_name}={patch_size}), got {widths}"
+            )
+        return widths
 
     def encode(self, signal: Tensor) -> tuple[Tensor, list[Tensor]]:
         """``(tokens (B, T, D), skip features)`` of a noisy ``(B, C, H, W)`` image (or ``(B, C,
