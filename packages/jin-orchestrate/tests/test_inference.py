@@ -122,6 +122,27 @@ def test_a_rejected_row_does_not_fail_its_neighbours(embedder):
         np.testing.assert_allclose(result.vectors[m][2], alone.vectors[m][0], atol=1e-5)
 
 
+def test_a_row_rejected_for_one_modality_is_absent_from_every_modality(embedder):
+    """`TableEmbeddings`: a row in ``errors`` is absent from every modality. Its points embedded,
+    its seven_segment vector was refused: it stayed present, with a vector, for points."""
+    good = np.random.default_rng(0).random((2, 14)).tolist()
+    table = sample_table(
+        {
+            "points": [[[0.0, 0.0, 0.0]] * 4, [[1.0, 2.0, 3.0]] * 5],
+            "seven_segment": [good[0], good[1][:13]],
+        },
+        2,
+    )
+    decoded, _ = card_decoder(embedder.card).decode(table)
+    result = embedder.embed_table(decoded)
+    assert set(result.errors) == {1} and result.errors[1].startswith("seven_segment: ")
+    for m in ("points", "seven_segment"):
+        assert result.present[m].tolist() == [True, False], m
+        assert not result.vectors[m][1].any(), m
+    alone = embedder.embed_table(decoded.slice(0, 1))
+    np.testing.assert_allclose(result.vectors["points"][0], alone.vectors["points"][0], atol=1e-5)
+
+
 def test_local_checkpoint_fetches_an_mlflow_run_once(checkpoint, tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient

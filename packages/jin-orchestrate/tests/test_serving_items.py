@@ -1,6 +1,8 @@
 """Request items -> decoded table; every client mistake located; the serving config and its file."""
 
 import importlib
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,19 @@ def test_items_over_the_size_limits_answer_413(card):
     assert "3.0 s is over the limit of 2 s" in errors[("body", "items", 1, "data")]
 
 
+def test_an_image_pillow_refuses_as_a_bomb_is_a_413_naming_the_limit(card):
+    """Over twice Pillow's MAX_IMAGE_PIXELS its own check raises as the header is read: that was
+    a 422 "image: does not decode", not the 413 of every other image over max_image_pixels."""
+    data = bytearray(png(8, 8, 0))
+    data[16:24] = struct.pack(">II", 15000, 15000)  # IHDR's width and height; the pixels unread
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    status, errors = errors_of(card, [{"modality": "image", "data": b64(bytes(data))}])
+    assert status == 413
+    assert errors[("body", "items", 0, "data")].startswith(
+        "image: over the limit of 4096 pixels (max_image_pixels): Image size (225000000 pixels)"
+    )
+
+
 def test_serve_config_rejects_unknown_keys_and_unfillable_batches():
     with pytest.raises(ValueError, match=r"unknown key 'max_batch'.*did you mean 'max_batch_size'"):
         ServeConfig(checkpoint="x", max_batch=4)
@@ -173,6 +188,34 @@ def test_the_cli_refuses_a_missing_or_damaged_checkpoint_before_starting_ray(
     (damaged / "model.safetensors").write_bytes(b"garbage")
     assert main(["--checkpoint", str(damaged)]) == 2
     assert "model.safetensors does not match its sha256" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_a_port_it_cannot_listen_on_before_starting_ray(
+    checkpoint, monkeypatch, capsys
+):
+    """A port in use (a second service on 8000) or out of range failed in Serve's proxy after
+    Ray had started, some 15 s later, with Ray's traceback and exit status 1."""
+    import socket
+
+    import jin_orchestrate.cluster
+    from jin_orchestrate.serve import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(jin_orchestrate.cluster, "init_ray", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--checkpoint", str(checkpoint), "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot listen on 127.0.0.1:{port} (Address already in use); choose another "
+        "--port\n"
+    )
+    assert main(["--checkpoint", str(checkpoint), "--port", "99999"]) == 2
+    assert capsys.readouterr().err == "error: port 99999 is not a TCP port (1-65535)\n"
 
 
 def test_forward_passes_hold_whole_requests_in_order_within_the_item_limit():

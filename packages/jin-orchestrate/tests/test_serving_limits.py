@@ -186,15 +186,31 @@ def test_text_with_a_lone_surrogate_is_a_422_naming_the_item(card):
 
 
 class _Remote:
+    """A handle method: ``remote`` gives a cancellable awaitable, like a DeploymentResponse.
+
+    ``fail`` makes the replica answer an exception instead, or never answer (``"hang"``).
+    """
+
     def __init__(self, value) -> None:
         self.value = value
+        self.fail: Exception | str | None = None
+        self.calls: list[asyncio.Task] = []
 
-    async def remote(self, *args):
+    async def _answer(self):
+        if self.fail == "hang":
+            await asyncio.sleep(3600)
+        if isinstance(self.fail, Exception):
+            raise self.fail
         return self.value
 
+    def remote(self, *args):
+        self.calls.append(asyncio.ensure_future(self._answer()))
+        return self.calls[-1]
 
-def ingress_client(card, monkeypatch):
-    """The ingress's own FastAPI app, its replica object made here instead of by Serve."""
+
+def ingress_client(card, monkeypatch, remote=None, **cfg):
+    """The ingress's own FastAPI app, its replica object made here instead of by Serve; the model
+    deployment's ``card`` is ``remote`` (a :class:`_Remote`)."""
     from fastapi.testclient import TestClient
     from ray import serve
 
@@ -204,7 +220,8 @@ def ingress_client(card, monkeypatch):
     ingress_class = Ingress.func_or_class.__bases__[0]
     assert ingress_class.__qualname__ == "Ingress"
     replica = ingress_class(
-        types.SimpleNamespace(card=_Remote(card)), ServeConfig(checkpoint="unused")
+        types.SimpleNamespace(card=remote or _Remote(card)),
+        ServeConfig(checkpoint="unused", **cfg),
     )
     context = types.SimpleNamespace(servable_object=replica)
     monkeypatch.setattr(serve, "get_replica_context", lambda: context)
@@ -348,6 +365,41 @@ def test_every_error_answer_has_the_documented_shape(card, monkeypatch):
     }
     assert unknown_path.status_code == 404
     assert unknown_path.json()["detail"] == [{"loc": [], "msg": "Not Found", "type": "http_error"}]
+
+
+def test_healthz_asks_the_model_replica_each_time_and_is_a_503_when_none_answers(card, monkeypatch):
+    """The ingress kept the card of the first answer, so /healthz stayed 200 while the only model
+    replica was dead (and /v1/embed answered 503)."""
+    from ray.exceptions import ActorDiedError
+
+    remote = _Remote(card)
+    with ingress_client(card, monkeypatch, remote, health_timeout_s=0.2) as client:
+        up = client.get("/healthz")
+        remote.fail = ActorDiedError()
+        dead = client.get("/healthz")
+        remote.fail = "hang"
+        hung = client.get("/healthz")
+        remote.fail = None
+        back = client.get("/healthz")
+    assert up.status_code == 200 and up.json() == {"status": "ok", "model_version": card.version}
+    assert dead.status_code == 503 and hung.status_code == 503
+    assert dead.json()["detail"] == [
+        {
+            "loc": [],
+            "msg": "the model deployment (Embedder) is not reachable: ActorDiedError: "
+            + str(ActorDiedError()),
+            "type": "unavailable",
+        }
+    ]
+    assert hung.json()["detail"] == [
+        {
+            "loc": [],
+            "msg": "the model deployment (Embedder) did not answer within 0.2 s (health_timeout_s)",
+            "type": "unavailable",
+        }
+    ]
+    assert back.status_code == 200
+    assert len(remote.calls) == 4 and remote.calls[2].cancelled(), "the hung call was left queued"
 
 
 def _client_errors(error: type[Exception]):

@@ -181,6 +181,10 @@ class EmbeddingModel:
                     previous = out.errors.get(int(rows[i]))
                     out.errors[int(rows[i])] = "; ".join(filter(None, [previous, where + message]))
             out.vectors[name], out.present[name] = vectors, present
+        for row in out.errors:  # a rejected row is absent from its other modalities too
+            for name in out.present:
+                out.present[name][row] = False
+                out.vectors[name][row] = 0.0
         return out
 
     def _embed_rows(self, table: pa.Table, name: str) -> tuple[np.ndarray, dict[int, str]]:

@@ -10,7 +10,9 @@ top, so ``python -m jin_orchestrate.serve --checkpoint runs:/RUN_ID/final_checkp
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -74,6 +76,24 @@ def load_serve_config(
     return ServeConfig.model_validate(data), http
 
 
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why the service could not listen on ``host:port`` on this machine, or None.
+
+    Checked before Ray starts: Serve's proxy otherwise fails there after its retries (about 20
+    s), and the CLI ended in Ray's traceback.
+    """
+    if not 0 < port < 2**16:
+        return f"port {port} is not a TCP port (1-65535)"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            probe.bind(address)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port"
+    return None
+
+
 def start(cfg: Any, *, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Run the application on the connected Ray; returns its base URL once it answers."""
     from ray import serve
@@ -99,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         # Fail here, with the reason, rather than in a replica: fetched and verified once.
         path = local_checkpoint(cfg.checkpoint, tracking_uri=cfg.mlflow_tracking_uri)
         card = ModelCard.from_checkpoint(path, cfg.checkpoint)
+        host = args.host or http.get("host") or "127.0.0.1"
+        port = args.port or int(http.get("port") or 8000)
+        # Only where the Ray started here serves it: a cluster's proxies listen on its nodes.
+        problem = (
+            None if args.ray_address or "RAY_ADDRESS" in os.environ else _listen_problem(host, port)
+        )
+        if problem is not None:
+            raise ValueError(problem)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -113,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    host = args.host or http.get("host") or "127.0.0.1"
-    port = args.port or int(http.get("port") or 8000)
     print(
         f"[jin] starting the service for {cfg.checkpoint} (version {card.version}, "
         f"{', '.join(m.name for m in card.modalities)})...",

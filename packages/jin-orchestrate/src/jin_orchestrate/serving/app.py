@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -88,17 +88,19 @@ async def _too_many_items(request: Request, exc: TooManyItems) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
 
+def _unavailable(msg: str) -> JSONResponse:
+    detail = ErrorDetail(loc=[], msg=msg, type="unavailable")
+    return JSONResponse(
+        {"detail": [detail.model_dump()]}, status_code=503, headers={"Retry-After": "1"}
+    )
+
+
 @app.exception_handler(RayActorError)  # ActorUnavailableError and ActorDiedError included
 async def _replica_lost(request: Request, exc: Exception) -> JSONResponse:
     # A model replica died or restarted while holding this request: the request was fine, and
     # Serve routes a retry to a live replica, so say so (clients retry 503) instead of a 500.
-    detail = ErrorDetail(
-        loc=[],
-        msg=f"the model replica was lost during the request; retry ({type(exc).__name__})",
-        type="unavailable",
-    )
-    return JSONResponse(
-        {"detail": [detail.model_dump()]}, status_code=503, headers={"Retry-After": "1"}
+    return _unavailable(
+        f"the model replica was lost during the request; retry ({type(exc).__name__})"
     )
 
 
@@ -271,6 +273,7 @@ class Ingress:
         )
         app.state.max_request_bytes = cfg.max_request_bytes  # read by BodyLimit
         set_max_items(cfg.max_items)  # each list of items, before its items validate
+        self.health_timeout_s = cfg.health_timeout_s
         self._card: ModelCard | None = None
         self._decoder: Decoder | None = None
 
@@ -354,13 +357,30 @@ class Ingress:
         """The model, the modalities it embeds and what each takes, and the request limits."""
         return ServiceCard(model=await self.card(), limits=self.limits)
 
-    @app.get("/healthz")
-    async def healthz(self) -> Health:
-        """OK once the model replica has answered."""
+    @app.get(
+        "/healthz",
+        response_model=Health,  # else FastAPI reads the annotation, which its JSONResponse fails
+        responses={503: {"model": ErrorResponse, "description": "no model replica answers"}},
+    )
+    async def healthz(self) -> Health | JSONResponse:
+        """OK while a model replica answers, asked anew each time (its card: no forward pass).
+
+        503 naming the failure when none answers within ``health_timeout_s``: the replica is
+        dead, restarting, still loading, or too busy to answer.
+        """
+        call = self.embedder.card.remote()
         try:
-            card = await self.card()
-        except Exception as exc:  # the model replica is down or still loading
-            raise HTTPException(503, f"model not reachable: {exc}") from exc
+            card: ModelCard = await asyncio.wait_for(call, self.health_timeout_s)
+        except TimeoutError:
+            call.cancel()  # not left queued for a replica that may never come
+            return _unavailable(
+                f"the model deployment (Embedder) did not answer within "
+                f"{self.health_timeout_s:g} s (health_timeout_s)"
+            )
+        except Exception as exc:  # the model replica is down or failed to load
+            return _unavailable(
+                f"the model deployment (Embedder) is not reachable: {type(exc).__name__}: {exc}"
+            )
         return Health(status="ok", model_version=card.version)
 
 

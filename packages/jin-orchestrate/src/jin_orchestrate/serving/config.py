@@ -83,6 +83,11 @@ class ServeConfig(StrictConfig):
         description="length of one clip, read from its header before decoding (413 beyond); "
         "its samples (frames x channels) may fill this many seconds of 8 channels at 48 kHz",
     )
+    health_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="longest wait of /healthz for the model deployment to answer (503 beyond)",
+    )
     use_gpu: bool | None = Field(
         None, description="one GPU per model replica (default: when the cluster has GPUs)"
     )

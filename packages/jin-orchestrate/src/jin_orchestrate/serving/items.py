@@ -243,6 +243,11 @@ def _image_problem(data: bytes | None, limits: Limits) -> tuple[str | None, bool
             width, height = image.size
     except UnidentifiedImageError:
         return "image: not an image file Pillow can open (PNG, JPEG, WebP, ...)", False
+    except Image.DecompressionBombError as exc:  # Pillow's own size check, as it reads the header
+        return (
+            f"image: over the limit of {limits.max_image_pixels} pixels (max_image_pixels): {exc}",
+            True,
+        )
     except Exception as exc:  # Pillow raises several types for a damaged header
         return f"image: does not decode: {exc}", False
     if width * height > limits.max_image_pixels:
