@@ -24,6 +24,27 @@ def test_default_corpus_is_generated_once_reused_and_regenerated_when_damaged(tm
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 
+def test_a_corpus_another_job_generated_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two jobs generating the same default corpus at once: the later rename failed ("Directory
+    not empty") and that job stopped, though the corpus it wanted was there, complete."""
+    import jin_orchestrate.data as data
+
+    cfg = DataConfig(samples=12, seed=3, cache_dir=str(tmp_path))
+    final = tmp_path / "numberworld-v2-n12-seed3"
+    generate = data.generate_numberworld
+
+    def racing(url, *args, **kwargs):  # the other job finishes while this one generates
+        if not final.exists():
+            generate(str(tmp_path / "other"), *args, **kwargs)
+            (tmp_path / "other").rename(final)
+        return generate(url, *args, **kwargs)
+
+    monkeypatch.setattr(data, "generate_numberworld", racing)
+    assert default_corpus(cfg, progress=False) == str(final)
+    assert (final / "manifest.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
 # Training data is mixed anew every epoch, and the same way when an epoch is replayed.
 
 

@@ -229,7 +229,7 @@ class _Oracle(torch.nn.Module):
         return out
 
 
-def _corpus(url, *, unlabelled=(), no_image=(), no_custom=()):
+def _corpus(url, *, unlabelled=(), no_image=(), no_custom=(), test_split="test"):
     """Numbers 0-7 twice in train, 0-8 twice in test (8 held out); text, image and custom."""
     import numpy as np
 
@@ -237,7 +237,7 @@ def _corpus(url, *, unlabelled=(), no_image=(), no_custom=()):
 
     samples = []
     for i in range(34):
-        split, n = ("train", i % 8) if i < 16 else ("test", (i - 16) % 9)
+        split, n = ("train", i % 8) if i < 16 else (test_split, (i - 16) % 9)
         samples.append(
             {
                 "id": f"n{n}_{i}",
@@ -289,6 +289,27 @@ def test_samples_without_a_label_are_not_a_number(tmp_path):
     assert m["retrieval_pool"] == 9.0
     assert m["retrieval/image_to_text/R1"] == m["retrieval/text_to_image/R1"] == 1.0
     assert m["linear_probe/image_top1"] == 1.0 and m["linear_probe/image_classes"] == 8.0
+
+
+def test_data_without_labels_or_test_rows_gives_the_figures_it_can(tmp_path):
+    """extend's README: `split`/`label` only if you want the closing evaluation. Unlabelled data
+    (or test rows of numbers the train split lacks) has no probe to fit or score, and data without
+    test rows nothing to score; both crashed the evaluation, and so the job after its training."""
+    from jin_orchestrate.evaluate import evaluate
+    from jin_orchestrate.tables import evaluation_markdown
+
+    unlabelled = evaluate(_Oracle(), _corpus(str(tmp_path / "u"), unlabelled=range(34))).metrics
+    assert unlabelled["test_samples"] == 18
+    assert unlabelled["retrieval_instance/image_to_text/R10"] == 1.0
+    assert not any(k.startswith(("linear_probe", "zero_shot", "retrieval/")) for k in unlabelled)
+    # Labelled train rows, test rows unlabelled: instance retrieval only, again.
+    test_unlabelled = evaluate(_Oracle(), _corpus(str(tmp_path / "t"), unlabelled=range(16, 34)))
+    assert not any(k.startswith("linear_probe") for k in test_unlabelled.metrics)
+    no_test = evaluate(_Oracle(), _corpus(str(tmp_path / "n"), test_split="val"))
+    assert no_test.metrics == {"test_samples": 0.0} and len(no_test.labels) == 0
+    for metrics in (unlabelled, test_unlabelled.metrics, no_test.metrics):
+        format_summary(metrics)
+        evaluation_markdown({"model": metrics})
 
 
 def test_the_data_is_decoded_at_the_models_audio_rate(corpus_url):

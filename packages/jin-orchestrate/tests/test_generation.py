@@ -299,6 +299,37 @@ def test_generation_heads_are_added_to_a_checkpoint_without_them(checkpoint):
     assert _config(diffusion={"prediction": "eps"}).model.generation.diffusion.prediction == "eps"
 
 
+def test_generate_train_on_an_extended_checkpoint_keeps_the_runtime_modality_column(corpus_url):
+    """The column `extend` recorded stays in the generation job's config (its checkpoint's: the
+    model card, embed's custom_as and evaluate read it), and the job's batches still train."""
+    from jin_data import ShardDataset
+    from jin_orchestrate.config import load_config
+    from jin_orchestrate.data import rename_columns
+    from jin_orchestrate.extend import build_extension_config
+    from jin_orchestrate.generate import build_generation_config
+
+    ext = build_extension_config(
+        load_config("jin-test").model_dump(mode="json"),
+        modality="seven_segment",
+        input_dim=14,
+        column="custom",
+        steps=2,
+        lr=5e-3,
+    )
+    cfg = build_generation_config(ext.model_dump(mode="json"), steps=2, lr=1e-3)
+    assert cfg.data.columns == {"seven_segment": "custom"}
+    assert cfg.data.modalities == ("text", "image", "audio", "seven_segment")
+    data = ShardDataset(
+        corpus_url, batch_size=4, shuffle=False, split="train", modalities=cfg.data.source_columns
+    )
+    batch = rename_columns(next(iter(data)), cfg.data.columns)
+    assert batch["seven_segment"].shape == (4, 14)
+    torch.manual_seed(0)
+    model = JinModel(cfg.model)
+    losses = generation_losses(model, batch, cfg.stages[0], torch.Generator().manual_seed(0))
+    assert torch.isfinite(losses["loss"])
+
+
 def test_repeats_draw_each_target_at_several_timesteps(batch, monkeypatch):
     import jin_orchestrate.generation as generation
 
@@ -347,6 +378,58 @@ def test_a_target_weighted_zero_is_not_computed(batch, monkeypatch):
         _config(image_weight=0.0, audio_weight=0.0, text_weight=0.0)
 
 
+def _without(batch: dict, target: str) -> dict:
+    """``batch`` as jin-data collates it when no row has ``target``."""
+    rows = len(batch["label"])
+    absent = {f"{target}_present": torch.zeros(rows, dtype=torch.bool)}
+    if target == "image":
+        absent["image"] = torch.zeros(rows, batch["image"].shape[1], 0, 0, dtype=torch.uint8)
+        absent["image_sizes"] = torch.zeros(rows, 2, dtype=torch.long)
+    if target == "audio":
+        absent.update(audio=torch.zeros(rows, 0), audio_lengths=torch.zeros(rows, dtype=torch.long))
+    return {**batch, **absent}
+
+
+@pytest.mark.parametrize("target", ["text", "image", "audio"])
+def test_a_batch_without_one_target_still_trains_the_others(batch, target):
+    """jin-data's columns are nullable, so a batch may have no caption, image or audio at all:
+    that target's loss is 0, not NaN (which skips the step and, batches in a row, stops the job)
+    or an error on its empty canvas."""
+    torch.manual_seed(0)
+    cfg = _config()
+    model = JinModel(cfg.model)
+    losses = generation_losses(
+        model, _without(batch, target), cfg.stages[0], torch.Generator().manual_seed(0)
+    )
+    assert torch.isfinite(losses["loss"])
+    for name in ("text", "image", "audio"):
+        assert (float(losses[f"generation/{name}"]) == 0.0) == (name == target), name
+    losses["loss"].backward()
+
+
+def test_image_targets_are_each_images_own_pixels_in_a_batch_of_several_sizes(batch):
+    """jin-data pads a smaller image at the bottom and right (``image_sizes``): its target is the
+    image resized, not the image and the padding."""
+    import torch.nn.functional as F
+
+    from jin_orchestrate.generation import image_tokens
+
+    torch.manual_seed(0)
+    model = JinModel(_config().model)
+    small = F.interpolate(batch["image"][1:2].float(), size=(48, 48), mode="area")
+    small = small.round().to(torch.uint8)
+    padded = batch["image"].clone()
+    padded[1] = 0
+    padded[1, :, :48, :48] = small[0]
+    sizes = batch["image_sizes"].clone()
+    sizes[1] = torch.tensor([48, 48])
+    tokens = image_tokens(model, padded, sizes)
+    assert torch.equal(tokens[1], image_tokens(model, small)[0])
+    assert torch.equal(
+        tokens[[0, *range(2, 8)]], image_tokens(model, batch["image"])[[0, *range(2, 8)]]
+    )
+
+
 def test_a_generation_checkpoint_continues_with_other_loss_weights(gen_checkpoint):
     from jin_orchestrate.checkpoint import CheckpointError
     from jin_orchestrate.extension import model_from_checkpoint
@@ -373,10 +456,18 @@ def test_generation_configs_are_validated():
     data = _config().model_dump()
     data["model"]["space"]["image"].update(patch_size=12, stem="patch", stem_channels=None)
     data["model"]["generation"]["image_size"] = 36
-    with pytest.raises(ValueError, match="conv needs a power-of-two patch size, got 12"):
+    conv = r"image_head=conv: space.image.patch_size: expected a power of two >= 2, got {}"
+    with pytest.raises(ValueError, match=conv.format(12)):
         JinConfig.model_validate(data)
     data["model"]["generation"]["image_head"] = "patch"
     assert JinModel(JinConfig.model_validate(data).model).generation.token_shapes["image"][0] == 9
+    # the conv head's own rules (PixelDiffusionHead.stage_widths): patch 1 is no power of two >= 2
+    data["model"]["space"]["image"]["patch_size"] = 1
+    data["model"]["generation"].update(image_head="conv", image_size=8)
+    with pytest.raises(ValueError, match=conv.format(1)):
+        JinConfig.model_validate(data)
+    data["model"]["generation"]["image_head"] = "patch"
+    assert JinModel(JinConfig.model_validate(data).model).generation.token_shapes["image"][0] == 64
     with pytest.raises(ValueError, match="cannot condition itself"):
         _config(text_from=["text"])
     with pytest.raises(ValueError, match="audio_head_channels: expected one positive width"):
@@ -632,6 +723,63 @@ def test_evaluate_generation_scores_every_trained_direction(gen_checkpoint, corp
     assert len(list(tmp_path.glob("text_to_audio_*_mel.png"))) == len(clips)
     table = format_generation(scores)
     assert "not Inception-FID" in table and "| condition recognised |" in table
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"samples": 1}, "samples: expected at least 2"),
+        ({"samples": -1}, "samples: expected at least 2"),
+        ({"steps": 0}, r"steps: expected 1..100, got 0"),
+        ({"steps": 101}, r"steps: expected 1..100, got 101"),
+        ({"batch": 0}, "batch: expected at least 1"),
+    ],
+)
+def test_evaluate_generation_refuses_bad_arguments_before_reading_the_data(
+    gen_model, kwargs, message, monkeypatch
+):
+    """``--samples 1`` (a smoke run), ``0`` or ``-1`` failed with frechet_distance's or torch's
+    error, ``--ddim-steps 0`` only after the probes had trained."""
+    import jin_orchestrate.generation_eval as generation_eval
+
+    monkeypatch.setattr(generation_eval, "_split", lambda *_: pytest.fail("read the data"))
+    with pytest.raises(ValueError, match=message):
+        generation_eval.evaluate_generation(gen_model, "unused", **kwargs)
+
+
+def test_evaluate_cli_names_a_bad_generation_argument_and_exits_2(
+    gen_checkpoint, corpus_url, capsys
+):
+    from jin_orchestrate.evaluate import main
+
+    args = ["--checkpoint", str(gen_checkpoint), "--data", corpus_url, "--generation"]
+    assert main([*args, "--samples", "1"]) == 2
+    assert "error: samples" in capsys.readouterr().err
+
+
+def test_evaluate_generation_of_a_split_without_held_out_numbers(corpus_url, monkeypatch):
+    """A corpus whose test numbers were all seen in training (NumberWorld without held-out
+    numbers) has no zero-shot captions to score: the held-out keys are left out, not an error."""
+    import jin_orchestrate.generation_eval as generation_eval
+
+    split = generation_eval._split
+
+    def seen_only(url, name, rate):
+        rows = split(url, name, rate)
+        seen = set(split(url, "train", rate)["label"].tolist())
+        keep = torch.tensor([int(n) in seen for n in rows["label"].tolist()])
+        return generation_eval._take(rows, keep.nonzero()[:, 0])
+
+    monkeypatch.setattr(generation_eval, "_split", seen_only)
+    monkeypatch.setattr(generation_eval, "train_probe", lambda probe, *_, **__: probe.eval())
+    torch.manual_seed(0)
+    model = JinModel(_config(image_from=[], audio_from=[]).model)
+    scores = generation_eval.evaluate_generation(
+        model, corpus_url, samples=2, batch=2, log=lambda _: None
+    )
+    assert 0.0 <= scores["exact_match/image_to_text"] <= 1.0
+    assert not [k for k in scores if k.endswith("/held_out")]
+    assert "/ —" in generation_eval.format_generation(scores)
 
 
 @pytest.mark.gpu

@@ -218,3 +218,23 @@ def test_a_cuda_model_trains_and_embeds_from_a_host_batch(model, test_config, ba
     assert torch.isfinite(out["loss"]) and out["loss"].device.type == "cuda"
     emb = model.embed(batch)
     assert {e.device.type for e in emb.values()} == {"cuda"}
+
+
+def test_a_non_finite_padded_token_stays_out_of_the_pooled_mean_and_the_error():
+    from jin_orchestrate.model import _masked_mean, _per_sample_mse
+
+    g = torch.Generator().manual_seed(0)
+    x, pred, target = (torch.randn(2, 4, 3, generator=g) for _ in range(3))
+    pad = torch.tensor([[False, False, True, True], [False, False, False, False]])
+    # No padding is the plain mean over tokens.
+    full = _per_sample_mse(pred, target, torch.zeros_like(pad))
+    torch.testing.assert_close(_per_sample_mse(pred, target, None), full, rtol=0, atol=0)
+    clean = (_masked_mean(x, pad), _per_sample_mse(pred, target, pad))
+    x[0, 3], target[0, 2] = float("nan"), float("inf")
+    pred = pred.clone().requires_grad_()
+    pred.data[0, 3] = float("nan")
+    torch.testing.assert_close(_masked_mean(x, pad), clean[0], rtol=0, atol=0)
+    err = _per_sample_mse(pred, target, pad)
+    torch.testing.assert_close(err, clean[1], rtol=0, atol=0)
+    err.sum().backward()
+    assert torch.isfinite(pred.grad).all() and not pred.grad[0, 2:].any()

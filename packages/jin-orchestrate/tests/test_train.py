@@ -69,6 +69,24 @@ def test_non_finite_loss_is_skipped_counted_then_stops(test_config, batch, monke
         trainer.train_step(batch)
 
 
+def test_non_finite_gradients_of_a_finite_loss_count_in_a_row_and_stop(test_config, batch):
+    """A finite loss can have a non-finite gradient (0 * Inf in the backward); such steps were
+    skipped but never counted in a row, so the job never stopped (README: "non-finite loss or
+    gradient ... after train.max_nonfinite_steps in a row the job stops")."""
+    train = test_config.train.model_copy(update={"max_nonfinite_steps": 2})
+    trainer = _trainer(test_config.model_copy(update={"train": train}), stage_index=0)
+    first = next(trainer.core.parameters())
+    hook = first.register_hook(lambda g: g * float("nan"))
+    assert trainer.train_step(batch).skipped and trainer.nonfinite_in_row == 1
+    hook.remove()
+    assert not trainer.train_step(batch).skipped and trainer.nonfinite_in_row == 0
+    first.register_hook(lambda g: g * float("nan"))
+    assert trainer.train_step(batch).skipped and trainer.nonfinite_in_row == 1
+    with pytest.raises(NonFiniteLossError, match="gradient was non-finite for 2 steps in a row"):
+        trainer.train_step(batch)
+    assert trainer.nonfinite_total == 3
+
+
 def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(test_config, batch, tmp_path):
     straight, resumed, path = straight_and_interrupted(test_config, batch, tmp_path, 123)
     assert resumed.restore(path) == (0, 2)

@@ -142,7 +142,9 @@ class TrainConfig(StrictConfig):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(5, gt=0)
     max_failures: int = Field(2, ge=0, description="worker failures Ray Train recovers from")
-    max_nonfinite_steps: int = Field(5, gt=0, description="non-finite losses in a row that stop")
+    max_nonfinite_steps: int = Field(
+        5, gt=0, description="steps in a row with a non-finite loss or gradient that stop the job"
+    )
 
     @model_validator(mode="after")
     def _split_batch(self) -> TrainConfig:

@@ -44,7 +44,14 @@ def default_corpus(cfg: DataConfig, *, progress: bool = True) -> str:
         generate_numberworld(
             str(tmp), cfg.samples, cfg.seed, progress=progress, cache_dir=str(root)
         )
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.exists():
+                raise
+            # Another job generated the same corpus meanwhile (same size, seed and schema, so
+            # the same bytes) and renamed its complete copy into place first: that one stands.
+            shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

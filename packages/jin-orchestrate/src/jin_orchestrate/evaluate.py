@@ -247,6 +247,12 @@ def _embed_split(
                 torch.ones(len(batch["label"]), dtype=torch.bool) if rows is None else rows.cpu()
             )
         labels.append(batch["label"])
+    if not labels:  # no row of ``split`` (a data set without test rows, say)
+        return (
+            {m: torch.empty(0, 0) for m in modalities},
+            {m: torch.empty(0, dtype=torch.bool) for m in modalities},
+            torch.empty(0, dtype=torch.long),
+        )
     return (
         {m: torch.cat(v) for m, v in chunks.items()},
         {m: torch.cat(v) for m, v in present.items()},
@@ -317,7 +323,9 @@ def evaluate(
     ``model`` is a :class:`JinModel` or anything with its ``cfg`` and ``embed`` (the baselines of
     :mod:`jin_orchestrate.baselines`). Keys: ``zero_shot_*`` (Table 2), ``retrieval/Q_to_P/Rk``
     over class prototypes and ``retrieval_instance/Q_to_P/Rk`` over every test item (Table 3),
-    ``linear_probe/M_top1`` on frozen embeddings of modality M (Table 5's measure).
+    ``linear_probe/M_top1`` on frozen embeddings of modality M (Table 5's measure). A figure
+    the data cannot give is left out: data without test rows gives ``test_samples`` 0 alone,
+    unlabelled data no zero-shot, prototype or probe figure.
     """
     model.eval()
     modalities = [m for m in model.cfg.builtin_modalities if m in RETRIEVAL_MODALITIES]
@@ -333,6 +341,8 @@ def evaluate(
         model, url, "test", modalities, columns=columns, on_error=on_error
     )
     result: dict[str, float] = {"test_samples": float(len(labels))}
+    if not len(labels):  # nothing to score: split and label are optional (README, extend)
+        return Evaluation(result, emb, labels, present)
     if "text" in emb:
         seen = _train_labels(url, on_error)
         result.update(_zero_shot(model, emb, labels, seen, list(columns), present))
@@ -344,9 +354,14 @@ def evaluate(
             model, url, "train", probed, on_error=on_error
         )
         for m in probed:
-            # Only samples that have the modality and a label (-1: none) train or test a probe.
+            # Only samples that have the modality and a label (-1: none) train or test a probe,
+            # and only where there is one to fit (two classes) and to score (a test sample of one
+            # of them): unlabelled data has no probe, as it has no zero-shot figure.
             fit = train_present[m] & (train_labels >= 0)
             test = present[m] & (labels >= 0)
+            classes = train_labels[fit].unique()
+            if classes.numel() < 2 or not torch.isin(labels[test], classes).any():
+                continue
             probe = linear_probe_accuracy(
                 train_emb[m][fit], train_labels[fit], emb[m][test], labels[test]
             )
@@ -638,9 +653,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.generation:
-        return _generation_main(args, model)
-    evaluation = evaluate(model, args.data, data_cfg)
+    try:  # a bad row (on_error="raise") or --generation argument: named, exit 2, as embed does
+        if args.generation:
+            return _generation_main(args, model)
+        evaluation = evaluate(model, args.data, data_cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     markdown = evaluation_markdown({"this checkpoint": evaluation.metrics})
     print(markdown)
     report = {

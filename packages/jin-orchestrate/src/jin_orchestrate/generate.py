@@ -54,18 +54,22 @@ def build_generation_config(
     """The `JinConfig` of a generation fine-tune from the ``config.json`` of a checkpoint.
 
     The model gains generation heads (defaults of `GenerationConfig`, or the checkpoint's own if
-    it has them), the data reads the text, image and audio columns, and the curriculum is one
-    ``generation`` stage. ``overrides`` (``--set``) apply last.
+    it has them), the data reads the text, image and audio columns (and each runtime modality's
+    column, `jin_orchestrate.extend`'s record, which the generation checkpoint keeps for evaluate,
+    embed and Serve), and the curriculum is one ``generation`` stage. ``overrides`` (``--set``)
+    apply last.
     """
     from jin_orchestrate.config import JinConfig, resolve_config
 
-    data = JinConfig.model_validate(base).model_dump(mode="json")
+    cfg = JinConfig.model_validate(base)
+    data = cfg.model_dump(mode="json")
     generation = data["model"].get("generation") or {}
     if image_size is not None:
         generation["image_size"] = image_size
     data["model"]["generation"] = generation
-    data["data"]["modalities"] = ["text", "image", "audio"]
-    data["data"]["columns"] = {}
+    columns = {m: c for m, c in cfg.data.columns.items() if m in cfg.model.extra_modalities}
+    data["data"]["modalities"] = ["text", "image", "audio", *columns]
+    data["data"]["columns"] = columns
     data["stages"] = [
         {
             "name": "generation",

@@ -248,27 +248,44 @@ def token_shapes(cfg: GenerationConfig, space: Any) -> dict[str, tuple[int, int]
     shapes = {}
     if cfg.image_from:
         vision = space.encoders["image"]
-        if cfg.image_size % vision.patch_size:
-            raise ValueError(
-                f"generation.image_size: expected a multiple of the patch size "
-                f"{vision.patch_size}, got {cfg.image_size}"
-            )
-        shapes["image"] = ((cfg.image_size // vision.patch_size) ** 2, vision.target_dim)
+        shapes["image"] = (image_grid(cfg.image_size, vision.patch_size) ** 2, vision.target_dim)
     if cfg.audio_from:
         shapes["audio"] = (cfg.audio_frames // 2, space.encoders["audio"].target_dim)
     return shapes
 
 
+def image_grid(image_size: int, patch_size: int) -> int:
+    """Tokens per side of a generated image: ``generation.image_size`` over the vision encoder's
+    patch, which must divide it (`JinModelConfig` checks this rule with the config)."""
+    if image_size % patch_size:
+        raise ValueError(
+            f"generation.image_size: expected a multiple of the patch size {patch_size} "
+            f"(space.image.patch_size), got {image_size}"
+        )
+    return image_size // patch_size
+
+
 # -- targets as token sequences and back ---------------------------------------------------
 
 
-def image_tokens(model: JinModel, images: Tensor) -> Tensor:
+def image_tokens(model: JinModel, images: Tensor, sizes: Tensor | None = None) -> Tensor:
     """uint8 images ``(B, C, H, W)`` resized to ``image_size`` -> normalised patches ``(B, T, P)``.
 
+    With ``sizes`` ``(B, 2)`` (jin-data's ``image_sizes``: a batch of several sizes is padded at
+    the bottom and right) each image is its own ``(H_i, W_i)`` top-left corner, not the padding.
     The layout is the image `RegressionHead`'s (`VisionEncoder.regression_targets`).
     """
     side = _generation(model).cfg.image_size
-    small = F.interpolate(images.float(), size=(side, side), mode="area")
+    if sizes is None:
+        sizes = torch.tensor(images.shape[2:], device=images.device).expand(images.shape[0], 2)
+    sizes = sizes.to(images.device)
+    small = images.new_zeros((*images.shape[:2], side, side), dtype=torch.float32)
+    for height, width in sizes.unique(dim=0).tolist():  # one resize per size in the batch
+        rows = (sizes == torch.tensor([height, width], device=sizes.device)).all(dim=1)
+        if height and width:  # (0, 0): no image
+            small[rows] = F.interpolate(
+                images[rows, :, :height, :width].float(), size=(side, side), mode="area"
+            )
     tokens, _ = model.space.encoders["image"].regression_targets(
         small.round().clamp(0, 255).to(torch.uint8)
     )
@@ -613,11 +630,9 @@ def generation_losses(
         z_BR = torch.stack([z[n] for n in names], dim=1)[_rows(choice_B), choice_B]
         drop_B = (_uniform(any_B.shape[0], generator, any_B) < cfg.cond_dropout) | ~any_B
         cond_BD = heads.condition(z_BR, drop_B)
-        x0 = (
-            image_tokens(model, batch["image"]) if target == "image" else audio_tokens(model, batch)
-        )
         rows = present[target].nonzero()[:, 0]
-        loss, aux = _diffusion_loss(model, target, x0[rows], cond_BD[rows], generator)
+        x0 = _target_tokens(model, target, batch, rows)
+        loss, aux = _diffusion_loss(model, target, x0, cond_BD[rows], generator)
         aux_terms.append(aux)
         out[f"generation/{target}"] = loss.detach()
         terms.append(cfg.weight(target) * loss)
@@ -632,6 +647,25 @@ def generation_losses(
     out["loss"] = torch.stack(terms).sum() + out["router_aux"]
     out["tokens"] = torch.tensor(sum(int(e.valid_mask.sum()) for e in encoded.values()))
     return out
+
+
+def _target_tokens(
+    model: JinModel, target: str, batch: Mapping[str, Any], rows_N: Tensor
+) -> Tensor:
+    """``target``'s tokens ``(N, T, P)`` of the batch's ``rows`` (those that have it): none of a
+    batch without any, whose image is ``(B, C, 0, 0)`` and audio ``(B, 0)`` in jin-data."""
+    if rows_N.numel() == 0:
+        tokens, values = _generation(model).token_shapes[target]
+        return torch.zeros(0, tokens, values, device=rows_N.device)
+    if target == "image":
+        sizes = batch.get("image_sizes")
+        return image_tokens(model, batch["image"][rows_N], None if sizes is None else sizes[rows_N])
+    audio = {
+        k: v[rows_N.to(v.device)] if isinstance(v, Tensor) and v.dim() else v
+        for k, v in batch.items()
+        if k == "audio" or k.startswith("audio_")
+    }
+    return audio_tokens(model, audio)
 
 
 def _diffusion_loss(
@@ -670,8 +704,13 @@ def _caption_loss(
     inputs, targets = caption_ids(texts, cfg.caption_max_bytes, cond_BTcD.device)
     targets = targets.masked_fill(~(any_B & present["text"])[:, None], -100)
     logits, aux = caption_logits(model, cond_BTcD, cond_padding_BTc, inputs)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
     counted = targets != -100
+    # the mean over the bytes counted, 0 (not NaN, which skips the whole step) with none: a batch
+    # may have no caption or no condition of one
+    total = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+    loss = total / counted.sum().clamp(min=1)
     accuracy = ((logits.argmax(dim=-1) == targets) & counted).sum() / counted.sum().clamp(min=1)
     return loss, accuracy.detach().float(), aux
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from jin_backbone import ddim_timesteps
 from jin_data import ShardDataset
 from jin_orchestrate.generation import canonical_caption, fit_frames
 from jin_orchestrate.metrics import class_prototypes, recall_at_k
@@ -346,6 +347,14 @@ def evaluate_generation(
         raise ValueError("evaluate_generation: the model has no generation heads")
     if split not in ("val", "test"):
         raise ValueError(f"split: expected 'val' or 'test', got {split!r}")
+    # checked before the probes train and anything is generated
+    if samples < 2:
+        raise ValueError(
+            f"samples: expected at least 2 (a Fréchet distance fits a covariance), got {samples}"
+        )
+    if batch < 1:
+        raise ValueError(f"batch: expected at least 1, got {batch}")
+    ddim_timesteps(model.generation.diffusion.num_timesteps, steps)  # steps: 1..T
     model.eval()
     gen_cfg = model.generation.cfg
     inputs = _Inputs(model)
@@ -404,7 +413,8 @@ def evaluate_generation(
         key = f"{source}_to_{target}"
         log(f"generating {key}")
         for subset, data in subsets.items():
-            if target != "text" and subset != "seen":
+            # captions are scored on held-out numbers too, where the split has any
+            if (target != "text" and subset != "seen") or not len(data["label"]):
                 continue
             outputs = _generate(model, source, target, data, steps, guidance, seed, batch)
             suffix = "" if subset == "seen" else "/held_out"

@@ -43,10 +43,11 @@ from jin_encoders import (
     EncoderOutput,
     JointEmbeddingSpace,
     JointEmbeddingSpaceConfig,
+    PixelDiffusionHead,
     to_device,
 )
 from jin_orchestrate._config import StrictConfig
-from jin_orchestrate.generation import GenerationConfig, GenerationHeads, Target
+from jin_orchestrate.generation import GenerationConfig, GenerationHeads, Target, image_grid
 from jin_zjepa import (
     AdaptiveZoom,
     CrossScalePredictor,
@@ -172,26 +173,22 @@ class JinModelConfig(StrictConfig):
                         f"image and audio encoders (has {self.builtin_modalities})"
                     )
         if gen.image_from and self.space.image is not None:
-            # GenerationHeads' rules, checked here so a bad value fails with the config, not in
-            # JinModel inside every Ray worker.
+            # GenerationHeads' rules (the same functions), checked here so a bad value fails with
+            # the config, not in JinModel inside every Ray worker.
             patch = self.space.image.patch_size
-            if gen.image_size % patch:
-                raise ValueError(
-                    f"generation.image_size: expected a multiple of the patch size {patch} "
-                    f"(space.image.patch_size), got {gen.image_size}"
-                )
-            stages = patch.bit_length() - 1
-            if gen.image_head == "conv" and patch != 1 << stages:
-                raise ValueError(
-                    f"generation.image_head: conv needs a power-of-two patch size, got {patch}; "
-                    "use patch"
-                )
-            widths = gen.image_head_channels
-            if gen.image_head == "conv" and widths and (len(widths) != stages or min(widths) < 1):
-                raise ValueError(
-                    f"generation.image_head_channels: expected {stages} positive widths (log2 of "
-                    f"the patch size {patch}), got {list(widths)}"
-                )
+            image_grid(gen.image_size, patch)
+            if gen.image_head == "conv":
+                try:
+                    PixelDiffusionHead.stage_widths(
+                        patch,
+                        gen.image_head_channels,
+                        patch_name="space.image.patch_size",
+                        channels_name="generation.image_head_channels",
+                    )
+                except ValueError as exc:
+                    raise ValueError(
+                        f"generation.image_head=conv: {exc}; image_head=patch has no such rule"
+                    ) from None
         if gen.text_from and self.space.text is not None:
             room = self.space.text.max_len - 2
             if gen.caption_max_bytes > room:
@@ -758,19 +755,26 @@ class _AllGather(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
+# Both select the kept tokens, not multiply by a keep mask (as jin_zjepa's masked_mse): 0 * NaN
+# is NaN, and a padded token's value (or its gradient through pow) must never reach the result.
 def _masked_mean(x_BTD: Tensor, padding_mask: Tensor | None) -> Tensor:
     if padding_mask is None:
         return x_BTD.mean(dim=1)
-    keep = (~padding_mask)[..., None].to(x_BTD.dtype)
-    return (x_BTD * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+    keep = (~padding_mask)[..., None]
+    total = torch.where(keep, x_BTD, 0).sum(dim=1)
+    return total / keep.sum(dim=1).clamp(min=1).to(x_BTD.dtype)
 
 
 def _per_sample_mse(pred: Tensor, target: Tensor, padding_mask: Tensor | None) -> Tensor:
     """Eq. 1's error per sample ``(B,)``, with I-JEPA's layer-normed targets."""
     target = F.layer_norm(target.detach(), (target.shape[-1],))
+    if padding_mask is None:
+        err = (pred - target).pow(2).mean(dim=-1)
+        return err.sum(dim=1) / max(err.shape[1], 1)
+    keep = ~padding_mask
+    pred, target = (torch.where(keep[..., None], t, 0) for t in (pred, target))
     err = (pred - target).pow(2).mean(dim=-1)
-    keep = torch.ones_like(err) if padding_mask is None else (~padding_mask).to(err.dtype)
-    return (err * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+    return err.sum(dim=1) / keep.sum(dim=1).clamp(min=1).to(err.dtype)
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ class JobStopped(RuntimeError):
 
 
 class NonFiniteLossError(JobStopped):
-    """Too many consecutive steps produced a non-finite loss; the job stops."""
+    """Too many consecutive steps produced a non-finite loss or gradient; the job stops."""
 
 
 class EmptyEpochError(JobStopped):
@@ -168,22 +168,14 @@ class StageTrainer:
         tokens = int(losses.get("tokens", torch.tensor(0)).item())
         self.optimizer.zero_grad(set_to_none=True)
         if not _finite_on_every_rank(loss):
-            self.nonfinite_total += 1
-            self.nonfinite_in_row += 1
-            if self.nonfinite_in_row >= t.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"stage {self.stage.name!r}: loss was non-finite for {self.nonfinite_in_row} "
-                    f"steps in a row (at step {self.step}); stopping with the last good "
-                    "checkpoint intact. Lower train.lr or check the data."
-                )
-            return StepResult({"nonfinite_steps": float(self.nonfinite_total)}, True, tokens)
-        self.nonfinite_in_row = 0
+            return self._skip("loss", tokens)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        # DDP all-reduced the gradients: every rank sees the same norm and skips alike.
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            self.nonfinite_total += 1
-            return StepResult({"nonfinite_steps": float(self.nonfinite_total)}, True, tokens)
+            return self._skip("gradient", tokens)
+        self.nonfinite_in_row = 0
         self.optimizer.step()
         # CLIP's bound on the temperature, kept on the stored value after the step (jin-zjepa
         # 0.3.1): past it the scale would get no gradient and could not come back.
@@ -200,6 +192,19 @@ class StageTrainer:
             lr=lr, grad_norm=float(grad_norm), nonfinite_steps=float(self.nonfinite_total)
         )
         return StepResult(metrics, False, tokens)
+
+    def _skip(self, what: str, tokens: int) -> StepResult:
+        """Count a step whose loss or gradient was not finite; too many in a row stop the job
+        (a finite loss with a non-finite gradient, 0 * Inf in the backward, counts alike)."""
+        self.nonfinite_total += 1
+        self.nonfinite_in_row += 1
+        if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"stage {self.stage.name!r}: {what} was non-finite for {self.nonfinite_in_row} "
+                f"steps in a row (at step {self.step}); stopping with the last good "
+                "checkpoint intact. Lower train.lr or check the data."
+            )
+        return StepResult({"nonfinite_steps": float(self.nonfinite_total)}, True, tokens)
 
     def state(self, epoch: int, batch_in_epoch: int) -> dict[str, Any]:
         return {
