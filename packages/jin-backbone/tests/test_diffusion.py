@@ -324,6 +324,47 @@ def test_ddim_timesteps_span_the_schedule():
         ddim_timesteps(10, 11)
 
 
+@pytest.mark.parametrize(
+    ("sampler", "kwargs", "message"),
+    [
+        (ddim_sample, {"eta": -1.0}, r"eta: expected 0\.\.1, got -1\.0"),
+        (ddim_sample, {"eta": 2.0}, r"eta: expected 0\.\.1, got 2\.0"),
+        (ddim_sample, {"eta": float("nan")}, r"eta: expected 0\.\.1, got nan"),
+        (ddim_sample, {"clip_x0": -1.0}, r"clip_x0: expected a positive bound or None, got -1"),
+        (ddpm_sample, {"clip_x0": 0.0}, r"clip_x0: expected a positive bound or None, got 0"),
+        (ddpm_sample, {"clip_x0": float("nan")}, r"clip_x0: .* got nan"),
+    ],
+)
+def test_samplers_refuse_an_eta_or_clip_x0_outside_their_range(sampler, kwargs, message):
+    """A negative eta added no noise while still taking sigma^2 from eps, an eta above 1 had the
+    eps term clamped to 0, and a clip_x0 <= 0 set every x0 estimate to clip_x0 itself (min >
+    max in clamp): each a wrong sample, silently. The model is never called."""
+    diffusion = _diffusion(steps=10)
+
+    def model(x_t, t, cond):
+        raise AssertionError("called before the arguments were checked")
+
+    extra = {"steps": 5} if sampler is ddim_sample else {}
+    with pytest.raises(ValueError, match=message):
+        sampler(diffusion, model, (1, 4), **extra, **kwargs)
+    # The ends of the ranges are valid.
+    x0 = torch.full((1, 4), 0.5)
+    for ok in (
+        ({"eta": 0.0}, {"eta": 1.0}, {"clip_x0": 1.0})
+        if sampler is ddim_sample
+        else ({"clip_x0": 1.0},)
+    ):
+        sample = sampler(
+            _diffusion("x0", steps=10),
+            lambda x_t, t, cond: x0.expand_as(x_t),
+            (1, 4),
+            generator=torch.Generator().manual_seed(0),
+            **extra,
+            **ok,
+        )
+        torch.testing.assert_close(sample, x0)
+
+
 @pytest.mark.parametrize(("prediction", "clip_x0"), [("x0", None), ("eps", 3.0), ("v", None)])
 def test_bfloat16_samplers_stay_finite_and_land_on_x0(prediction, clip_x0):
     """In bfloat16 ``abar_t`` is exactly 1 for the first timesteps: the update divided by

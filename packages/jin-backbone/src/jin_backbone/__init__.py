@@ -26,7 +26,7 @@ from jin_backbone.router import (
 )
 from jin_backbone.samplers import ddim_sample, ddim_timesteps, ddpm_sample, guided_prediction
 
-__version__ = "0.5.3"
+__version__ = "0.5.4"
 
 __all__ = [
     "Backbone",

@@ -52,6 +52,12 @@ def _start(
     return x_T.to(device=like.device, dtype=like.dtype)
 
 
+def _check_clip_x0(clip_x0: float | None) -> None:
+    # clamp(-c, c) with c <= 0 would set every x0 estimate to c, and NaN would make it NaN.
+    if clip_x0 is not None and not clip_x0 > 0:
+        raise ValueError(f"clip_x0: expected a positive bound or None, got {clip_x0}")
+
+
 def _x0_and_eps(
     diffusion: GaussianDiffusion, x: Tensor, t_B: Tensor, prediction: Tensor, clip_x0: float | None
 ) -> tuple[Tensor, Tensor]:
@@ -84,6 +90,7 @@ def ddpm_sample(
     Each step draws ``x_{t-1} ~ N(mu(x_t, x0_hat), beta_tilde_t I)`` with the posterior variance
     ``beta_tilde``; the last step (``t = 0``) returns the posterior mean without noise.
     """
+    _check_clip_x0(clip_x0)
     like = _state_like(device, dtype)
     x = _start(shape, x_T, generator, like)
     for step in reversed(range(diffusion.num_timesteps)):
@@ -135,6 +142,11 @@ def ddim_sample(
     with ``steps=1`` and ``eta=0`` the result is exactly the model's ``x0`` estimate at
     ``t = T-1`` from ``x_T``.
     """
+    # Outside [0, 1] sigma^2 can exceed the room left for eps (clamped to 0) or, negative, adds no
+    # noise while still taking sigma^2 from eps: either way not DDIM's distribution.
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta: expected 0..1, got {eta}")
+    _check_clip_x0(clip_x0)
     like = _state_like(device, dtype)
     x = _start(shape, x_T, generator, like)
     timesteps = ddim_timesteps(diffusion.num_timesteps, steps)
