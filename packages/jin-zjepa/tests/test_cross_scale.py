@@ -79,6 +79,13 @@ def test_context_subsets_via_online_idx():
         CrossScalePredictor(TABLE5_ABLATIONS["hierarchical_levels"](), PRED)
 
 
+def test_width_not_divisible_by_4_is_refused_at_construction_naming_embed_dim():
+    """It was built and then failed in forward with an error about sincos_pos_2d."""
+    cfg = ZJEPAConfig(num_z_levels=2, zoom_factors=(1.0, 0.5))
+    with pytest.raises(ValueError, match="embed_dim=30"):
+        CrossScalePredictor(cfg, PredictorConfig(embed_dim=30, predictor_dim=8, num_heads=2))
+
+
 def test_token_centers_are_row_major():
     c = token_centers((2, 3))
     assert c.shape == (6, 2)

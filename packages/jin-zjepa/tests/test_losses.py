@@ -81,6 +81,16 @@ def test_logit_scale_returns_clamped_value_and_clamp_keeps_it_movable():
         LogitScale(init_temperature=0.001)
 
 
+@pytest.mark.parametrize(
+    ("temperature", "max_scale"), [(2.0, 100.0), (math.nan, 100.0), (0.07, math.nan)]
+)
+def test_logit_scale_refuses_what_it_cannot_store(temperature, max_scale):
+    """1/τ below 1 was accepted and started at 1 (the clamp's floor, with no gradient); NaN gave
+    a NaN scale."""
+    with pytest.raises(ValueError, match="init_temperature"):
+        LogitScale(init_temperature=temperature, max_scale=max_scale)
+
+
 def test_logit_scale_called_once_per_pair_before_one_backward():
     g = torch.Generator().manual_seed(0)
     a, b, c = (torch.randn(4, 8, generator=g) for _ in range(3))
@@ -158,6 +168,11 @@ def test_total_loss_weights_terms_and_skips_absent_ones():
         total_loss()
     with pytest.raises(ValueError, match="'jepa'"):
         total_loss(j, alpha=-1.0)
+
+
+def test_total_loss_refuses_a_nan_weight():
+    with pytest.raises(ValueError, match="'align'"):
+        total_loss(torch.tensor(1.0), align=torch.tensor(2.0), gamma=math.nan)
 
 
 def test_zjepa_loss_is_level_mean_plus_cross_scale():

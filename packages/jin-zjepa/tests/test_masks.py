@@ -107,6 +107,35 @@ def test_mask_config_rejects_bad_ranges():
         SpanMaskConfig(target_scale=(0.0, 0.2))
 
 
+@pytest.mark.parametrize("grid", [(4, 16), (16, 4), (2, 16), (1, 32), (14, 25)])
+def test_multiblock_blocks_keep_their_scale_on_non_square_grids(grid):
+    """A block too tall or wide for the grid keeps its area (a fraction of the grid's), not its
+    aspect ratio: a square 85-100% context block on 4x16 covered 44-50%, targets on 2x16 6-9%."""
+    h, w = grid
+    # Rounding to whole tokens moves a block's share by at most about one row/column's worth.
+    tol = 0.06
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        m = MultiBlockMaskGenerator()(2, grid, generator=g)
+        share = m.block_shape[0] * m.block_shape[1] / (h * w)
+        assert 0.15 - tol <= share <= 0.2 + tol, (seed, m.block_shape)
+        # One 1-token target: the context is the context block less at most that token.
+        tiny = MultiBlockMaskConfig(num_targets=1, target_scale=(1e-3, 1e-3), min_context_tokens=1)
+        m = MultiBlockMaskGenerator(tiny)(1, grid, generator=g)
+        assert m.context_idx.shape[1] + 1 >= (0.85 - tol) * h * w, (seed, m.context_idx.shape)
+
+
+def test_mask_configs_refuse_nan_ranges():
+    """NaN passed every comparison of the range check: span masks then drew no target at all."""
+    nan = float("nan")
+    with pytest.raises(ValueError, match="target_scale"):
+        SpanMaskConfig(target_scale=(0.1, nan))
+    with pytest.raises(ValueError, match="target_scale"):
+        MultiBlockMaskConfig(target_scale=(nan, 0.2))
+    with pytest.raises(ValueError, match="context_aspect_ratio"):
+        MultiBlockMaskConfig(context_aspect_ratio=(nan, 1.0))
+
+
 def test_span_masks_stay_inside_valid_lengths():
     lengths = torch.tensor([40, 12, 3, 25])
     gen = SpanMaskGenerator(SpanMaskConfig())

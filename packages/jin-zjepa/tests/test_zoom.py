@@ -32,6 +32,16 @@ def test_config_defaults_follow_the_paper_and_validate():
         ZJEPAConfig(predict_coarse_from_fine=False)
 
 
+def test_config_and_zoom_boxes_refuse_what_gives_nan_or_wrong_shapes():
+    """roi_max_scale_change=inf was accepted and every adaptive box but level 0's was NaN; a
+    (B, 1) scale broadcast zoom_boxes to (B, B, L, 4)."""
+    with pytest.raises(ValueError, match="roi_max_scale_change"):
+        ZJEPAConfig(roi_max_scale_change=float("inf"))
+    with pytest.raises(ValueError, match=r"scale \(3,\)"):
+        zoom_boxes(torch.rand(3, 2), (1.0, 0.5), torch.ones(3, 1))
+    assert zoom_boxes(torch.rand(3, 2), (1.0, 0.5), torch.ones(3)).shape == (3, 2, 4)
+
+
 def test_table5_rows_are_five_distinct_cumulative_configs():
     rows = {name: make() for name, make in TABLE5_ABLATIONS.items()}
     assert list(rows) == [

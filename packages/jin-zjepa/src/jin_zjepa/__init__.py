@@ -36,7 +36,7 @@ from jin_zjepa.zoom import (
     zoom_pyramid,
 )
 
-__version__ = "0.3.5"
+__version__ = "0.3.6"
 
 __all__ = [
     "TABLE5_ABLATIONS",

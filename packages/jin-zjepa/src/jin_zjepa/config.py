@@ -34,6 +34,7 @@ class ZJEPAConfig(StrictConfig):
     roi_max_scale_change: float = Field(
         1.5,
         ge=1.0,
+        allow_inf_nan=False,
         description="adaptive zoom may scale every crop (levels >= 1) by a factor in "
         "[1/r, r] around zoom_factors; 1.0 predicts the centre only",
     )

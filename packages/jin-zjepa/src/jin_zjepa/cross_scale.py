@@ -103,6 +103,11 @@ class CrossScalePredictor(nn.Module):
             raise ValueError(
                 "CrossScalePredictor needs predict_fine_from_coarse or predict_coarse_from_fine"
             )
+        if predictor.embed_dim % 4:
+            raise ValueError(
+                f"CrossScalePredictor needs PredictorConfig.embed_dim divisible by 4 (the queries' "
+                f"2-D sin-cos positions); got embed_dim={predictor.embed_dim}"
+            )
         self.config = config
         self.embed_dim = predictor.embed_dim
         n = config.num_z_levels - 1

@@ -165,7 +165,8 @@ class LogitScale(nn.Module):
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:
         super().__init__()
-        if init_temperature <= 0.0 or max_scale < 1.0 or 1.0 / init_temperature > max_scale:
+        # Written so that NaN fails it too; a 1/τ below 1 would start clamped to 1 in forward.
+        if not (0.0 < init_temperature <= 1.0 and 1.0 / init_temperature <= max_scale):
             raise ValueError(
                 f"LogitScale needs 0 < init_temperature and 1 <= 1/init_temperature <= max_scale; "
                 f"got init_temperature={init_temperature}, max_scale={max_scale}"
@@ -263,7 +264,7 @@ def total_loss(
     if not present:
         raise ValueError("total_loss needs at least one of jepa, cross_modal, align")
     for name, value, weight in present:
-        if weight < 0.0 or value.dim() != 0:
+        if not weight >= 0.0 or value.dim() != 0:  # NaN included
             raise ValueError(
                 f"total_loss: term {name!r} needs a non-negative weight and a 0-dim loss; got "
                 f"weight {weight}, shape {tuple(value.shape)}"

@@ -42,7 +42,8 @@ Range = tuple[float, float]
 def _check_range(name: str, value: Range, low: float, high: float, *, open_low: bool) -> None:
     lo, hi = value
     below = lo <= low if open_low else lo < low
-    if below or hi > high or lo > hi:
+    # NaN fails every comparison, so it is refused by name (a NaN scale drew no span at all).
+    if math.isnan(lo) or math.isnan(hi) or below or hi > high or lo > hi:
         bracket = "(" if open_low else "["
         raise ValueError(
             f"{name} must be an ordered pair (lo, hi) with lo <= hi inside "
@@ -90,7 +91,9 @@ class MultiBlockMaskConfig(StrictConfig):
 
     One large context block and ``num_targets`` small target blocks of varied aspect ratio; target
     tokens are removed from the context so the predictor never sees what it predicts. Scales are
-    fractions of the grid's area.
+    fractions of the grid's area; on a grid too narrow for a block's aspect ratio (a wide image's
+    grid), the side that does not fit is cut and the other lengthened to keep that area. Ranges
+    must be finite.
     """
 
     num_targets: int = Field(4, ge=1)
@@ -132,11 +135,19 @@ def _block_shape(
 ) -> tuple[int, int]:
     h, w = grid
     area = scale * h * w
-    bh = round(math.sqrt(area * aspect))
-    bw = round(math.sqrt(area / aspect))
+    bh = max(round(math.sqrt(area * aspect)), 1)
+    bw = max(round(math.sqrt(area / aspect)), 1)
     # Targets must leave room for a context (I-JEPA shrinks until the block fits strictly).
-    max_h, max_w = (h - 1, w - 1) if leave_one else (h, w)
-    return min(max(bh, 1), max(max_h, 1)), min(max(bw, 1), max(max_w, 1))
+    max_h, max_w = (max(h - 1, 1), max(w - 1, 1)) if leave_one else (h, w)
+    # A side cut to fit gives its area to the other side: the block keeps its scale, not its
+    # aspect ratio, on a grid too narrow for it (a square 85-100% context block on a 4x16 grid
+    # covered 44-50%). A block that fits is unchanged (with the default ranges, every block on a
+    # square grid of 3x3 or more).
+    if bh > max_h:
+        bh, bw = max_h, max(round(area / max_h), 1)
+    if bw > max_w:
+        bw, bh = max_w, min(max(round(area / max_w), 1), max_h)
+    return bh, bw
 
 
 def _uniform(lo: float, hi: float, generator: torch.Generator | None) -> float:

@@ -71,6 +71,8 @@ def zoom_boxes(
     if centers.dim() != 2 or centers.shape[1] != 2:
         raise ValueError(f"zoom_boxes expects centers (B, 2); got {tuple(centers.shape)}")
     b = centers.shape[0]
+    if scale is not None and scale.shape != (b,):
+        raise ValueError(f"zoom_boxes expects scale ({b},); got {tuple(scale.shape)}")
     factors_L = torch.as_tensor(zoom_factors, dtype=centers.dtype, device=centers.device)
     side_BL = factors_L.expand(b, -1)
     if scale is not None:
