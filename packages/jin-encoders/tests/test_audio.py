@@ -105,9 +105,14 @@ def test_bad_input_names_modality_expected_and_received(encoder):
     with pytest.raises(
         EncoderInputError,
         match=r"audio: batch rows \[0, 1\]: expected at least one mel frame \(a waveform of >= "
-        r"160 samples\), received 0 mel frames",
+        r"160 samples at 16000 Hz\), received 0 mel frames",
     ):
         encoder(torch.zeros(2, 100))
+    # At another rate the shortest waveform is counted at that rate: 439 samples at 44.1 kHz
+    # resample to 160 (one frame), 438 to 159. The message used to say 160 for any rate.
+    with pytest.raises(EncoderInputError, match=r"\(a waveform of >= 439 samples at 44100 Hz\)"):
+        encoder(torch.zeros(1, 438), sample_rate=44100)
+    assert encoder(torch.zeros(1, 439), sample_rate=44100).tokens.shape[1] == 1
     with pytest.raises(
         EncoderInputError, match=r"audio: lengths: expected shape \(2,\) with values in \[0, 1000\]"
     ):

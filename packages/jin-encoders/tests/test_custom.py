@@ -33,8 +33,13 @@ def test_bad_input_names_modality_expected_and_received(encoder):
     with pytest.raises(
         EncoderInputError,
         match=r"proprioception: features: expected \(B,128\) or \(B,T,128\) float tensor, "
-        r"received \(3, 64\)",
+        r"received torch.float32 of shape \(3, 64\)",
     ):
         encoder(torch.zeros(3, 64))
+    with pytest.raises(  # the dtype is what is wrong, not the (matching) shape
+        EncoderInputError,
+        match=r"proprioception: features: .* received torch.int64 of shape \(3, 128\)",
+    ):
+        encoder(torch.zeros(3, 128, dtype=torch.long))
     with pytest.raises(EncoderInputError, match="proprioception: features: expected finite values"):
         encoder(torch.tensor([[float("nan")] * 128]))

@@ -69,6 +69,15 @@ def test_collate_images_pads_and_records_sizes():
     batch, sizes = collate_images(images)
     assert batch.shape == (2, 1, 7, 6) and sizes.tolist() == [[4, 6], [7, 2]]
     assert int(batch[0].sum()) == 24 and int(batch[1].sum()) == 14
+    # Mixed dtypes were copied into the first image's: float pixels truncated to uint8 zeros,
+    # or uint8 values kept as floats in [0, 255].
+    floats = image_to_tensor(torch.rand(1, 3, 5), channels=1)
+    for mixed in ([images[0], floats], [floats, images[0]]):
+        with pytest.raises(
+            EncoderInputError,
+            match=r"image: expected images of one dtype .*\['torch.float32', 'torch.uint8'\]",
+        ):
+            collate_images(mixed)
 
 
 def test_bad_images_are_rejected():

@@ -101,6 +101,12 @@ def test_bad_input_names_modality_expected_and_received(encoder):
         EncoderInputError, match=r"points: padding_mask: expected bool tensor of shape \(1, 4\)"
     ):
         encoder(torch.zeros(1, 4, 5), torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(  # with present the mask was read first: torch's IndexError
+        EncoderInputError, match=r"points: padding_mask: expected bool tensor of shape \(2, 4\)"
+    ):
+        encoder(
+            torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+        )
 
 
 def _rotation(seed: int) -> torch.Tensor:

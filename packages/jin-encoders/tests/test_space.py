@@ -296,6 +296,9 @@ def test_bad_input_names_the_modality(space):
         space.encode({"image": torch.zeros(1, 3, 8, 8)})
     with pytest.raises(ValueError, match="add_modality: modality 'text' is already registered"):
         space.add_modality("text", _proprio())
+    for bad in ("", "a.b", "a\0"):  # '.' splits state_dict keys; the registry pads with NUL
+        with pytest.raises(ValueError, match=r"expected a non-empty name without '\.' or NUL"):
+            space.add_modality(bad, _proprio())
     with pytest.raises(
         ValueError,
         match=r"add_modality\('wide'\): expected an encoder of width 32, received width 8",
@@ -328,6 +331,18 @@ def test_add_modality_to_a_bfloat16_space_builds_bfloat16_parameters(space):
     fused = space(inputs)  # mixed float32/bfloat16 sequences failed in the fusion layer
     assert fused.tokens.dtype == torch.bfloat16 and bool(torch.isfinite(fused.tokens).all())
     assert space.embed({"proprio": inputs["proprio"]})["proprio"].dtype == torch.bfloat16
+
+
+def test_add_modality_to_an_empty_bfloat16_space_takes_the_fusion_dtype():
+    # With no modality row yet the new parameters were float32 and the fusion layer refused them.
+    torch.manual_seed(0)
+    none = dict.fromkeys(["text", "image", "audio", "points", "custom"])
+    space = JointEmbeddingSpace(tiny_space_config(**none))  # fusion layers, no modality
+    space.to(torch.bfloat16)
+    space.add_modality("proprio", _proprio())
+    assert {p.dtype for p in space.modality_parameters("proprio")} == {torch.bfloat16}
+    fused = space({"proprio": torch.randn(3, 12)})
+    assert fused.tokens.dtype == torch.bfloat16 and bool(torch.isfinite(fused.tokens).all())
 
 
 def _to(value, device):

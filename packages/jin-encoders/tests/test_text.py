@@ -69,3 +69,36 @@ def test_bad_input_names_modality_expected_and_received(encoder):
         EncoderInputError, match="text: texts: expected a list of str, received str"
     ):
         encoder("one string, not a batch of its characters")
+
+
+def test_rows_without_text_and_no_special_tokens_give_padding_not_a_crash():
+    # Without BOS/EOS a batch where no row has text has zero ids a row; ids.min() used to raise
+    # torch's RuntimeError (a collate batch without text, or empty strings, crashed).
+    torch.manual_seed(0)
+    config = TextEncoderConfig(dim=DIM, max_len=32, add_bos=False, add_eos=False)
+    encoder = TextEncoder(config)
+    absent = torch.tensor([False, False])
+    for x, mask in [
+        (["", ""], None),
+        (torch.zeros(2, 0, dtype=torch.uint8), torch.ones(2, 0, dtype=torch.bool)),
+        (torch.zeros(2, 3, dtype=torch.uint8), torch.ones(2, 3, dtype=torch.bool)),
+    ]:
+        out = encoder(x, mask, present=absent)
+        assert out.tokens.shape == (2, 1, DIM) and bool(out.padding_mask.all())
+        assert not bool(out.tokens.any())
+    with pytest.raises(
+        EncoderInputError, match=r"text: batch rows \[0, 1\]: expected at least one token"
+    ):
+        encoder(["", ""])  # present rows must have a token: "empty sequences" are refused
+    with pytest.raises(
+        EncoderInputError, match=r"text: batch rows \[0\]: expected at least one token"
+    ):
+        encoder(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_a_text_list_names_the_element_that_is_not_a_str(encoder):
+    with pytest.raises(
+        EncoderInputError,
+        match="text: texts: expected a list of str, received NoneType at index 1",
+    ):
+        encoder(["a caption", None])

@@ -87,6 +87,12 @@ def test_bad_input_names_modality_expected_and_received():
         enc(torch.full((1, 3, 8, 8), float("nan")))
     with pytest.raises(EncoderInputError, match=r"image: sizes: expected \(H_i, W_i\) within"):
         enc(torch.zeros(1, 3, 8, 8), sizes=torch.tensor([[9, 8]]))
+    with pytest.raises(  # the dtype is what is wrong, not the (matching) shape
+        EncoderInputError,
+        match=r"image: sizes: expected integer tensor of shape \(1, 2\), "
+        r"received torch.float32 of shape \(1, 2\)",
+    ):
+        enc(torch.zeros(1, 3, 8, 8), sizes=torch.tensor([[8.0, 8.0]]))
     with pytest.raises(EncoderInputError, match="image: images: expected non-empty"):
         enc(torch.zeros(1, 3, 0, 8))
     with pytest.raises(ValueError, match="in_channels: expected 1 or 3, got 2"):

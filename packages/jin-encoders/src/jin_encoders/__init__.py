@@ -26,7 +26,7 @@ from jin_encoders.text import TextEncoder, TextEncoderConfig
 from jin_encoders.tokenizer import ByteTokenizer
 from jin_encoders.vision import VisionEncoder, VisionEncoderConfig
 
-__version__ = "0.9.0"
+__version__ = "0.9.1"
 
 __all__ = [
     "AudioEncoder",

@@ -127,8 +127,11 @@ class AudioEncoder(ModalityEncoder):
             return empty  # no row has audio: (B, 0) from jin-data's collate
         mel, frame_mask = self.mel_frames(x, padding_mask, lengths, sample_rate)
         frames = (~frame_mask).sum(dim=1)
-        hop = self.config.hop_length
-        self._check_not_empty(frames, present, "mel frame", f" (a waveform of >= {hop} samples)")
+        # One hop at the config's rate; at another rate the shortest input resampling to it.
+        rate, own_rate = int(sample_rate or self.config.sample_rate), self.config.sample_rate
+        shortest = (self.config.hop_length - 1) * rate // own_rate + 1
+        why = f" (a waveform of >= {shortest} samples at {rate} Hz)"
+        self._check_not_empty(frames, present, "mel frame", why)
         if mel.shape[1] == 0:  # every row absent: one padded frame keeps the stem's shapes valid
             mel, frame_mask = F.pad(mel, (0, 0, 0, 1)), F.pad(frame_mask, (0, 1), value=True)
         mel = mel.to(self.conv1.weight.dtype)

@@ -53,8 +53,14 @@ class CustomModalityEncoder(ModalityEncoder):
             or x.shape[-1] != features
             or not x.is_floating_point()
         ):
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise self._error("features", f"(B,{features}) or (B,T,{features}) float tensor", shape)
+            received = (
+                f"{x.dtype} of shape {tuple(x.shape)}"
+                if isinstance(x, Tensor)
+                else type(x).__name__
+            )
+            raise self._error(
+                "features", f"(B,{features}) or (B,T,{features}) float tensor", received
+            )
         if x.ndim == 2:
             if padding_mask is not None:
                 raise self._error("padding_mask", "None for (B,F) input", "a tensor")

@@ -125,6 +125,11 @@ def collate_images(images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
             "image: expected (C,H,W) images with one C, received shapes "
             f"{[tuple(img.shape) for img in images]}"
         )
+    dtypes = sorted({str(img.dtype) for img in images})
+    if len(dtypes) != 1:  # copied into the first image's dtype, float pixels would be truncated
+        raise EncoderInputError(
+            f"image: expected images of one dtype (all uint8 or all float), received {dtypes}"
+        )
     sizes = torch.tensor([img.shape[1:] for img in images], dtype=torch.long)
     height, width = (int(v) for v in sizes.max(dim=0).values)
     batch = images[0].new_zeros(len(images), channels.pop(), height, width)

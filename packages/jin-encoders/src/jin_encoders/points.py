@@ -294,6 +294,7 @@ class PointCloudEncoder(ModalityEncoder):
             return empty  # no row has a cloud: (B, 0, F) from jin-data's collate
         if present is not None and padding_mask is not None:
             # Absent clouds may be empty: give them one fake point so grouping stays defined.
+            self._check_input(x, padding_mask)
             empty = (~padding_mask).sum(dim=1) == 0
             padding_mask = padding_mask.clone()
             padding_mask[:, 0] &= ~(empty & ~present.to(torch.bool))

@@ -157,9 +157,9 @@ class JointEmbeddingSpace(nn.Module):
         output head: ``head`` when given, else a tied/untied LM head for a ``TextEncoder`` or a
         regression head of the encoder's ``target_dim``. Nothing existing is touched, so outputs
         for existing modalities stay bitwise identical. The new parameters (encoder included) take
-        the space's device and the dtype of its existing modality rows (a space cast to bfloat16
-        gets bfloat16 ones). Optimizers built before must be given the new parameters
-        (``modality_parameters(name)``).
+        the space's device and the dtype of its existing modality rows, or of its fusion layers
+        while it has none (a space cast to bfloat16 gets bfloat16 ones). Optimizers built before
+        must be given the new parameters (``modality_parameters(name)``).
         """
         self._check_new_name(name)
         if not isinstance(encoder, ModalityEncoder):
@@ -173,8 +173,10 @@ class JointEmbeddingSpace(nn.Module):
                 f"received width {encoder.dim}"
             )
         device = self.modality_registry.device
-        # The new parameters take the dtype of the existing rows (a space cast with .to(dtype)).
-        dtype = self.modality_embed[0].dtype if len(self.modality_embed) else None
+        # The new parameters take the dtype of the existing rows (a space cast with .to(dtype)),
+        # or of the fusion layers while no modality is registered.
+        existing = list(self.modality_embed) or list(self.fusion.parameters())
+        dtype = existing[0].dtype if existing else None
         encoder.modality = name
         self.encoders[name] = encoder.to(device, dtype)
         row = nn.Parameter(torch.empty(self.dim, device=device, dtype=dtype))
@@ -361,8 +363,11 @@ class JointEmbeddingSpace(nn.Module):
             )
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"add_modality: expected a non-empty name without '.', got {name!r}")
+        # '.' would split a state_dict key; NUL pads the name in the stored registry.
+        if not isinstance(name, str) or not name or "." in name or "\0" in name:
+            raise ValueError(
+                f"add_modality: expected a non-empty name without '.' or NUL, got {name!r}"
+            )
         if len(name.encode("utf-8")) > MAX_NAME_BYTES:
             raise ValueError(
                 f"add_modality: expected a name of at most {MAX_NAME_BYTES} UTF-8 bytes, "

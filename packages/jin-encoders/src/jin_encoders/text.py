@@ -95,7 +95,7 @@ class TextEncoder(ModalityEncoder):
         self._check_mask(padding_mask, (batch, length), "padding_mask")
         if length > self.config.max_len:
             raise self._error("sequence length", f"at most max_len={self.config.max_len}", length)
-        if batch and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise self._error(
                 "token ids",
                 f"values in [0, {self.vocab_size})",
@@ -105,6 +105,10 @@ class TextEncoder(ModalityEncoder):
         if padding_mask is not None:
             lengths = (~padding_mask).sum(dim=1)
         self._check_not_empty(lengths, present, "token")
+        if length == 0:  # every row absent and no BOS/EOS: one padded token a row
+            ids = ids.new_full((batch, 1), ByteTokenizer.PAD)
+            padding_mask = torch.ones(batch, 1, dtype=torch.bool, device=ids.device)
+            length = 1
         pos = self.pos_embed[:, :length].expand(batch, -1, -1)
         return self._finish(self.token_embed(ids) + pos, pos, padding_mask, present)
 

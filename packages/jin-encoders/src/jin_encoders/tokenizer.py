@@ -70,10 +70,14 @@ class ByteTokenizer:
 
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Encode strings to ``(ids (B,T) int64, padding_mask (B,T) bool True at padding)``."""
-        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-            raise EncoderInputError(
-                f"{self.modality}: texts: expected a list of str, received {type(texts).__name__}"
-            )
+        if isinstance(texts, str):
+            raise EncoderInputError(f"{self.modality}: texts: expected a list of str, received str")
+        for row, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise EncoderInputError(
+                    f"{self.modality}: texts: expected a list of str, received "
+                    f"{type(text).__name__} at index {row}"
+                )
         if len(texts) == 0:
             raise EncoderInputError(f"{self.modality}: texts: expected at least one string, got 0")
         encoded = [t.encode("utf-8") for t in texts]

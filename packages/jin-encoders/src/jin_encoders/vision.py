@@ -260,7 +260,11 @@ class VisionEncoder(ModalityEncoder):
         if sizes is None:
             sizes = torch.tensor([[height, width]], device=x.device).expand(batch, 2)
         if tuple(sizes.shape) != (batch, 2) or sizes.is_floating_point():
-            raise self._error("sizes", f"integer tensor of shape ({batch}, 2)", tuple(sizes.shape))
+            raise self._error(
+                "sizes",
+                f"integer tensor of shape ({batch}, 2)",
+                f"{sizes.dtype} of shape {tuple(sizes.shape)}",
+            )
         sizes = sizes.to(device=x.device, dtype=torch.long)
         limits = torch.tensor([height, width], device=x.device)
         if bool(((sizes < 1) | (sizes > limits)).any()):
