@@ -197,6 +197,7 @@ def test_extension_of_another_models_checkpoint_names_what_differs(base):
     [
         ({"modality": "text"}, "already has it"),
         ({"modality": "Bad Name"}, "lower-case identifier"),
+        ({"modality": "imu\n"}, "lower-case identifier"),  # MLflow refused it after Ray started
         ({"column": "image"}, "numeric column"),
         ({"align_with": ["smell"]}, "--align-with"),
     ],

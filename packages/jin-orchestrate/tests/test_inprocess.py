@@ -138,3 +138,35 @@ def test_batches_are_decoded_at_the_rate_the_audio_encoder_reads(test_config, co
     assert usual["id"] == halved["id"]
     ratio = halved["audio_lengths"].float() / usual["audio_lengths"].float()
     assert torch.allclose(ratio, torch.full_like(ratio, 0.5), atol=0.01)
+
+
+def test_an_extension_stage_trains_in_process_from_its_column(test_config, corpus_url, tmp_path):
+    """As a Ray Train worker does, the runtime modality is read from its column (data.columns):
+    in process, the loader was asked for a column named after the modality and refused."""
+    from jin_orchestrate.checkpoint import save_checkpoint
+    from jin_orchestrate.extend import build_extension_config
+    from jin_orchestrate.extension import model_from_checkpoint
+
+    base = save_checkpoint(
+        tmp_path / "base",
+        JinModel(test_config.model),
+        config=test_config.model_dump(mode="json"),
+        state={"global_step": 0},
+    )
+    cfg = build_extension_config(
+        test_config.model_dump(mode="json"),
+        modality="seven_segment",
+        input_dim=14,
+        column="custom",
+        steps=2,
+        lr=5e-3,
+    )
+    torch.manual_seed(0)
+    model, _ = model_from_checkpoint(base, cfg.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = train_in_process(cfg, model, corpus_url)
+    assert [r["stage"] for r in history.steps] == ["extend_seven_segment"] * 2
+    assert all(r["align"] > 0 for r in history.steps)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    new = ("seven_segment", "modality_embed.4")  # its encoder and its row, online and target
+    assert changed and all(any(n in k for n in new) for k in changed), sorted(changed)

@@ -49,6 +49,33 @@ def test_tables_show_each_model_and_label_the_papers_figures():
     assert "| Single-scale JEPA (baseline) | 30.0 | 77.9 |" in t5
 
 
+def test_runtime_added_modalities_get_their_own_rows():
+    """README (evaluate): modalities added by `extend` get their own rows; the tables named
+    only the four built-in ones, and an explicit direction of a runtime one was a KeyError."""
+    metrics = _metrics(0.5)
+    for k in (1, 5, 10):
+        metrics[f"retrieval/seven_segment_to_text/R{k}"] = 0.25
+        metrics[f"retrieval/text_to_seven_segment/R{k}"] = 0.75
+        metrics[f"retrieval_instance/seven_segment_to_text/R{k}"] = 0.125
+    metrics.update(zero_shot_seven_segment_top1=0.1, zero_shot_seven_segment_top5=0.4)
+    results = {"Jin": metrics}
+    t3 = retrieval_table(results, "prototype")
+    assert "| seven_segment→T (90-way) | 25.0 / 25.0 / 25.0 | 11.1 |" in t3
+    assert "| T→seven_segment (90-way) | 75.0 / 75.0 / 75.0 | 11.1 |" in t3
+    assert t3.index("T→A") < t3.index("seven_segment→T")  # the paper's directions first
+    t3i = retrieval_table(results, "instance")
+    assert "| seven_segment→T (300-way) | 12.5 / 12.5 / 12.5 |" in t3i
+    assert "T→seven_segment" not in t3i
+    only = retrieval_table(results, pairs=[("seven_segment", "text")])
+    assert "| seven_segment→T (90-way) | 25.0 / 25.0 / 25.0 | 11.1 |" in only
+    t2 = zero_shot_table(results)
+    assert "| speech top-5 | seven_segment top-1 | seven_segment top-5 | captions top-1" in t2
+    assert "| Jin | 50.0 | 50.0 | — | — | 10.0 | 40.0 | — | — |" in t2
+    assert t2.endswith("held-out test items) |" + " 1.0 | 5.0 |" * 4)
+    md = evaluation_markdown(results)
+    assert "seven_segment→T" in md and "seven_segment top-1" in md
+
+
 def test_throughput_table_reports_the_ratio_of_the_first_two_rows():
     rows = {
         "MoE": {"text": 300.0, "image": 90.0, "val": 1.25},

@@ -38,6 +38,7 @@ __all__ = [
     "load_checkpoint",
     "read_config",
     "save_checkpoint",
+    "stage_dir_name",
     "verify_checkpoint",
 ]
 
@@ -237,6 +238,16 @@ def load_checkpoint(
         rng=rng,
         ema=ema,
     )
+
+
+def stage_dir_name(index: int, name: str) -> str:
+    """``stage<index + 1>-<name>``: the folder of curriculum stage ``index`` (0-based) below a
+    job's storage, where its checkpoints go (Ray Train's and `train_in_process`'s alike).
+
+    ``StageConfig`` keeps the name one plain path component: a ``/`` in it would nest the folder,
+    and with ``..`` put it outside the job, where replacing a checkpoint deletes what is there.
+    """
+    return f"stage{index + 1}-{name}"
 
 
 def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from jin_orchestrate._config import StrictConfig
 from jin_orchestrate.model import JinModelConfig
@@ -61,7 +61,7 @@ VECTOR_COLUMNS = ("custom",)
 class StageConfig(StrictConfig):
     """One curriculum stage (paper §4.2) and its loss weights (Eq. 7)."""
 
-    name: str
+    name: str = Field(min_length=1)
     steps: int = Field(gt=0)
     alpha: float = Field(1.0, ge=0.0, description="within-modality JEPA, Eq. 1")
     beta: float = Field(0.0, ge=0.0, description="cross-modal JEPA, Eq. 5")
@@ -85,6 +85,18 @@ class StageConfig(StrictConfig):
         description="extension stage: the frozen modalities the trainable ones are aligned with "
         "by InfoNCE (gamma); empty: every modality of the batch",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, name: str) -> str:
+        # Part of the stage's checkpoint folder (`checkpoint.stage_dir_name`): '/' would nest it,
+        # '..' put it outside the job, where replacing a checkpoint deletes what is there.
+        bad = [c for c in ("/", "\\", "\0") if c in name]
+        if bad:
+            raise ValueError(
+                f"a stage name is part of its checkpoint folder; it may not hold {bad}"
+            )
+        return name
 
     @model_validator(mode="after")
     def _some_objective(self) -> StageConfig:

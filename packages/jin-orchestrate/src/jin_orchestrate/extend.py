@@ -99,7 +99,7 @@ def build_extension_config(
     from jin_orchestrate.config import JinConfig, resolve_config
     from jin_orchestrate.model import HUB
 
-    if not NAME.match(modality):
+    if not NAME.fullmatch(modality):  # `$` of match() would pass a final newline
         raise ValueError(
             f"--modality {modality!r}: expected a lower-case identifier of at most 32 characters "
             "(letters, digits, _)"

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from jin_data import ShardDataset
-from jin_orchestrate.checkpoint import latest_checkpoint
+from jin_orchestrate.checkpoint import latest_checkpoint, stage_dir_name
 from jin_orchestrate.config import JinConfig, StageConfig
+from jin_orchestrate.data import rename_columns
 from jin_orchestrate.ema import WeightEMA
 from jin_orchestrate.train import StageTrainer, _batches
 
@@ -48,8 +49,10 @@ def batches(
         epoch += 1
 
 
-def _epoch(url: str, cfg: JinConfig, split: str, epoch: int) -> ShardDataset:
-    return ShardDataset(
+def _epoch(url: str, cfg: JinConfig, split: str, epoch: int) -> Iterator[dict[str, Any]]:
+    # The columns the modalities are read from, each batch keyed by modality, as a Ray Train
+    # worker reads them: a runtime-added modality reads the custom column (jin_orchestrate.extend).
+    data = ShardDataset(
         url,
         batch_size=cfg.train.batch_size,
         shuffle=True,
@@ -58,10 +61,11 @@ def _epoch(url: str, cfg: JinConfig, split: str, epoch: int) -> ShardDataset:
         rank=0,
         world_size=1,
         split=split,
-        modalities=list(cfg.data.modalities),
+        modalities=list(cfg.data.source_columns),
         drop_last=True,
         audio_sample_rate=cfg.model.audio_sample_rate,
     )
+    return (rename_columns(batch, cfg.data.columns) for batch in data)
 
 
 @torch.no_grad()
@@ -102,12 +106,13 @@ def train_in_process(
     history = TrainHistory()
     started = time.perf_counter()
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    stage_dirs = [stage_dir_name(index, stage.name) for index, stage in enumerate(cfg.stages)]
     position = (0, 0)  # (epoch, batches of it consumed)
     global_step = 0
     for index, stage in enumerate(cfg.stages):
         trainer = StageTrainer.create(cfg, stage, model, seed=cfg.train.seed + 1000 * index)
         trainer.global_step = global_step
-        stage_dir = root / f"stage{index + 1}-{stage.name}" if root is not None else None
+        stage_dir = root / stage_dirs[index] if root is not None else None
         resume = latest_checkpoint(stage_dir) if stage_dir is not None else None
         if resume is not None:
             position = trainer.restore(resume)

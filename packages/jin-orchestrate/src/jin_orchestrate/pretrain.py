@@ -190,6 +190,7 @@ def run_pretraining(
     ``job.json``; only ``train.num_workers`` may differ), else a ``ValueError`` names the keys
     before Ray or MLflow start.
     """
+    stage_dirs = _stage_dirs(cfg)
     if resume:
         check_resumed_config(output / JOB_FILE, cfg)
     import mlflow
@@ -275,9 +276,7 @@ def run_pretraining(
             print(f"[jin] stage {index + 1} {stage.name}: done earlier, skipping", flush=True)
             continue
         storage = output / "ray"
-        resume_ckpt = (
-            latest_checkpoint(storage / f"stage{index + 1}-{stage.name}") if resume else None
-        )
+        resume_ckpt = latest_checkpoint(storage / stage_dirs[index]) if resume else None
         print(
             f"[jin] stage {index + 1}/{len(cfg.stages)} {stage.name}: {stage.steps} steps "
             f"(alpha={stage.alpha} beta={stage.beta} gamma={stage.gamma} zjepa={stage.zjepa})"
@@ -291,7 +290,7 @@ def run_pretraining(
                 "stage_index": index,
                 "init_checkpoint": previous,
                 "resume_checkpoint": str(resume_ckpt) if resume_ckpt else None,
-                "stage_storage": str(storage / f"stage{index + 1}-{stage.name}"),
+                "stage_storage": str(storage / stage_dirs[index]),
                 "mlflow": {"tracking_uri": tracking.tracking_uri, "run_id": record["run_id"]},
                 "data_tally": tally_name,
             },
@@ -301,14 +300,14 @@ def run_pretraining(
                 resources_per_worker={"CPU": 1},
             ),
             run_config=RunConfig(
-                name=f"stage{index + 1}-{stage.name}",
+                name=stage_dirs[index],
                 storage_path=str(storage),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             ),
             datasets={"train": dataset},
         )
-        stopped = storage / f"stage{index + 1}-{stage.name}" / STOPPED
+        stopped = storage / stage_dirs[index] / STOPPED
         stopped.unlink(missing_ok=True)  # from an earlier attempt of this job
         try:
             result = trainer.fit()
@@ -320,9 +319,16 @@ def run_pretraining(
             client.set_terminated(record["run_id"], status="FAILED")
             client.set_terminated(parent_id, status="FAILED")
             raise
-        if result.checkpoint is None:
-            raise RuntimeError(f"stage {stage.name} finished without a checkpoint")
-        previous = record["final_checkpoint"] = result.checkpoint.path
+        # The stage's last checkpoint on storage, not Ray's result: Ray registers a reported
+        # checkpoint on its next poll of the workers, so a job whose driver died just after the
+        # last report resumes with a worker that restores the stage's end and reports nothing.
+        final = latest_checkpoint(storage / stage_dirs[index])
+        if final is None or _stage_step(final) != stage.steps:
+            raise RuntimeError(
+                f"stage {stage.name} finished without a checkpoint of its last step "
+                f"({stage.steps}); the newest complete one is {final}"
+            )
+        previous = record["final_checkpoint"] = str(final)
         client.set_terminated(record["run_id"])
         _write_json(job_file, job)
 
@@ -338,6 +344,20 @@ def run_pretraining(
     return PretrainResult(
         output, Path(previous), parent_id, stage_run_ids, evaluation, time.perf_counter() - started
     )
+
+
+def _stage_step(checkpoint: Path) -> int | None:
+    """The step within its stage that ``checkpoint`` was written after."""
+    from jin_orchestrate.checkpoint import STATE
+
+    return json.loads((checkpoint / STATE).read_text()).get("stage_step")
+
+
+def _stage_dirs(cfg: Any) -> list[str]:
+    """Each stage's folder below the job's ``ray/`` storage (`stage_dir_name`)."""
+    from jin_orchestrate.checkpoint import stage_dir_name
+
+    return [stage_dir_name(index, stage.name) for index, stage in enumerate(cfg.stages)]
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -85,40 +85,71 @@ def _header(cells: Sequence[str], align: str = "---:") -> list[str]:
 
 
 def zero_shot_table(results: Results) -> str:
-    """Table 2: zero-shot top-1 / top-5 (%) on images and speech of held-out numbers.
+    """Table 2: zero-shot top-1 / top-5 (%) on images and speech of held-out numbers, and on
+    the runtime-added modalities' vectors of them (`jin_orchestrate.extend`) after speech.
 
     The last two columns are the reference the others are bounded by: the held-out numbers'
     captions classified by the same prompts (how well the text tower reads a number at all).
     """
+    columns = [
+        ("zero_shot", "images"),
+        ("zero_shot_audio", "speech"),
+        *((f"zero_shot_{m}", m) for m in _runtime_zero_shot(results)),
+        ("zero_shot_text", "captions"),
+    ]
+    reference = {"zero_shot_text": " (reference)"}
     lines = _header(
         [
             "model",
-            "images top-1",
-            "images top-5",
-            "speech top-1",
-            "speech top-5",
-            "captions top-1 (reference)",
-            "captions top-5 (reference)",
+            *(f"{what} top-{k}{reference.get(p, '')}" for p, what in columns for k in (1, 5)),
         ]
     )
     for name, r in results.items():
         lines.append(
-            _row(
-                [
-                    name,
-                    *(
-                        _pct(r.get(f"{p}_top{k}"))
-                        for p in ("zero_shot", "zero_shot_audio", "zero_shot_text")
-                        for k in (1, 5)
-                    ),
-                ]
-            )
+            _row([name, *(_pct(r.get(f"{p}_top{k}")) for p, _ in columns for k in (1, 5))])
         )
     first = next(iter(results.values()), {})
     n = int(first.get("zero_shot_samples", 0))
-    chance = ["1.0", "5.0"] * 3
+    chance = ["1.0", "5.0"] * len(columns)
     lines.append(_row([f"chance (100-way; {n} held-out test items)", *chance]))
     return "\n".join(lines)
+
+
+def _runtime_zero_shot(results: Results) -> list[str]:
+    """The runtime-added modalities (`jin_orchestrate.extend`) with zero-shot figures in
+    ``results``, in order: ``zero_shot_<m>_top1`` beside the built-in images, speech, captions."""
+    builtin = ("zero_shot", "zero_shot_audio", "zero_shot_text")
+    found = [
+        key[: -len("_top1")].removeprefix("zero_shot_")
+        for r in results.values()
+        for key in r
+        if key.startswith("zero_shot_")
+        and key.endswith("_top1")
+        and key[: -len("_top1")] not in builtin
+    ]
+    return list(dict.fromkeys(found))
+
+
+def _retrieval_pairs(results: Results, prefix: str) -> list[tuple[str, str]]:
+    """`RETRIEVAL_PAIRS`, then the directions of runtime-added modalities (``m``↔text) that
+    ``results`` holds ``{prefix}/<query>_to_<candidate>/R1`` figures of, in order."""
+    known = set(RETRIEVAL_PAIRS)
+    found: list[tuple[str, str]] = []
+    for r in results.values():
+        for key in r:
+            if not (key.startswith(f"{prefix}/") and key.endswith("/R1")):
+                continue
+            direction = key[len(prefix) + 1 : -len("/R1")]
+            # A modality name may hold "_to_": split where one side is a built-in modality.
+            splits = [
+                (direction[:i], direction[i + len("_to_") :])
+                for i in range(len(direction))
+                if direction.startswith("_to_", i)
+            ]
+            pair = next((s for s in splits if s[0] in SHORT or s[1] in SHORT), None)
+            if pair is not None and pair not in known and pair not in found:
+                found.append(pair)
+    return [*RETRIEVAL_PAIRS, *found]
 
 
 def retrieval_table(
@@ -127,7 +158,8 @@ def retrieval_table(
     """Table 3: R@1 / R@5 / R@10 (%) per direction (rows) and model (columns).
 
     ``pool="prototype"``: one candidate per number; ``"instance"``: every test item, where only the
-    query's own pair counts.
+    query's own pair counts. ``pairs`` defaults to `RETRIEVAL_PAIRS` and the runtime-added
+    modalities' directions the results hold; a direction no model has is left out.
     """
     prefix = "retrieval" if pool == "prototype" else "retrieval_instance"
     if pool not in ("prototype", "instance"):
@@ -136,14 +168,15 @@ def retrieval_table(
     first = next(iter(results.values()), {})
     size = first.get(size_key, 0.0)
     lines = _header(["direction", *(f"{n} R@1 / 5 / 10" for n in results), "chance R@10"])
-    for q, p in pairs or RETRIEVAL_PAIRS:
+    for q, p in pairs or _retrieval_pairs(results, prefix):
         cells = []
         for r in results.values():
             values = [r.get(f"{prefix}/{q}_to_{p}/R{k}") for k in (1, 5, 10)]
             cells.append(" / ".join(_pct(v) for v in values))
         if any(c != "— / — / —" for c in cells):
             chance = _pct(min(1.0, 10 / size)) if size else "—"
-            lines.append(_row([f"{SHORT[q]}→{SHORT[p]} ({int(size)}-way)", *cells, chance]))
+            direction = f"{SHORT.get(q, q)}→{SHORT.get(p, p)}"
+            lines.append(_row([f"{direction} ({int(size)}-way)", *cells, chance]))
     return "\n".join(lines)
 
 
