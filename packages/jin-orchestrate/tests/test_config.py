@@ -57,6 +57,11 @@ def test_yaml_file_layer(tmp_path):
         # split over workers as batch_size // num_workers: 8 over 3 trained with 6
         ("train.num_workers=3", "train.batch_size (8) is the global batch"),
         ("train.num_workers=16", "train.num_workers (16)"),
+        # accepted, then every loss (or weight) non-finite: the job stopped blaming lr or the data
+        ("train.lr=inf", "train.lr\n  Input should be a finite number"),
+        ("train.weight_decay=.inf", "train.weight_decay\n  Input should be a finite number"),
+        ("stages.0.alpha=inf", "stages.0.alpha\n  Input should be a finite number"),
+        ("stages.2.lr=1e400", "stages.2.lr\n  Input should be a finite number"),
     ],
 )
 def test_bad_settings_fail_naming_the_key(override, fragment):
@@ -89,3 +94,12 @@ def test_ema_momentum_outside_zero_start_end_one_is_refused_naming_the_key():
     for good in ((0.0, 0.0), (0.5, 1.0), (1.0, 1.0)):
         override = f"model.ema_momentum=[{good[0]}, {good[1]}]"
         assert load_config("jin-test", overrides=[override]).model.ema_momentum == good
+
+
+def test_an_extension_stage_aligned_with_its_own_trainable_modality_is_refused():
+    # Accepted once; the new modality then had no anchor, and its InfoNCE was 0 every step.
+    trainable = "stages.2.trainable=[image]"
+    with pytest.raises(ValidationError, match=r"stages\.2\n.*align_with=\['image'\] are trainable"):
+        load_config("jin-test", overrides=[trainable, "stages.2.align_with=[text, image]"])
+    cfg = load_config("jin-test", overrides=[trainable, "stages.2.align_with=[text]"])
+    assert cfg.stages[2].align_with == ("text",)

@@ -3,12 +3,14 @@ record it, and damaged ones are refused, naming the file and the remedy. None of
 the plan is made before."""
 
 import shutil
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
 
 from jin_data import list_shards
-from jin_orchestrate.embed import EmbedConfig, embed_shard, main, run_embedding_job
+from jin_data.manifest import load_manifest, sha256_file
+from jin_orchestrate.embed import EmbedConfig, _plan, embed_shard, main, run_embedding_job
 from jin_orchestrate.inference import EmbeddingModel
 
 NAMES = ["shard-00000.parquet", "shard-00001.parquet"]
@@ -152,3 +154,60 @@ def test_a_damaged_output_is_named_with_the_remedy(rerun, capsys):
     err = capsys.readouterr().err
     assert f"error: {damaged} is not a readable Parquet file (" in err
     assert err.rstrip().endswith("; delete it to embed its shard again")
+
+
+def test_shards_of_one_name_in_two_subfolders_are_embedded_to_two_files(
+    corpus_url, checkpoint, tmp_path
+):
+    """A manifest may list shards in subfolders: ``a/shard-00000`` and ``b/shard-00000`` both went
+    to ``<output>/shard-00000.parquet``, the second over the first, and both counted as done."""
+    fs, [shard] = list_shards(corpus_url)
+    with fs.open(shard.path, "rb") as f:
+        table = pq.read_table(f)
+    manifest = load_manifest(fs, corpus_url)
+    root, parts, infos = tmp_path / "nested", {}, []
+    for i, folder in enumerate("ab"):
+        path = root / folder / NAMES[0]
+        path.parent.mkdir(parents=True)
+        parts[folder] = table.slice(6 * i, 6)
+        pq.write_table(parts[folder], path)
+        info = {
+            "path": f"{folder}/{NAMES[0]}",
+            "num_rows": 6,
+            "row_groups": [6],
+            "splits": dict(Counter(parts[folder]["split"].to_pylist())),
+            "num_bytes": path.stat().st_size,
+            "sha256": sha256_file(fs, str(path)),
+        }
+        infos.append(manifest.shards[0].model_copy(update=info))
+    nested = manifest.model_copy(update={"shards": infos, "num_rows": 12})
+    (root / "manifest.json").write_text(nested.to_json())
+    out = tmp_path / "out"
+    cfg = EmbedConfig(
+        checkpoint=str(checkpoint), input=str(root), output=str(out), modalities=["text"]
+    )
+    model = EmbeddingModel.from_checkpoint(checkpoint, device="cpu")
+    todo, done = _plan(cfg, model.card, ["text"])
+    assert (len(todo), done) == (2, [])
+    for url in todo:  # what the job's actors do, one shard each
+        embed_shard(model, url, cfg)
+    for folder, part in parts.items():
+        assert pq.read_table(out / folder / NAMES[0])["id"].to_pylist() == part["id"].to_pylist()
+    again = run_embedding_job(cfg, progress=False)
+    assert (again.embedded, len(again.already_done)) == ([], 2)
+
+
+def test_an_output_folder_that_is_the_input_is_refused(first_job, checkpoint, tmp_path):
+    """The input shard was read as a foreign output, with the remedy to delete it (the user's
+    data); `embed_shard`, as an actor runs it, wrote the embeddings over it."""
+    cfg, _ = first_job
+    inputs = tmp_path / "inputs"
+    shutil.copytree(cfg.input, inputs)
+    same = cfg.model_copy(update={"input": str(inputs), "output": str(inputs)})
+    refused = rf"--output {inputs} would write the embeddings of {inputs}/shard-00000\.parquet "
+    with pytest.raises(ValueError, match=refused + "over that shard itself; choose another"):
+        run_embedding_job(same, progress=False)
+    model = EmbeddingModel.from_checkpoint(checkpoint, device="cpu")
+    with pytest.raises(ValueError, match=refused):
+        embed_shard(model, str(inputs / NAMES[0]), same)
+    assert "text_embedding" not in pq.read_schema(inputs / NAMES[0]).names

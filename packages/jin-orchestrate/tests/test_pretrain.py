@@ -38,6 +38,48 @@ def test_a_stage_name_that_is_not_one_path_component_is_refused(
         load_config("jin-test", overrides=[f"stages.1.name={name}"])
 
 
+def test_data_is_recorded_in_the_config_for_resume_and_for_jobs_built_on_the_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
+    """``--data`` was not in the config (``data.url`` stayed None and was never read): a job
+    built on such a checkpoint without ``--data`` (extend, generate train) silently read
+    NumberWorld, and ``--resume --data OTHER`` switched the job's data."""
+    seen = []
+
+    def record(cfg, **kwargs):
+        seen.append((cfg, kwargs["data_url"]))
+        raise Started
+
+    monkeypatch.setattr(pretrain, "run_pretraining", record)
+    output = tmp_path / "job"
+    url = "memory://shards/a#b: c"  # '#' and ': ' would end or split an unquoted YAML value
+    base = ["--preset", "jin-test", "--output", str(output)]
+    with pytest.raises(Started):
+        pretrain.main([*base, "--data", url])
+    cfg, data_url = seen[-1]
+    assert cfg.data.url == url == data_url
+    output.mkdir()
+    (output / pretrain.JOB_FILE).write_text(json.dumps({"config": cfg.model_dump(mode="json")}))
+    assert pretrain.main([*base, "--resume", "--data", "memory://other"]) == 2
+    assert "data.url" in capsys.readouterr().err
+    with pytest.raises(Started):  # the job's own data, from its config
+        pretrain.main(["--output", str(output), "--resume"])
+    assert seen[-1][0].data.url == url
+    # A job built on a checkpoint of it reads the same shards unless told otherwise.
+    monkeypatch.setattr(
+        "jin_orchestrate.tracking.local_checkpoint", lambda checkpoint: str(checkpoint)
+    )
+    monkeypatch.setattr(
+        "jin_orchestrate.checkpoint.read_config", lambda source: cfg.model_dump(mode="json")
+    )
+    monkeypatch.setattr("jin_orchestrate.data.default_corpus", _started)
+    args = pretrain.argparse.Namespace(checkpoint="ckpt", data=None)
+    assert pretrain.checkpoint_source(args)[2] == url
+    assert (
+        pretrain.checkpoint_source(pretrain.argparse.Namespace(checkpoint="c", data="x"))[2] == "x"
+    )
+
+
 class _UnregisteredTrainer:
     """Stands in for `TorchTrainer`: its worker leaves the stage's last checkpoint on storage
     and Ray's result does not name it, as when the driver died within Ray's poll of the last

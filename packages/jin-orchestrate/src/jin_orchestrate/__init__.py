@@ -2,6 +2,6 @@
 
 from jin_orchestrate._config import StrictConfig
 
-__version__ = "0.23.1"
+__version__ = "0.23.2"
 
 __all__ = ["StrictConfig", "__version__"]

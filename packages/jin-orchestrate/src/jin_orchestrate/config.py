@@ -63,17 +63,26 @@ class StageConfig(StrictConfig):
 
     name: str = Field(min_length=1)
     steps: int = Field(gt=0)
-    alpha: float = Field(1.0, ge=0.0, description="within-modality JEPA, Eq. 1")
-    beta: float = Field(0.0, ge=0.0, description="cross-modal JEPA, Eq. 5")
-    gamma: float = Field(0.0, ge=0.0, description="contrastive alignment, Eq. 6")
-    zjepa: float = Field(0.0, ge=0.0, description="z-JEPA cross-scale terms on images, Eq. 4")
+    alpha: float = Field(
+        1.0, ge=0.0, allow_inf_nan=False, description="within-modality JEPA, Eq. 1"
+    )
+    beta: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="cross-modal JEPA, Eq. 5")
+    gamma: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False, description="contrastive alignment, Eq. 6"
+    )
+    zjepa: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False, description="z-JEPA cross-scale terms on images, Eq. 4"
+    )
     generation: float = Field(
         0.0,
         ge=0.0,
+        allow_inf_nan=False,
         description="cross-modal generation (§3.1 decoding: diffusion of image and audio tokens, "
         "captions); a generation stage trains this objective alone",
     )
-    lr: float | None = Field(None, gt=0.0, description="peak learning rate (train.lr if None)")
+    lr: float | None = Field(
+        None, gt=0.0, allow_inf_nan=False, description="peak learning rate (train.lr if None)"
+    )
     trainable: tuple[str, ...] = Field(
         (),
         description="runtime modality extension (§3.6): train only these modalities' encoders, "
@@ -120,6 +129,13 @@ class StageConfig(StrictConfig):
                 f"stage {self.name!r}: align_with={list(self.align_with)} applies to an extension "
                 "stage only; set trainable too, or drop align_with"
             )
+        # InfoNCE pairs a trainable modality with an anchor: one of its own is no pair at all.
+        own = [m for m in self.align_with if m in self.trainable]
+        if own:
+            raise ValueError(
+                f"stage {self.name!r}: align_with={own} are trainable; align_with names the "
+                "frozen modalities the trainable ones are aligned with"
+            )
         return self
 
 
@@ -127,10 +143,10 @@ class TrainConfig(StrictConfig):
     """Optimisation and the Ray Train job around it."""
 
     batch_size: int = Field(32, gt=0, description="global batch, split over workers")
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(10, ge=0)
-    weight_decay: float = Field(0.05, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0, allow_inf_nan=False)
     grad_clip: float = Field(1.0, gt=0.0)
     weight_ema: float = Field(
         0.0,

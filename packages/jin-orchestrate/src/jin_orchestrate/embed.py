@@ -12,7 +12,8 @@ skips every shard already done, and outputs of another model version, of another
 (another data set's shard of the same name) or of another selection (modalities, split,
 ``custom_as``) are refused, never mixed.
 
-Output, under ``--output``: one Parquet file per input shard, of the same name, with columns
+Output, under ``--output``: one Parquet file per input shard, of the same name (in the same
+subfolder, where the data set's manifest lists shards in subfolders), with columns
 ``id``, ``split``, ``label`` and ``<modality>_embedding`` (``list<float32>`` of R values, null
 where the sample lacks the modality), and in its metadata the model version, the checkpoint, the
 source shard, the embedding width and the selection (``jin.embed.*`` keys).
@@ -198,13 +199,14 @@ def embed_shard(model: EmbeddingModel, shard: str, cfg: EmbedConfig) -> ShardRes
     splits = None if cfg.split is None else pa.array(cfg.split, pa.string())
     in_fs, in_path = fsspec.core.url_to_fs(shard)
     out_fs, out_root = fsspec.core.url_to_fs(cfg.output)
-    name = posixpath.basename(in_path)
-    final = posixpath.join(out_root, name)
-    tmp = posixpath.join(out_root, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    final = posixpath.join(out_root, _output_name(cfg.input, in_path))
+    _refuse_input(_url(out_fs, final), _url(in_fs, in_path), cfg)
+    folder, name = posixpath.split(final)
+    tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
     # Recorded as jin-data lists it (a local path made absolute), which a rerun compares.
     schema = _output_schema(cfg, modalities, model.card, _url(in_fs, in_path))
     rows = skipped = 0
-    out_fs.makedirs(out_root, exist_ok=True)
+    out_fs.makedirs(folder, exist_ok=True)
     try:
         with in_fs.open(in_path, "rb") as f, out_fs.open(tmp, "wb") as out:
             try:
@@ -257,6 +259,26 @@ def embed_shard(model: EmbeddingModel, shard: str, cfg: EmbedConfig) -> ShardRes
             out_fs.rm(tmp)
         raise
     return ShardResult(shard, _url(out_fs, final), rows, skipped, time.perf_counter() - started)
+
+
+def _output_name(input_url: str, path: str) -> str:
+    """Where under ``--output`` the input shard at ``path`` goes: its path under the data set's
+    root, so that shards of one name in two subfolders (``train/shard-0.parquet``,
+    ``test/shard-0.parquet``) stay two files; a single file, or one outside the root, by name."""
+    _, root = fsspec.core.url_to_fs(input_url)
+    relative = posixpath.relpath(posixpath.normpath(path), posixpath.normpath(root))
+    if relative in (".", "..") or relative.startswith("../"):
+        return posixpath.basename(path)
+    return relative
+
+
+def _refuse_input(output: str, shard: str, cfg: EmbedConfig) -> None:
+    """Refuse an output file that is the input shard itself (``--output`` naming the input)."""
+    if posixpath.normpath(output) == posixpath.normpath(shard):
+        raise ValueError(
+            f"--output {cfg.output} would write the embeddings of {shard} over that shard itself; "
+            "choose another --output"
+        )
 
 
 def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -333,11 +355,12 @@ def _plan(cfg: EmbedConfig, card: ModelCard, modalities: list[str]) -> tuple[lis
     want = _selection(cfg, modalities)
     todo, done = [], []
     for shard in shards:
-        final = posixpath.join(out_root, posixpath.basename(shard.path))
+        final = posixpath.join(out_root, _output_name(cfg.input, shard.path))
+        url = _url(out_fs, final)
+        _refuse_input(url, shard.url, cfg)
         if not out_fs.exists(final):
             todo.append(shard.url)
             continue
-        url = _url(out_fs, final)
         try:
             with out_fs.open(final, "rb") as f:
                 metadata = pq.read_schema(f).metadata or {}

@@ -219,7 +219,12 @@ def run_pretraining(
     output.mkdir(parents=True, exist_ok=True)
     job_file = output / JOB_FILE
     job: dict[str, Any] = json.loads(job_file.read_text()) if resume else {}
-    url = data_url or job.get("data_url") or default_corpus(cfg.data, progress=progress)
+    url = (
+        data_url
+        or job.get("data_url")
+        or cfg.data.url
+        or default_corpus(cfg.data, progress=progress)
+    )
     tracking = resolve_tracking(experiment)
     client = tracking.client()
 
@@ -415,15 +420,19 @@ def _log_loss_curves(client: Any, run_ids: list[str], output: Path) -> None:
 
 
 def job_overrides(args: argparse.Namespace) -> list[str]:
-    """``--set`` overrides plus ``--num-workers`` as one, so that the config is validated (the
-    batch must split over the workers) with the worker count the job will run with."""
+    """``--set`` overrides plus ``--num-workers`` and ``--data`` as overrides: the config is
+    validated (the batch must split over the workers) with the worker count the job will run
+    with, and records the shards it reads (``data.url``, which `checkpoint_source` reads back
+    when a later job builds on one of its checkpoints, and a resume must repeat)."""
     workers = [] if args.num_workers is None else [f"train.num_workers={args.num_workers}"]
-    return [*args.overrides, *workers]
+    data = [] if not args.data else [f"data.url={json.dumps(args.data)}"]  # quoted: '#', ': '
+    return [*args.overrides, *workers, *data]
 
 
 def checkpoint_source(args: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
     """The local copy of ``--checkpoint``, its config and the data URL (``--data``, else the
-    checkpoint's own corpus) of a job built on a trained model (``extend``, ``generate train``)."""
+    shards the checkpoint was trained on, its ``data.url``, else its NumberWorld corpus) of a job
+    built on a trained model (``extend``, ``generate train``)."""
     from jin_orchestrate.checkpoint import read_config
     from jin_orchestrate.config import JinConfig
     from jin_orchestrate.data import default_corpus
@@ -431,7 +440,8 @@ def checkpoint_source(args: argparse.Namespace) -> tuple[str, dict[str, Any], st
 
     source = local_checkpoint(args.checkpoint)
     base = read_config(source)
-    return source, base, args.data or default_corpus(JinConfig.model_validate(base).data)
+    data = JinConfig.model_validate(base).data
+    return source, base, args.data or data.url or default_corpus(data)
 
 
 def run_job_from_checkpoint(

@@ -1,8 +1,9 @@
 """MLflow tracking: where runs go, one parent run per job, a nested run per stage, rank 0 only.
 
 With no ``MLFLOW_TRACKING_URI`` the store is ``sqlite:///<cwd>/mlflow.db`` — the database backend
-MLflow 3 recommends — with artifacts under ``<cwd>/mlartifacts``. Both are resolved to absolute
-paths on the driver and handed to the Ray Train workers, whose working directory is elsewhere.
+MLflow 3 recommends — with artifacts under ``<cwd>/mlartifacts``. Both, and a local store that
+``MLFLOW_TRACKING_URI`` names by a relative path, are resolved to absolute paths on the driver and
+handed to the Ray Train workers, whose working directory is elsewhere.
 
 Checkpoints logged to MLflow (pretraining logs the final one as ``runs:/<run id>/final_checkpoint``)
 are fetched by :func:`local_checkpoint` into a cache, once, under a temporary name renamed when
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import urllib.parse
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,9 +71,31 @@ def resolve_tracking(
 
 
 def default_tracking_uri(workdir: str | os.PathLike[str] | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI``, else the local store ``sqlite:///<workdir or cwd>/mlflow.db``."""
-    base = Path(workdir or os.getcwd()).resolve()
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{base / 'mlflow.db'}"
+    """``$MLFLOW_TRACKING_URI``, else the local store ``sqlite:///<workdir or cwd>/mlflow.db``.
+
+    A local store the variable names by a relative path (``sqlite:///mlflow.db``, ``file:mlruns``,
+    ``./mlruns``) is made absolute against the working directory: Ray workers, which run
+    elsewhere, would otherwise each open a store of their own.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return f"sqlite:///{Path(workdir or os.getcwd()).resolve() / 'mlflow.db'}"
+    return _absolute_store(uri)
+
+
+def _absolute_store(uri: str) -> str:
+    """``uri`` with a relative local path (of a sqlite file, a ``file:`` URI or a bare path) made
+    absolute; any other URI as it is."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        relative = path and not path.startswith(("/", ":"))  # not absolute, not ":memory:"
+        return f"sqlite:///{os.path.abspath(path)}" if relative else uri
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file" and not parsed.netloc and not parsed.path.startswith("/"):
+        return Path(os.path.abspath(parsed.path)).as_uri()
+    if not parsed.scheme and uri != "databricks":  # a path, as MLflow reads one
+        return os.path.abspath(os.path.expanduser(uri))
+    return uri
 
 
 def local_checkpoint(
