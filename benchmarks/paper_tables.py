@@ -216,6 +216,10 @@ def main() -> int:
     parser.add_argument("--plots", type=Path, default=RESULTS / "paper_tables")
     parser.add_argument("--repeats", type=int, default=7, help="throughput repeats")
     args = parser.parse_args()
+    if not args.budget_minutes > 0:  # before the corpus and any training, not after them
+        parser.error(f"--budget-minutes: expected a positive number, got {args.budget_minutes}")
+    if args.repeats < 1:
+        parser.error(f"--repeats: expected at least 1, got {args.repeats}")
 
     started = time.perf_counter()
     load_start = os.getloadavg()
@@ -242,6 +246,15 @@ def main() -> int:
     )
 
     val_batches = list(batches(url, cfg, "val", epochs=1))[:4]
+    wide = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 64})})
+    throughput_batch = next(batches(url, wide, "val", epochs=1), None)
+    if throughput_batch is None:  # found now, not after every model has trained
+        print(
+            f"error: --data {url}: its val split has no full batch of 64 samples for Table 6's "
+            "throughput",
+            file=sys.stderr,
+        )
+        return 2
     val_every = max(1, total // 10)
     histories: dict[str, Any] = {}
     evaluations: dict[str, Any] = {}
@@ -285,8 +298,6 @@ def main() -> int:
     torch.manual_seed(seed)
     evaluations["untrained Jin"] = evaluate(JinModel(cfg.model), url)
 
-    wide = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 64})})
-    throughput_batch = next(batches(url, wide, "val", epochs=1))
     speed = _throughput(
         {"Jin (MoE)": models["Jin (MoE)"], "Jin (dense)": models["Jin (dense)"]},
         throughput_batch,
@@ -342,7 +353,8 @@ def main() -> int:
             "throughput_batch": len(throughput_batch["label"]),
             "parameters": {m: {"total": p.total, "active": p.active} for m, p in params.items()},
         },
-        "plots": [str(p.relative_to(args.markdown.parent)) for p in plots],
+        # Relative to the Markdown file, wherever --markdown and --plots put the two.
+        "plots": [os.path.relpath(p, args.markdown.parent) for p in plots],
         "published_for_context": PUBLISHED,
     }
     write_json(args.json, report)

@@ -66,8 +66,8 @@ def make_bodies(requests: int, seed: int, directory: Path) -> list[tuple[str, by
     from jin_data.numberworld import generate_numberworld
 
     url = str(directory / "nw")
-    cache = Path(os.environ.get("JIN_DATA_CACHE", "~/.cache/jin_data/speech")).expanduser()
-    generate_numberworld(url, 64, seed, progress=False, cache_dir=str(cache))
+    # jin-data's speech cache: speech/ under $JIN_DATA_CACHE or ~/.cache/jin_data
+    generate_numberworld(url, 64, seed, progress=False)
     fs, shards = list_shards(url)
     with fs.open(shards[0].path, "rb") as f:
         rows = pq.read_table(f).to_pylist()
@@ -296,6 +296,7 @@ def main() -> None:
             "cases": cases,
             "model_only": model,
         }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 

@@ -347,6 +347,7 @@ def main() -> None:
         shown = ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items()))
         print(f"| {kind} | {sum(statuses.values())} | {shown} |")
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -81,7 +81,7 @@ def main() -> None:
                 4 * cfg.train.batch_size,
                 0,
                 progress=False,
-                cache_dir=str(Path(cfg.data.cache_dir).expanduser() / "speech"),
+                cache_dir=str(Path(cfg.data.cache_dir).expanduser()),  # the demo's speech/
             )
         data = ShardDataset(
             url,

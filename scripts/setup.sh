@@ -28,7 +28,9 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   fi
 fi
 
-if [ ! -x .venv/bin/python ]; then
+# Also when .venv has no pip: a first `venv` that failed in ensurepip (Debian and Ubuntu without
+# python3-venv) leaves .venv/bin/python behind; run on the existing .venv, venv adds pip.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv
 fi
