@@ -6,6 +6,10 @@ Measured side by side in one run, each case in a fresh subprocess (so peak RSS i
 - ``jin`` — `jin_data.ShardDataset` with a DataLoader, 0 and 2 workers;
 - ``jin-10x`` — the same reader (2 workers) over a data set 10x larger (the shards repeated under
   new names), to show that peak RSS does not grow with the data set (streaming);
+- ``jin-10epochs`` — the reader (2 persistent workers) over the first data set for 10 epochs: the
+  same samples and batches as ``jin-10x`` reads once, so ``rss jin-10x/jin-10epochs`` compares
+  two processes that did the same work over data sets 10x apart (``jin-10x/jin`` also compares
+  a process that read 10x more batches, whose allocators warmed up further);
 - ``jin-int16`` — the reader (2 workers) with ``audio_dtype="int16"`` (16-bit PCM audio batches for
   the consumer to convert), for reference: the other cases deliver float32 audio;
 - ``jin-inline`` — the reader (0 and 2 workers) with ``read_ahead=0``: row groups read on the
@@ -51,6 +55,7 @@ from typing import Any
 
 BATCH = 64
 WARM_EPOCHS = 3
+GROWTH = 10  # jin-10x's data set over the first; jin-10epochs' epochs
 
 
 def _own_peak_rss_kb() -> int:
@@ -141,6 +146,19 @@ def case_jin_warm(url: str, workers: int) -> tuple[int, tuple[float, float]]:
         return drain(loader)
 
     return _warm(epoch)
+
+
+def case_jin_epochs(url: str, workers: int) -> tuple[int, tuple[float, float]]:
+    from jin_data import ShardDataset
+
+    clock = Clock()
+    data = ShardDataset(url, batch_size=BATCH, shuffle=True, seed=0)
+    loader = data.dataloader(num_workers=workers, persistent_workers=workers > 0)
+    rows = 0
+    for number in range(GROWTH):
+        data.set_epoch(number)
+        rows += drain(loader)
+    return rows, clock.read()
 
 
 def case_jin_int16(url: str, workers: int) -> tuple[int, tuple[float, float]]:
@@ -276,6 +294,7 @@ def case_per_file_warm(root: str, workers: int) -> tuple[int, tuple[float, float
 CASES = {
     "jin": case_jin,
     "jin-10x": case_jin,
+    "jin-10epochs": case_jin_epochs,
     "jin-int16": case_jin_int16,
     "jin-inline": case_jin_inline,
     "ray": case_ray,
@@ -403,13 +422,14 @@ def main() -> None:
         url = str(work / "numberworld")
         cold = generate(url, args.samples, str(work / "cache"))
         warm = generate(url, args.samples, str(work / "cache"))
-        repeat_dataset(url, work / "numberworld-10x", 10)
+        repeat_dataset(url, work / "numberworld-10x", GROWTH)
         export_per_file(url, work / "per-file")
         cases = [
             run_case("per-file", str(work / "per-file"), 2),
             run_case("jin", url, 0),
             run_case("jin", url, 2),
             run_case("jin-10x", str(work / "numberworld-10x"), 2),
+            run_case("jin-10epochs", url, 2),
             run_case("jin-int16", url, 2),
             run_case("jin-inline", url, 0),
             run_case("jin-inline", url, 2),
@@ -441,6 +461,9 @@ def main() -> None:
     if ("jin-10x", 2) in by and ("jin", 2) in by:
         big, small = by[("jin-10x", 2)], by[("jin", 2)]
         ratios["rss jin-10x/jin"] = big["peak_rss_mb"] / small["peak_rss_mb"]
+        if ("jin-10epochs", 2) in by:
+            same_work = by[("jin-10epochs", 2)]
+            ratios["rss jin-10x/jin-10epochs"] = big["peak_rss_mb"] / same_work["peak_rss_mb"]
     if args.train_samples_per_s and ("jin", 2) in by:
         ratios["jin(2)/train step"] = by[("jin", 2)]["samples_per_s"] / args.train_samples_per_s
     result = {
